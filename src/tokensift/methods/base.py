@@ -1,0 +1,125 @@
+"""Method base classes, hook points, the registry and the Budget contract."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+
+from tokensift.errors import TokensiftError
+
+if TYPE_CHECKING:
+    import torch
+
+    from tokensift.runtime.cache import TokenLayer
+
+Budget = int | float
+"""An int is a token count; a float in (0, 1] is a fraction of the prompt."""
+
+
+class Hook(StrEnum):
+    """The questions a method answers for each layer; methods on different hooks compose."""
+
+    EVICT = "evict"  # which cached tokens do we keep?
+    SELECT = "select"  # which cached tokens does this decode query attend to?
+    PREFILL = "prefill"  # which key blocks does each prompt query block attend to?
+    LOOP = "loop"  # which tokens does the big model have to produce at all?
+    BIAS = "bias"  # per-head attention logit bias
+
+
+REGISTRY: dict[str, type[Method]] = {}
+T = TypeVar("T", bound="type[Method]")
+
+
+def register(cls: T) -> T:
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or taken")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def check_budget(value: Any, what: str = "budget") -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokensiftError(
+            f"{what} must be an int token count or a float fraction in (0, 1], got {value!r}"
+        )
+    if isinstance(value, int) and value <= 0:
+        raise TokensiftError(f"{what} must be a positive number of tokens, got {value}")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise TokensiftError(f"{what} as a fraction of the prompt must lie in (0, 1], got {value}")
+
+
+def resolve_budget(value: Budget, prompt_tokens: int) -> int:
+    """Token count for a budget: ints as given, fractions of the prompt rounded (at least 1)."""
+    check_budget(value)
+    if isinstance(value, int):
+        return value
+    return max(1, round(value * prompt_tokens))
+
+
+@dataclass
+class Method:
+    """Base of every method: a typed, validated dataclass of parameters."""
+
+    name: ClassVar[str] = ""
+    hooks: ClassVar[frozenset[Hook]] = frozenset()
+    paper: ClassVar[str] = ""
+    repositions: ClassVar[bool] = False  # keys re-positioned inside the cache (G3-ii)
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def resolved_params(self) -> dict[str, Any]:
+        return self.params()
+
+    def resolve(self, prompt_tokens: int) -> Self:
+        """A copy with every prompt-relative parameter turned into tokens."""
+        return self
+
+    def spec(self) -> str:
+        """The method in CLI syntax, with every parameter: `name:key=value,...`."""
+        args = ",".join(f"{k}={v}" for k, v in self.params().items())
+        return f"{self.name}:{args}" if args else self.name
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+@dataclass
+class EvictionMethod(Method):
+    """A method that decides which cached tokens each layer keeps (hook: evict)."""
+
+    hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.EVICT})
+    needs_colsums: ClassVar[bool] = False  # wants attention column sums of every forward's queries
+
+    budget: Budget = 0.25
+    budget_tokens: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget)
+
+    def resolve(self, prompt_tokens: int) -> Self:
+        new = dataclasses.replace(self)
+        new.budget_tokens = resolve_budget(self.budget, prompt_tokens)
+        new.check_resolved()
+        return new
+
+    def check_resolved(self) -> None:
+        """Validate parameters against the resolved token budget (raise TokensiftError)."""
+
+    def resolved_params(self) -> dict[str, Any]:
+        return {**self.params(), "budget_tokens": self.budget_tokens}
+
+    @property
+    def tokens(self) -> int:
+        if self.budget_tokens is None:
+            raise RuntimeError(f"{self.name}: budget used before it was resolved against a prompt")
+        return self.budget_tokens
+
+    def compress(
+        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
+    ) -> None:
+        """After this layer's attention: keep at most the budget (calls `layer.keep`)."""
+        raise NotImplementedError

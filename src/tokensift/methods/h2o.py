@@ -1,0 +1,82 @@
+"""H2O: heavy hitters plus a recent window, evicting at every step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokensift.errors import TokensiftError
+from tokensift.methods.base import Budget, EvictionMethod, register
+from tokensift.runtime.scores import group_mean
+
+if TYPE_CHECKING:
+    from tokensift.runtime.cache import TokenLayer
+
+
+def h2o_indices(scores: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
+    """Slots kept per head: the top `heavy` by accumulated score outside the last `recent`, then the
+    last `recent`, in cache order. scores: (B, H, n) -> (B, H, heavy + recent)."""
+    n = scores.shape[-1]
+    recent_idx = torch.arange(n - recent, n, device=scores.device).expand(*scores.shape[:-1], recent)
+    if heavy == 0:
+        return recent_idx
+    top = scores[..., : n - recent].topk(heavy, dim=-1).indices.sort(dim=-1).values
+    return torch.cat([top, recent_idx], dim=-1)
+
+
+@register
+@dataclass
+class H2O(EvictionMethod):
+    """Keep the heavy hitters (most accumulated attention) and the most recent tokens.
+
+    Every key accumulates the softmax attention it receives from every query, prompt queries
+    included (column sums computed in chunks, never the full matrix). Whenever a layer holds more
+    than `budget` tokens, it keeps the `budget - recent` highest-scoring tokens outside the recent
+    window plus the recent window; this runs after each step's attention, so step t attends to
+    budget + 1 tokens and the cache returns to the budget. Scores are raw sums, as in the paper; with
+    GQA they are averaged over the query heads of each KV head. Keys keep their original positions.
+
+    Based on Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
+    Language Models", NeurIPS 2023.
+
+    Parameters
+    ----------
+    budget:
+        Tokens kept per KV head (heavy + recent): an int count or a fraction of the prompt.
+    recent_fraction:
+        Share of the budget given to the recent window (paper: heavy 10% + recent 10%, i.e. 0.5).
+    """
+
+    name = "h2o"
+    paper = "Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs, NeurIPS 2023"
+    needs_colsums = True
+
+    budget: Budget = 0.25
+    recent_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.recent_fraction <= 1.0:
+            raise TokensiftError(f"h2o recent_fraction must lie in [0, 1], got {self.recent_fraction}")
+
+    @property
+    def recent(self) -> int:
+        return min(self.tokens, round(self.tokens * self.recent_fraction))
+
+    def check_resolved(self) -> None:
+        if self.recent < 1:
+            raise TokensiftError(f"h2o budget of {self.tokens} tokens leaves no recent window")
+
+    def resolved_params(self) -> dict[str, object]:
+        return {**super().resolved_params(), "recent_tokens": self.recent}
+
+    def compress(
+        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
+    ) -> None:
+        assert colsum is not None
+        scores = layer.state("h2o")
+        scores += group_mean(colsum, scores.shape[1])
+        if layer.n > self.tokens:
+            layer.keep(h2o_indices(scores, self.tokens - self.recent, self.recent))

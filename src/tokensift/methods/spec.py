@@ -1,0 +1,82 @@
+"""The method syntax used everywhere: `name[:key=value,...]`, composed with `+`."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from tokensift.errors import TokensiftError
+from tokensift.methods.base import REGISTRY, Method
+
+
+def parse_method(text: str) -> Method:
+    """One method from `name[:key=value,...]`."""
+    text = text.strip()
+    name, _, args = text.partition(":")
+    name = name.strip()
+    if name not in REGISTRY:
+        raise TokensiftError(f"unknown method {name!r}: known methods are {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    hints = typing.get_type_hints(cls)
+    params = {f: hints[f] for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
+    values: dict[str, Any] = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise TokensiftError(f"malformed parameter {item!r} in {text!r}: expected key=value")
+        if key not in params:
+            known = ", ".join(params) or "none"
+            raise TokensiftError(f"{name} has no parameter {key!r}: its parameters are {known}")
+        values[key] = convert(raw.strip(), params[key], f"{name}.{key}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise TokensiftError(f"bad parameters for {name}: {exc}") from exc
+
+
+def parse_methods(text: str) -> list[Method]:
+    """Methods joined with `+` (one composed plan)."""
+    parts = [p for p in text.split("+")]
+    if not text.strip() or any(not p.strip() for p in parts):
+        raise TokensiftError(f"malformed method spec {text!r}: expected NAME[:key=value,...][+NAME...]")
+    return [parse_method(p) for p in parts]
+
+
+def convert(raw: str, annotation: Any, where: str) -> Any:
+    """Turn a CLI string into a value of the parameter's annotated type."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        if raw not in args:
+            raise TokensiftError(f"{where} must be one of {', '.join(map(str, args))}, got {raw!r}")
+        return raw
+    if args and type(None) in args:
+        if raw.lower() == "none":
+            return None
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007
+        origin, args = get_origin(annotation), get_args(annotation)
+    if set(args) == {int, float}:
+        try:
+            return int(raw)
+        except ValueError:
+            pass
+        try:
+            return float(raw)
+        except ValueError:
+            raise TokensiftError(f"{where} must be a number, got {raw!r}") from None
+    if annotation is bool:
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise TokensiftError(f"{where} must be true or false, got {raw!r}")
+    if annotation in (int, float):
+        try:
+            return annotation(raw)
+        except ValueError:
+            raise TokensiftError(f"{where} must be {annotation.__name__}, got {raw!r}") from None
+    if annotation is str:
+        return raw
+    raise TokensiftError(f"{where} cannot be set from the command line")

@@ -1,0 +1,98 @@
+"""The one attention function tokensift registers with transformers' AttentionInterface.
+
+`TokenLayer.update` hands the layer it just updated to this function (a context variable set in the
+same layer's forward); the function runs that layer's part of the plan: dense or method-specific
+attention, then the method's cache update (eviction). Models are never patched: they only get
+`attn_implementation="tokensift"`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from tokensift.errors import TokensiftError
+from tokensift.runtime.cache import PENDING, TokenLayer
+from tokensift.runtime.scores import attention_with_colsums, dense_attention
+
+NAME = "tokensift"
+
+
+def tokensift_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise TokensiftError("tokensift attention does not support soft-capping or attention sinks logits")
+    if attention_mask is not None:
+        raise TokensiftError(
+            "tokensift attention received an attention mask; padded batches are not supported"
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = PENDING.get()
+    if layer is not None:
+        PENDING.set(None)
+        if layer.index != getattr(module, "layer_idx", layer.index):
+            raise RuntimeError(f"cache layer {layer.index} does not match attention layer {module.layer_idx}")
+    out = (
+        dense_attention(query, key, value, scale)
+        if layer is None
+        else run_layer(layer, query, key, value, scale)
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def run_layer(
+    layer: TokenLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention for one layer under the cache's plan, then the plan's eviction for that layer."""
+    evict = layer.cache.plan.evict
+    colsum = None
+    if evict is not None and evict.needs_colsums:
+        out, colsum = attention_with_colsums(query, key, value, scale)
+    else:
+        out = dense_attention(query, key, value, scale)
+    if evict is not None:
+        evict.compress(layer, query, colsum, scale)
+    return out
+
+
+def tokensift_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> None:
+    """No mask tensor: causality follows from shapes (new queries are the last keys)."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise TokensiftError(
+            "padded batches are not supported by tokensift attention: run one sequence at a time"
+        )
+    return None
+
+
+def register() -> None:
+    AttentionInterface.register(NAME, tokensift_attention)
+    AttentionMaskInterface.register(NAME, tokensift_mask)
+
+
+def install(model: torch.nn.Module) -> None:
+    """Switch a transformers model to tokensift attention (through its public setter)."""
+    register()
+    if model.config._attn_implementation != NAME:
+        model.set_attn_implementation(NAME)
+    if model.config._attn_implementation != NAME:
+        raise TokensiftError(f"{type(model).__name__} does not accept a registered attention function")

@@ -1,0 +1,329 @@
+"""`TokenCache`: a transformers `Cache` whose layers physically hold only the tokens a method keeps.
+
+Each layer stores keys/values in preallocated buffers (batch, kv_heads, capacity, head_dim) with the
+original absolute position of every kept token, per head. Eviction gathers the kept tokens into a
+buffer sized for them, so the bytes reported are the bytes of the tensors actually held.
+
+`get_seq_length()` reports the position the next token must take: the number of tokens seen for
+methods that keep original positions (G3-i), the physical length for methods that re-position keys
+inside the cache (G3-ii, StreamingLLM). Both our decode loop and transformers' `generate` derive the
+next position from it, so neither sees the compressed length by mistake.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tokensift.errors import TokensiftError
+from tokensift.runtime.rope import find_inv_freq, shift_keys
+
+if TYPE_CHECKING:
+    from tokensift.runtime.plan import Plan
+
+# Set by TokenLayer.update and read by the registered attention function in the same layer's forward.
+PENDING: ContextVar[TokenLayer | None] = ContextVar("tokensift_pending_layer", default=None)
+
+
+def _capacity(n: int) -> int:
+    """Buffer size for n tokens: a little headroom so appends rarely reallocate."""
+    return n + max(16, n // 32)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.untyped_storage().nbytes()
+
+
+class TokenLayer(CacheLayerMixin):
+    """One layer's physical K/V plus per-token state (positions, method scores)."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, cache: TokenCache, index: int):
+        super().__init__()
+        self.cache = cache
+        self.index = index
+        self.n = 0  # physical tokens held (per head)
+        self.seen = 0  # tokens ever appended: the next true position
+        self.evicted = 0
+        self.pos: torch.Tensor | None = None  # (B, H, cap) original absolute positions
+        self.rope_pos: torch.Tensor | None = None  # (B, H, cap) position each key was rotated at
+        self.states: dict[str, torch.Tensor] = {}  # (B, H, cap) float state aligned with tokens
+        self.last_query_len = 0
+
+    # -- transformers' CacheLayerMixin interface -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cache._before_update(self, key_states.shape[-2])
+        self._append(key_states, value_states)
+        PENDING.set(self)
+        return self.attention_keys(), self.v
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.n if self.cache.plan.repositions else self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.pos = self.rope_pos = None
+        self.states = {}
+        self.n = self.seen = self.evicted = 0
+        self.is_initialized = False
+        self.cache._account(self)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the most recent tokens (speculative rollback). Negative counts, as transformers passes them."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        drop = -tokens_to_remove
+        if drop == 0 or not self.is_initialized:
+            return
+        if drop > self.n:
+            raise ValueError(f"cannot remove {drop} tokens from a layer holding {self.n}")
+        self.n -= drop
+        self.seen -= drop
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise TokensiftError("beam search is not supported with a TokenCache; use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.keys is None:
+            return
+        for name in ("keys", "values", "pos", "rope_pos"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.repeat_interleave(repeats, dim=0))
+        self.states = {k: t.repeat_interleave(repeats, dim=0) for k, t in self.states.items()}
+        self.cache._account(self)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise TokensiftError("selecting batch rows of a TokenCache is not supported")
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def k(self) -> torch.Tensor:
+        assert self.keys is not None
+        return self.keys[..., : self.n, :]
+
+    @property
+    def v(self) -> torch.Tensor:
+        assert self.values is not None
+        return self.values[..., : self.n, :]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        assert self.pos is not None
+        return self.pos[..., : self.n]
+
+    def attention_keys(self) -> torch.Tensor:
+        """Keys as attention must see them: re-rotated to their cache index for re-positioning methods."""
+        if not self.cache.plan.repositions:
+            return self.k
+        assert self.rope_pos is not None
+        index = torch.arange(self.n, device=self.device)
+        delta = index - self.rope_pos[..., : self.n]
+        if not bool(delta.any()):
+            return self.k
+        return shift_keys(self.k, delta, self.cache.inv_freq)
+
+    def state(self, name: str) -> torch.Tensor:
+        """Per-token float state of a method (e.g. H2O's accumulated attention), zero for new tokens."""
+        if name not in self.states:
+            assert self.keys is not None
+            b, h, cap = self.keys.shape[:3]
+            self.states[name] = torch.zeros(b, h, cap, dtype=torch.float32, device=self.device)
+            self.cache._account(self)
+        return self.states[name][..., : self.n]
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of K/V storage held, bytes of positions and method state held)."""
+        kv = _nbytes(self.keys) + _nbytes(self.values)
+        aux = _nbytes(self.pos) + _nbytes(self.rope_pos) + sum(_nbytes(t) for t in self.states.values())
+        return kv, aux
+
+    # -- mutation ------------------------------------------------------------------------------------
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        q = key_states.shape[-2]
+        b, h = key_states.shape[:2]
+        device = key_states.device
+        new_pos = torch.arange(self.seen, self.seen + q, device=device).expand(b, h, q)
+        new_rope = torch.arange(self.n, self.n + q, device=device).expand(b, h, q)
+        if self.n == 0 and not self.states:
+            # First fill (prefill): adopt the projected tensors, no copy and no headroom.
+            self.keys, self.values = key_states, value_states
+            self.pos = new_pos.contiguous()
+            self.rope_pos = new_rope.contiguous() if self.cache.plan.repositions else None
+        else:
+            self._reserve(self.n + q)
+            assert self.keys is not None and self.values is not None and self.pos is not None
+            end = self.n + q
+            self.keys[..., self.n : end, :] = key_states
+            self.values[..., self.n : end, :] = value_states
+            self.pos[..., self.n : end] = new_pos
+            if self.rope_pos is not None:
+                self.rope_pos[..., self.n : end] = new_rope
+            for t in self.states.values():
+                t[..., self.n : end] = 0
+        self.n += q
+        self.seen += q
+        self.last_query_len = q
+        self.cache._account(self)
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        self._reallocate(_capacity(needed))
+
+    def _reallocate(self, cap: int) -> None:
+        assert self.keys is not None and self.values is not None
+        b, h, _, d = self.keys.shape
+
+        def grow(t: torch.Tensor | None, trailing: tuple[int, ...]) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = torch.empty((b, h, cap, *trailing), dtype=t.dtype, device=t.device)
+            out[:, :, : self.n] = t[:, :, : self.n]
+            return out
+
+        self.keys = grow(self.keys, (d,))
+        self.values = grow(self.values, (d,))
+        self.pos = grow(self.pos, ())
+        self.rope_pos = grow(self.rope_pos, ())
+        self.states = {k: grow(t, ()) for k, t in self.states.items()}  # type: ignore[misc]
+        self.cache._account(self)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the given token slots, in order. `index` is (m,) for all heads or (B, H, m) per head."""
+        assert self.keys is not None and self.values is not None and self.pos is not None
+        m = index.shape[-1]
+        if m >= self.n:
+            return
+        per_head = index.dim() == 3
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            live = t[:, :, : self.n]
+            if not per_head:
+                return live.index_select(2, index)
+            if live.dim() == 4:
+                return live.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, live.shape[-1]))
+            return live.gather(2, index)
+
+        kept = {
+            "keys": take(self.keys),
+            "values": take(self.values),
+            "pos": take(self.pos),
+            "rope_pos": take(self.rope_pos) if self.rope_pos is not None else None,
+        }
+        states = {k: take(t) for k, t in self.states.items()}
+        self.evicted += self.n - m
+        self.n = m
+        cap = self.capacity
+        if not (m <= cap <= _capacity(m) + max(16, m // 32)):
+            # Release memory: the kept tokens get a buffer sized for them.
+            cap = _capacity(m)
+            b, h, _, d = self.keys.shape
+            self.keys = self.keys.new_empty((b, h, cap, d))
+            self.values = self.values.new_empty((b, h, cap, d))
+            self.pos = self.pos.new_empty((b, h, cap))
+            self.rope_pos = self.rope_pos.new_empty((b, h, cap)) if self.rope_pos is not None else None
+            self.states = {k: t.new_empty((b, h, cap)) for k, t in self.states.items()}
+        for name, value in kept.items():
+            if value is not None:
+                getattr(self, name)[:, :, :m] = value
+        for name, value in states.items():
+            self.states[name][:, :, :m] = value
+        self.cache._account(self)
+
+
+class TokenCache(Cache):
+    """A transformers Cache that runs a tokensift plan: pass it as `cache`/`past_key_values`.
+
+    `prompt_tokens` fixes what a fractional budget is a fraction of; by default it is the length of
+    the first forward (the prompt).
+    """
+
+    def __init__(self, model: Any, plan: Plan | Any = None, *, prompt_tokens: int | None = None):
+        from tokensift.runtime.plan import Plan
+
+        hf_model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
+        config = hf_model.config.get_text_config(decoder=True)
+        _check_supported(config)
+        self.plan = plan if isinstance(plan, Plan) else Plan.of(plan)
+        self.num_layers = int(config.num_hidden_layers)
+        self.inv_freq = find_inv_freq(hf_model) if self.plan.repositions else None
+        self.prompt_tokens = prompt_tokens
+        if prompt_tokens is not None:
+            self.plan = self.plan.resolve(prompt_tokens)
+        self._layer_bytes = [(0, 0)] * self.num_layers
+        self.kv_bytes = self.aux_bytes = 0
+        self.kv_bytes_peak = self.aux_bytes_peak = 0
+        self.counters: dict[str, float] = {}
+        self.notes: list[str] = []
+        super().__init__(layers=[TokenLayer(self, i) for i in range(self.num_layers)])
+
+    @property
+    def next_position(self) -> int:
+        return self.layers[0].get_seq_length()
+
+    @property
+    def seen_tokens(self) -> int:
+        return max(layer.seen for layer in self.layers)
+
+    @property
+    def tokens_held(self) -> list[int]:
+        return [layer.n for layer in self.layers]
+
+    @property
+    def evicted(self) -> int:
+        return sum(layer.evicted for layer in self.layers)
+
+    def note(self, message: str) -> None:
+        """Record (once) that a method could not do what it was asked; generation stats carry it."""
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def count(self, name: str, value: float = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + value
+
+    def _before_update(self, layer: TokenLayer, query_len: int) -> None:
+        if not self.plan.resolved:
+            self.prompt_tokens = query_len
+            self.plan = self.plan.resolve(query_len)
+
+    def _account(self, layer: TokenLayer) -> None:
+        kv, aux = layer.nbytes()
+        old_kv, old_aux = self._layer_bytes[layer.index]
+        self._layer_bytes[layer.index] = (kv, aux)
+        self.kv_bytes += kv - old_kv
+        self.aux_bytes += aux - old_aux
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self.kv_bytes)
+        self.aux_bytes_peak = max(self.aux_bytes_peak, self.aux_bytes)
+
+
+def _check_supported(config: Any) -> None:
+    layer_types = getattr(config, "layer_types", None) or []
+    odd = sorted({t for t in layer_types if t != "full_attention"})
+    if odd or getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        kind = ", ".join(odd) if odd else "sliding_window"
+        raise TokensiftError(
+            f"{config.model_type} has {kind} layers, which tokensift's cache does not support yet "
+            "(full-attention decoders such as Llama, Qwen2 and Mistral are supported)"
+        )

@@ -1,0 +1,74 @@
+"""A plan: the methods a generation runs, at most one per hook point."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tokensift.errors import TokensiftError
+from tokensift.methods.base import EvictionMethod, Hook, Method
+
+
+@dataclass(frozen=True)
+class Plan:
+    methods: tuple[Method, ...] = ()
+    prompt_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        owner: dict[Hook, Method] = {}
+        for method in self.methods:
+            for hook in method.hooks:
+                if hook in owner:
+                    raise TokensiftError(
+                        f"{owner[hook].name} and {method.name} both claim the {hook.value} hook; "
+                        "compose methods that use different hooks"
+                    )
+                owner[hook] = method
+
+    @classmethod
+    def of(cls, spec: Plan | str | Method | Sequence[Method] | None) -> Plan:
+        from tokensift.methods import parse_methods
+
+        if spec is None:
+            return cls()
+        if isinstance(spec, Plan):
+            return spec
+        if isinstance(spec, str):
+            return cls(tuple(parse_methods(spec)))
+        if isinstance(spec, Method):
+            return cls((spec,))
+        if all(isinstance(m, Method) for m in spec):
+            return cls(tuple(spec))
+        raise TokensiftError(f"not a method or method spec: {spec!r}")
+
+    @property
+    def resolved(self) -> bool:
+        return self.prompt_tokens is not None
+
+    def resolve(self, prompt_tokens: int) -> Plan:
+        return Plan(tuple(m.resolve(prompt_tokens) for m in self.methods), prompt_tokens)
+
+    def by_hook(self, hook: Hook) -> Method | None:
+        return next((m for m in self.methods if hook in m.hooks), None)
+
+    @property
+    def evict(self) -> EvictionMethod | None:
+        method = self.by_hook(Hook.EVICT)
+        assert method is None or isinstance(method, EvictionMethod)
+        return method
+
+    @property
+    def repositions(self) -> bool:
+        return any(m.repositions for m in self.methods)
+
+    @property
+    def is_dense(self) -> bool:
+        return not any(m.hooks for m in self.methods)
+
+    @property
+    def spec(self) -> str:
+        return "+".join(m.spec() for m in self.methods) or "dense"
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": m.name, **m.resolved_params()} for m in self.methods] or [{"name": "dense"}]

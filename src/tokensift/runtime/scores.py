@@ -1,0 +1,116 @@
+"""Score slices that methods need, computed in chunks: never a full n x n attention matrix.
+
+Causality is by shape everywhere: a forward's L queries are the last L of the n keys, so query i sees
+keys j <= n - L + i. GQA follows transformers: query head h uses KV head h // n_rep.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Upper bound on the elements of one chunk of logits (32 MiB in float32).
+MAX_CHUNK_ELEMENTS = 1 << 23
+
+
+def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Reduce per-query-head scores (B, H_q, ...) to per-KV-head scores (B, H_kv, ...) by the group mean."""
+    b, hq = x.shape[:2]
+    if hq == kv_heads:
+        return x
+    return x.reshape(b, kv_heads, hq // kv_heads, *x.shape[2:]).mean(dim=2)
+
+
+def chunk_rows(n_keys: int, heads: int, max_elements: int = MAX_CHUNK_ELEMENTS) -> int:
+    """How many query rows fit in one chunk of logits over n_keys keys for `heads` query heads."""
+    return max(1, max_elements // max(1, heads * n_keys))
+
+
+def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, hq, length, d = q.shape
+    return q.reshape(b, kv_heads, hq // kv_heads, length, d)
+
+
+def _mask_causal_block(logits: torch.Tensor, first_query: int, offset: int) -> None:
+    """Mask keys after each query in place. Rows are queries first_query.. (relative), keys absolute."""
+    rows, cols = logits.shape[-2], logits.shape[-1]
+    q_abs = torch.arange(rows, device=logits.device) + first_query + offset
+    start = offset + first_query  # keys before this column are visible to every row of the chunk
+    if start + 1 >= cols:
+        return
+    k_abs = torch.arange(start + 1, cols, device=logits.device)
+    future = k_abs[None, :] > q_abs[:, None]
+    logits[..., start + 1 :].masked_fill_(future, float("-inf"))
+
+
+def attention_with_colsums(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_elements: int = MAX_CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention output plus the column sums of the softmax probabilities (H2O, Keyformer).
+
+    q: (B, H_q, L, D); k, v: (B, H_kv, n, D) with the L queries being the last L positions.
+    Returns out (B, H_q, L, D) and colsum (B, H_q, n), the attention each key received summed over
+    this forward's queries. Memory is O(chunk * n), compute O(L * n).
+    """
+    b, hq, length, d = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    offset = n - length
+    qg = _grouped(q, kv_heads)
+    kt = k.unsqueeze(2).transpose(-1, -2)
+    vg = v.unsqueeze(2)
+    out = q.new_empty(qg.shape)
+    colsum = torch.zeros(b, kv_heads, hq // kv_heads, n, dtype=torch.float32, device=q.device)
+    step = chunk_rows(n, hq, max_elements)
+    for s in range(0, length, step):
+        e = min(length, s + step)
+        visible = offset + e
+        logits = torch.matmul(qg[..., s:e, :], kt[..., :visible]).float().mul_(scale)
+        _mask_causal_block(logits, s, offset)
+        probs = torch.softmax(logits, dim=-1)
+        out[..., s:e, :] = torch.matmul(probs.to(v.dtype), vg[..., :visible, :])
+        colsum[..., :visible] += probs.sum(dim=-2)
+    return out.reshape(b, hq, length, d), colsum.reshape(b, hq, n)
+
+
+def window_scores(q_window: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of the last w queries over all n keys, summed over the window: (B, H_q, n).
+
+    Used by SnapKV and CompressKV: only a w x n slice is ever formed.
+    """
+    b, hq, w, _ = q_window.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    logits = torch.matmul(_grouped(q_window, kv_heads), k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    _mask_causal_block(logits, 0, n - w)
+    return torch.softmax(logits, dim=-1).sum(dim=-2).reshape(b, hq, n)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention through SDPA, GQA without repeating keys. Returns (B, H_q, L, D)."""
+    b, hq, length, d = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    rep = hq // kv_heads
+    if length == 1:
+        if rep == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # One query per head: pack the group's queries as rows against their shared KV head.
+        packed = q.reshape(b, kv_heads, rep, d)
+        return F.scaled_dot_product_attention(packed, k, v, scale=scale).reshape(b, hq, 1, d)
+    if length == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1)
+    # Queries appended to a cache: bottom-right causal mask, built per chunk of queries.
+    out = q.new_empty(b, hq, length, d)
+    offset = n - length
+    step = chunk_rows(n, 1, MAX_CHUNK_ELEMENTS // 4)
+    for s in range(0, length, step):
+        e = min(length, s + step)
+        q_abs = torch.arange(s, e, device=q.device) + offset
+        mask = torch.arange(offset + e, device=q.device)[None, :] <= q_abs[:, None]
+        out[:, :, s:e] = F.scaled_dot_product_attention(
+            q[:, :, s:e],
+            k[:, :, : offset + e],
+            v[:, :, : offset + e],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=rep > 1,
+        )
+    return out

@@ -1,0 +1,46 @@
+"""Tiny randomly initialised Llama- and Qwen2-shaped models with GQA, built in code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import tokensift
+
+VOCAB = 128
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 2, context: int = 512) -> tokensift.Model:
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+    # Random init gives near-uniform logits; scale up so greedy choices are decisive, not ties.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return tokensift.wrap(model, name=f"tiny-{kind}")
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny(request: pytest.FixtureRequest) -> tokensift.Model:
+    return tiny_model(request.param)
+
+
+def prompt_ids(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    # Avoid the EOS id so greedy runs are not cut short by the prompt itself.
+    return [int(t) for t in torch.randint(3, VOCAB, (n,), generator=g)]
