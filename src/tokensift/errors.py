@@ -8,7 +8,7 @@ class TokensiftError(ValueError):
 
 
 class NoOpWarning(UserWarning):
-    """A method was asked for but changed nothing (budget covers the prompt, prompt shorter than a window...)."""
+    """A method was asked for but changed nothing (budget covers the prompt, prompt shorter than a window)."""
 
 
 def one_line(message: str) -> str:

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -198,8 +199,9 @@ def _load(name: str, dtype: torch.dtype) -> Model:
     if name in EMBEDDED:
         spec = EMBEDDED[name]
         directory = _converted_dir(spec)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
         handle = Model(name, model, tokenizer, source=str(directory), sha256=spec.sha256)
     elif Path(name).expanduser().is_dir() or "/" in name:
         try:
@@ -331,17 +333,29 @@ def _publish(target: Path, build: Callable[[Path], None], spec: EmbeddedModel) -
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' per-tensor progress bars and notices add nothing for a cached local load."""
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"tokensift: dequantising {gguf_name} once into {out.parent.parent} ...", file=sys.stderr)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
     # The weights are dequantised floats now; drop the GGUF quantiser so they save as plain safetensors.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from typing import Any, Literal, get_args, get_origin
 
@@ -18,7 +19,7 @@ def parse_method(text: str) -> Method:
         raise TokensiftError(f"unknown method {name!r}: known methods are {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
     hints = typing.get_type_hints(cls)
-    params = {f: hints[f] for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
+    params = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
     values: dict[str, Any] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, raw = item.partition("=")

@@ -86,7 +86,7 @@ class TokenLayer(CacheLayerMixin):
         self.cache._account(self)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the most recent tokens (speculative rollback). Negative counts, as transformers passes them."""
+        """Drop the most recent tokens (speculative rollback); a negative count, as transformers passes it."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         drop = -tokens_to_remove
@@ -321,7 +321,7 @@ class TokenCache(Cache):
 def _check_supported(config: Any) -> None:
     layer_types = getattr(config, "layer_types", None) or []
     odd = sorted({t for t in layer_types if t != "full_attention"})
-    if odd or getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+    if odd or (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
         kind = ", ".join(odd) if odd else "sliding_window"
         raise TokensiftError(
             f"{config.model_type} has {kind} layers, which tokensift's cache does not support yet "

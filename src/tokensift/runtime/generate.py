@@ -203,11 +203,13 @@ def generate(
         text = model.tokenizer.decode(new, skip_special_tokens=True)
         if stop_reason == "stop":
             text = text[: min(text.index(s) for s in stops if s in text)]
-    stats = _stats(model, plan, cache, len(ids), len(new), prefill_seconds, decode_seconds, stop_reason)
+    stats = collect_stats(
+        model, plan, cache, len(ids), len(new), prefill_seconds, decode_seconds, stop_reason
+    )
     return Generation(text=text, token_ids=new, stats=stats, logits=step_logits if return_logits else None)
 
 
-def _stats(
+def collect_stats(
     model: Model,
     plan: Plan,
     cache: TokenCache,

@@ -1,0 +1,1 @@
+"""Evaluation: task generators and scorers, the resumable bench runner, reports and plots."""

@@ -1,0 +1,207 @@
+"""The core sub-commands: methods, generate, bench, report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import typing
+from pathlib import Path
+
+from tokensift.errors import TokensiftError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("methods", help="list methods, their hook points, parameters and papers")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("generate", help="generate text with a method switched on")
+    p.add_argument("prompt", nargs="?", help="the prompt (or use --prompt-file, or - for stdin)")
+    p.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    p.add_argument("--model", default=None, help="embedded model name, local directory or HF id")
+    p.add_argument("--method", default="dense", help="NAME[:key=value,...][+NAME...] (default: dense)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print text and stats as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="run tasks x methods x lengths; resumable")
+    p.add_argument("--preset", help="a named configuration (demo)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--tasks", help="comma list of tasks (passkey, niah_single, perplexity, ...)")
+    p.add_argument("--methods", help="comma list of NAME[:key=value,...] (';' also separates)")
+    p.add_argument("--lengths", help="comma list of prompt lengths in tokens: 1k,2k,4096")
+    p.add_argument("--depths", help="comma list of needle depths in [0, 1] (default 0.1,0.5,0.9)")
+    p.add_argument("--samples", type=int, help="samples per length and depth (default 3)")
+    p.add_argument("--seed", type=int, help="base seed for task generation (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="rebuild summary.md and plots from DIR/results.jsonl")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from tokensift.methods import REGISTRY
+
+    entries = []
+    for name, cls in sorted(REGISTRY.items()):
+        hints = typing.get_type_hints(cls)
+        params = {
+            f.name: {"type": _type_name(hints[f.name]), "default": f.default}
+            for f in dataclasses.fields(cls)
+            if f.init
+        }
+        entries.append(
+            {
+                "name": name,
+                "hooks": sorted(h.value for h in cls.hooks) or ["-"],
+                "params": params,
+                "summary": cls.summary(),
+                "paper": cls.paper,
+            }
+        )
+    if args.json:
+        print(json.dumps(entries, indent=1, default=str))
+        return 0
+    for e in entries:
+        params = ", ".join(f"{k}={v['default']}" for k, v in e["params"].items()) or "-"
+        print(f"{e['name']}  [{', '.join(e['hooks'])}]  {params}")
+        print(f"    {e['summary']}")
+        print(f"    {e['paper']}")
+    return 0
+
+
+def _type_name(annotation: object) -> str:
+    text = str(annotation).replace("typing.", "")
+    return re.sub(r"<class '(\w+)'>", r"\1", text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tokensift.models import DEFAULT_MODEL, load
+    from tokensift.runtime.generate import generate
+    from tokensift.runtime.plan import Plan
+
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise TokensiftError("give a prompt or --prompt-file, not both")
+        if not args.prompt_file.is_file():
+            raise TokensiftError(f"prompt file {args.prompt_file} does not exist")
+        prompt = args.prompt_file.read_text()
+    elif args.prompt == "-":
+        prompt = sys.stdin.read()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        raise TokensiftError("no prompt: give one, --prompt-file FILE, or - to read stdin")
+    plan = Plan.of(args.method)  # parse before loading the model: bad specs fail fast
+    model = load(args.model or DEFAULT_MODEL)
+    result = generate(
+        model,
+        prompt,
+        plan,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        raw=args.raw,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return 0
+    print(result.text)
+    s = result.stats
+    print(
+        f"[{s.method}] prompt {s.prompt_tokens} tok, {s.new_tokens} new; prefill {s.prefill_seconds:.2f}s, "
+        f"decode {s.decode_tokens_per_second:.1f} tok/s; KV held {s.kv_bytes_peak / 2**20:.1f} MiB "
+        f"= {s.kv_ratio:.2f} of dense",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def parse_lengths(text: str) -> list[int]:
+    out = []
+    for item in filter(None, (t.strip().lower() for t in text.split(","))):
+        match = re.fullmatch(r"(\d+)(k?)", item)
+        if not match or int(match.group(1)) <= 0:
+            raise TokensiftError(f"bad length {item!r}: use token counts like 1k, 2k or 4096")
+        out.append(int(match.group(1)) * (1024 if match.group(2) else 1))
+    if not out:
+        raise TokensiftError("--lengths is empty")
+    return out
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise TokensiftError(f"bad {what} {text!r}: expected comma-separated numbers") from None
+
+
+def split_methods(text: str) -> list[str]:
+    """Split a comma list of method specs: a comma starts a new method only before `name[:+]`."""
+    from tokensift.methods import REGISTRY
+
+    parts: list[str] = []
+    for piece in text.replace(";", ",").split(","):
+        head = re.split(r"[:+]", piece.strip(), maxsplit=1)[0]
+        if not parts or (head in REGISTRY and "=" not in piece.split(":")[0]):
+            parts.append(piece.strip())
+        else:
+            parts[-1] += "," + piece.strip()
+    return [p for p in parts if p]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tokensift.bench.report import summary_table, write_report
+    from tokensift.bench.runner import PRESETS, BenchConfig, run_bench
+
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise TokensiftError(f"unknown preset {args.preset!r}: known presets are {', '.join(PRESETS)}")
+        config = dataclasses.replace(PRESETS[args.preset])
+    else:
+        missing = [n for n in ("tasks", "methods", "lengths") if getattr(args, n) is None]
+        if missing:
+            raise TokensiftError(f"bench needs --{', --'.join(missing)} (or --preset)")
+        config = BenchConfig(tasks=[], methods=[], lengths=[])
+    if args.tasks:
+        config.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.methods:
+        config.methods = split_methods(args.methods)
+    if args.lengths:
+        config.lengths = parse_lengths(args.lengths)
+    if args.depths:
+        config.depths = parse_floats(args.depths, "depths")
+    if args.samples is not None:
+        config.samples = args.samples
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.model:
+        config.model = args.model
+    rows = run_bench(config, args.out, progress=not args.no_progress)
+    summary = write_report(args.out)
+    print(summary_table(rows))
+    print(f"\nwrote {args.out / 'results.jsonl'} and {summary} (+ plots)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tokensift.bench.report import write_report
+
+    if not (args.dir / "results.jsonl").is_file():
+        raise TokensiftError(f"{args.dir} has no results.jsonl")
+    path = write_report(args.dir)
+    print(path.read_text())
+    return 0

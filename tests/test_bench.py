@@ -1,0 +1,109 @@
+"""The bench runner resumes, survives a killed run, and its report builds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import tokensift
+from tokensift.bench.report import aggregate, write_report
+from tokensift.bench.results import read_rows
+from tokensift.bench.runner import BenchConfig, run_bench
+from tokensift.models import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_real_tokenizer_model() -> tokensift.Model:
+    """A tiny random Llama over SmolLM2's tokenizer: real prompts, fast forwards."""
+    tok = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    return tokensift.wrap(LlamaForCausalLM(config), tok, name="tiny-smol")
+
+
+def _config() -> BenchConfig:
+    return BenchConfig(
+        tasks=["passkey", "perplexity"],
+        methods=["dense", "streaming_llm:budget=0.5"],
+        lengths=[256],
+        samples=1,
+        depths=[0.25, 0.75],
+    )
+
+
+def test_bench_resumes_and_repairs(tmp_path: Path, small_real_tokenizer_model: tokensift.Model) -> None:
+    rows = run_bench(_config(), tmp_path, progress=False, model=small_real_tokenizer_model)
+    assert len(rows) == 2 * 2 + 2  # passkey: 2 depths x 2 methods; perplexity: 2 methods
+    first = (tmp_path / "results.jsonl").read_text()
+    for row in rows:
+        assert {
+            "prefill_seconds",
+            "decode_seconds",
+            "kv_bytes_peak",
+            "kv_bytes_dense",
+            "params",
+            "applied",
+        } <= set(row)
+        assert row["method_spec"].startswith(row["method"].split(":")[0])
+    # Rerunning the same grid adds nothing.
+    run_bench(_config(), tmp_path, progress=False, model=small_real_tokenizer_model)
+    assert (tmp_path / "results.jsonl").read_text() == first
+    # A run killed mid-write leaves a truncated line: it is dropped and that row recomputed.
+    lines = first.splitlines()
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    again = run_bench(_config(), tmp_path, progress=False, model=small_real_tokenizer_model)
+    assert len(again) == len(rows)
+    assert len(read_rows(tmp_path / "results.jsonl")) == len(rows)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert len(meta["runs"]) == 3 and meta["runs"][0]["config"]["seed"] == 0
+
+
+def _row(method: str, length: int, depth: float, score: float, kv: float) -> dict[str, object]:
+    return {
+        "model": "m",
+        "task": "passkey",
+        "metric": "accuracy",
+        "method": method,
+        "method_spec": method,
+        "length": length,
+        "depth": depth,
+        "index": 0,
+        "seed": 0,
+        "score": score,
+        "kv_bytes_peak": kv,
+        "kv_bytes_dense": 100.0,
+        "prefill_seconds": 1.0,
+        "decode_tokens_per_second": 10.0,
+        "applied": True,
+        "notes": [],
+    }
+
+
+def test_report_from_fixture(tmp_path: Path) -> None:
+    rows = [
+        _row(m, n, d, s, kv)
+        for m, s, kv in [("dense", 1.0, 100.0), ("snapkv:budget=0.25", 0.5, 27.0)]
+        for n in (1024, 2048)
+        for d in (0.1, 0.9)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = write_report(tmp_path).read_text()
+    assert "| passkey | snapkv:budget=0.25 | 1k | 2 | 50.0% | 0.270 |" in summary
+    assert (tmp_path / "passkey_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "accuracy_vs_kv.png").stat().st_size > 1000
+    agg = aggregate(rows)
+    assert [a["method"] for a in agg][:2] == ["dense", "dense"]
