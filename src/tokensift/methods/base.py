@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 
     from tokensift.runtime.cache import TokenLayer
+    from tokensift.runtime.generate import Decoding
 
 Budget = int | float
 """An int is a token count; a float in (0, 1] is a fraction of the prompt."""
@@ -122,4 +123,45 @@ class EvictionMethod(Method):
         self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
     ) -> None:
         """After this layer's attention: keep at most the budget (calls `layer.keep`)."""
+        raise NotImplementedError
+
+
+@dataclass
+class SparseDecodeMethod(Method):
+    """Keeps the whole cache; each decode query attends to a subset it selects (hook: select)."""
+
+    hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.SELECT})
+
+    def decode_attention(
+        self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Attention output (B, H_q, 1, D) of one decode query over a selected subset of `keys`.
+
+        Record `layer.cache.count("selection_seconds", ...)` and `count("tokens_attended", ...)`.
+        """
+        raise NotImplementedError
+
+
+@dataclass
+class SparsePrefillMethod(Method):
+    """Makes the attention of multi-token forwards sparse; decoding is left to others (hook: prefill)."""
+
+    hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.PREFILL})
+
+    def prefill_attention(
+        self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Attention output (B, H_q, L, D) of L > 1 queries (the last L of the keys), causal."""
+        raise NotImplementedError
+
+
+@dataclass
+class LoopMethod(Method):
+    """Changes which tokens the model produces itself: drafting, routing (hook: loop)."""
+
+    hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.LOOP})
+
+    def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
+        """Produce tokens through `decoding.accept(...)` until `decoding.done`; `logits` are the
+        prefill's last-position logits (vocab,)."""
         raise NotImplementedError

@@ -54,11 +54,21 @@ def tokensift_attention(
 def run_layer(
     layer: TokenLayer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention for one layer under the cache's plan, then the plan's eviction for that layer."""
-    evict = layer.cache.plan.evict
+    """Attention for one layer under the cache's plan, then the plan's eviction for that layer.
+
+    Multi-token forwards go to the plan's sparse-prefill method, single decode queries to its
+    sparse-decode method, everything else to exact attention; an evictor that scores with attention
+    probabilities gets them from an exact chunked pass.
+    """
+    plan = layer.cache.plan
+    evict = plan.evict
     colsum = None
     if evict is not None and evict.needs_colsums:
         out, colsum = attention_with_colsums(query, key, value, scale)
+    elif query.shape[2] > 1 and plan.prefill is not None:
+        out = plan.prefill.prefill_attention(layer, query, key, value, scale)
+    elif query.shape[2] == 1 and plan.select is not None:
+        out = plan.select.decode_attention(layer, query, key, value, scale)
     else:
         out = dense_attention(query, key, value, scale)
     if evict is not None:

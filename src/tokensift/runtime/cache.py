@@ -53,6 +53,8 @@ class TokenLayer(CacheLayerMixin):
         self.pos: torch.Tensor | None = None  # (B, H, cap) original absolute positions
         self.rope_pos: torch.Tensor | None = None  # (B, H, cap) position each key was rotated at
         self.states: dict[str, torch.Tensor] = {}  # (B, H, cap) float state aligned with tokens
+        self.extra: dict[str, Any] = {}  # any other per-layer method state (page metadata, selections)
+        self.version = 0  # bumped whenever slots move (keep, crop, reset): derived state must be rebuilt
         self.last_query_len = 0
 
     # -- transformers' CacheLayerMixin interface -------------------------------------------------------
@@ -81,6 +83,8 @@ class TokenLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.pos = self.rope_pos = None
         self.states = {}
+        self.extra = {}
+        self.version += 1
         self.n = self.seen = self.evicted = 0
         self.is_initialized = False
         self.cache._account(self)
@@ -96,6 +100,7 @@ class TokenLayer(CacheLayerMixin):
             raise ValueError(f"cannot remove {drop} tokens from a layer holding {self.n}")
         self.n -= drop
         self.seen -= drop
+        self.version += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise TokensiftError("beam search is not supported with a TokenCache; use greedy or sampling")
@@ -235,6 +240,7 @@ class TokenLayer(CacheLayerMixin):
         states = {k: take(t) for k, t in self.states.items()}
         self.evicted += self.n - m
         self.n = m
+        self.version += 1
         cap = self.capacity
         if not (m <= cap <= _capacity(m) + max(16, m // 32)):
             # Release memory: the kept tokens get a buffer sized for them.
@@ -277,6 +283,7 @@ class TokenCache(Cache):
         self.kv_bytes_peak = self.aux_bytes_peak = 0
         self.counters: dict[str, float] = {}
         self.notes: list[str] = []
+        self.shared: dict[str, Any] = {}  # state methods share across layers (e.g. TidalDecode's selection)
         super().__init__(layers=[TokenLayer(self, i) for i in range(self.num_layers)])
 
     @property

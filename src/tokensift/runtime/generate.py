@@ -141,6 +141,72 @@ def check_context(model: Model, prompt_tokens: int, max_new_tokens: int) -> None
         )
 
 
+@dataclass
+class Decoding:
+    """The state of one generation's decode phase, shared by the default loop and loop methods.
+
+    A loop method calls `accept(token)` for every token it commits (in order) and stops when `done`;
+    `forward(ids)` runs tokens through the cache at the next positions and returns their logits.
+    """
+
+    model: Model
+    cache: TokenCache
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    eos: set[int] = field(default_factory=set)
+    stops: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    return_logits: bool = False
+    tokens: list[int] = field(default_factory=list)
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+    stop_reason: str = ""
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stop_reason)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.model.parameters()).device
+
+    def sample(self, logits: torch.Tensor) -> int:
+        return sample(logits, self.temperature, self.top_p, self.generator)
+
+    def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
+        """Logits (len(ids), vocab) or (1, vocab) for tokens appended to the cache."""
+        return forward(self.model, torch.tensor([list(ids)], device=self.device), self.cache, last_only)[0]
+
+    def accept(self, token: int, logits: torch.Tensor | None = None) -> bool:
+        """Commit one generated token; returns True when generation must stop after it."""
+        if self.return_logits and logits is not None:
+            self.step_logits.append(logits.float().clone())
+        self.tokens.append(token)
+        if token in self.eos and not self.ignore_eos:
+            self.stop_reason = "eos"
+        elif (
+            self.stops
+            and self.model.tokenizer is not None
+            and any(
+                s in self.model.tokenizer.decode(self.tokens, skip_special_tokens=True) for s in self.stops
+            )
+        ):
+            self.stop_reason = "stop"
+        elif len(self.tokens) >= self.max_new_tokens:
+            self.stop_reason = "max_new_tokens"
+        return self.done
+
+
+def decode_plain(decoding: Decoding, logits: torch.Tensor) -> None:
+    """One token per forward: sample, commit, feed it back."""
+    while True:
+        token = decoding.sample(logits)
+        if decoding.accept(token, logits):
+            return
+        logits = decoding.forward([token], last_only=True)[-1]
+
+
 def generate(
     model: Model | str,
     prompt: Prompt,
@@ -154,8 +220,12 @@ def generate(
     raw: bool = False,
     answer_prefix: str = "",
     return_logits: bool = False,
+    ignore_eos: bool = False,
 ) -> Generation:
-    """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`."""
+    """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
+
+    `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements).
+    """
     if isinstance(model, str):
         model = load(model)
     if max_new_tokens < 1:
@@ -167,46 +237,43 @@ def generate(
     if not ids:
         raise TokensiftError("empty prompt")
     check_context(model, len(ids), max_new_tokens)
-    stops = [s for s in stop if s]
-    eos = eos_ids(model)
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.model.parameters()).device
 
     with torch.inference_mode():
         cache = TokenCache(model.model, plan, prompt_tokens=len(ids))
+        decoding = Decoding(
+            model,
+            cache,
+            max_new_tokens,
+            temperature,
+            top_p,
+            torch.Generator().manual_seed(seed),
+            eos_ids(model),
+            [s for s in stop if s],
+            ignore_eos,
+            return_logits,
+        )
         t0 = time.perf_counter()
-        logits = forward(model, torch.tensor([ids], device=device), cache)[:, -1]
+        logits = decoding.forward(ids, last_only=True)[-1]
         prefill_seconds = time.perf_counter() - t0
-        new: list[int] = []
-        step_logits: list[torch.Tensor] = []
-        stop_reason, text = "max_new_tokens", ""
         t1 = time.perf_counter()
-        while True:
-            if return_logits:
-                step_logits.append(logits[0].float().clone())
-            token = sample(logits[0], temperature, top_p, generator)
-            new.append(token)
-            if token in eos:
-                stop_reason = "eos"
-                break
-            if stops and model.tokenizer is not None:
-                text = model.tokenizer.decode(new, skip_special_tokens=True)
-                if any(s in text for s in stops):
-                    stop_reason = "stop"
-                    break
-            if len(new) >= max_new_tokens:
-                break
-            logits = forward(model, torch.tensor([[token]], device=device), cache)[:, -1]
+        loop = cache.plan.loop
+        if loop is None:
+            decode_plain(decoding, logits)
+        else:
+            loop.decode(decoding, logits)
         decode_seconds = time.perf_counter() - t1
 
+    new, text = decoding.tokens, ""
     if model.tokenizer is not None:
         text = model.tokenizer.decode(new, skip_special_tokens=True)
-        if stop_reason == "stop":
-            text = text[: min(text.index(s) for s in stops if s in text)]
+        if decoding.stop_reason == "stop":
+            text = text[: min(text.index(s) for s in decoding.stops if s in text)]
     stats = collect_stats(
-        model, plan, cache, len(ids), len(new), prefill_seconds, decode_seconds, stop_reason
+        model, plan, cache, len(ids), len(new), prefill_seconds, decode_seconds, decoding.stop_reason
     )
-    return Generation(text=text, token_ids=new, stats=stats, logits=step_logits if return_logits else None)
+    return Generation(
+        text=text, token_ids=new, stats=stats, logits=decoding.step_logits if return_logits else None
+    )
 
 
 def collect_stats(

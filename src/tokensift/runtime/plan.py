@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokensift.errors import TokensiftError
-from tokensift.methods.base import EvictionMethod, Hook, Method
+from tokensift.methods.base import (
+    EvictionMethod,
+    Hook,
+    LoopMethod,
+    Method,
+    SparseDecodeMethod,
+    SparsePrefillMethod,
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +32,13 @@ class Plan:
                         "compose methods that use different hooks"
                     )
                 owner[hook] = method
+        evict = owner.get(Hook.EVICT)
+        sparse = [owner[h] for h in (Hook.SELECT, Hook.PREFILL) if h in owner and owner[h] is not evict]
+        if isinstance(evict, EvictionMethod) and evict.needs_colsums and sparse:
+            raise TokensiftError(
+                f"{evict.name} scores tokens with exact attention probabilities, so it cannot run with "
+                f"sparse attention ({sparse[0].name})"
+            )
 
     @classmethod
     def of(cls, spec: Plan | str | Method | Sequence[Method] | None) -> Plan:
@@ -56,6 +70,24 @@ class Plan:
     def evict(self) -> EvictionMethod | None:
         method = self.by_hook(Hook.EVICT)
         assert method is None or isinstance(method, EvictionMethod)
+        return method
+
+    @property
+    def select(self) -> SparseDecodeMethod | None:
+        method = self.by_hook(Hook.SELECT)
+        assert method is None or isinstance(method, SparseDecodeMethod)
+        return method
+
+    @property
+    def prefill(self) -> SparsePrefillMethod | None:
+        method = self.by_hook(Hook.PREFILL)
+        assert method is None or isinstance(method, SparsePrefillMethod)
+        return method
+
+    @property
+    def loop(self) -> LoopMethod | None:
+        method = self.by_hook(Hook.LOOP)
+        assert method is None or isinstance(method, LoopMethod)
         return method
 
     @property

@@ -1,0 +1,148 @@
+"""Offline calibration: per-model artefacts some methods need (searched once, shipped as JSON).
+
+Each calibrator lives in its own module of this package and exposes `CALIBRATOR`; they are found
+by discovery, so `tokensift calibrate NAME` lists every one. Artefacts for the embedded models ship
+in `calibration/data/<method>/<model>.json`; artefacts a user builds go to the cache directory and
+take precedence. A method whose artefact is missing fails with an error naming the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import pkgutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokensift.errors import TokensiftError
+from tokensift.models import Model, cache_dir
+
+ARTEFACT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """A named offline search: `add_arguments` extends its CLI parser, `run` returns the artefact payload."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[Model, argparse.Namespace], dict[str, Any]]
+
+
+def calibrators() -> dict[str, Calibrator]:
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        calibrator = getattr(module, "CALIBRATOR", None)
+        if isinstance(calibrator, Calibrator):
+            found[calibrator.name] = calibrator
+    return dict(sorted(found.items()))
+
+
+def fingerprint(model: Model) -> dict[str, Any]:
+    """Identifies the weights an artefact was computed on: name, GGUF hash, shape and a weight checksum."""
+    first = next(p for n, p in model.model.named_parameters() if "layers.0." in n and p.dim() == 2)
+    digest = hashlib.sha256(first.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {
+        "model": model.name,
+        "sha256": model.sha256,
+        "layers": model.num_layers,
+        "kv_heads": model.num_kv_heads,
+        "q_heads": int(model.config.num_attention_heads),
+        "head_dim": model.head_dim,
+        "weights_checksum": digest,
+    }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in name)
+
+
+def user_path(method: str, model_name: str) -> Path:
+    return cache_dir() / "calibration" / method / f"{_slug(model_name)}.json"
+
+
+def shipped_path(method: str, model_name: str) -> Path:
+    return Path(str(resources.files(__name__).joinpath(f"data/{method}/{_slug(model_name)}.json")))
+
+
+def save_artefact(
+    method: str, model: Model, payload: dict[str, Any], command: str, out: Path | None = None
+) -> Path:
+    """Write an artefact atomically (fingerprint, command and versions included)."""
+    import transformers
+
+    path = out or user_path(method, model.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "format": ARTEFACT_FORMAT,
+        "method": method,
+        "fingerprint": fingerprint(model),
+        "command": command,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        **payload,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(document, fh, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_artefact(method: str, model: Model, path: str | Path | None = None) -> dict[str, Any]:
+    """The artefact for this model: an explicit path, else the user's, else the shipped one."""
+    candidates = [Path(path)] if path else [user_path(method, model.name), shipped_path(method, model.name)]
+    for candidate in candidates:
+        if candidate.is_file():
+            document = json.loads(candidate.read_text())
+            expected, got = fingerprint(model), document.get("fingerprint", {})
+            if any(got.get(k) != expected[k] for k in ("weights_checksum", "layers")):
+                raise TokensiftError(
+                    f"{method} calibration {candidate} was made for {got.get('model')!r}, not for these "
+                    f"weights; run `tokensift calibrate {method} --model {model.name}`"
+                )
+            return document
+    if path:
+        raise TokensiftError(f"{method} calibration file {path} does not exist")
+    raise TokensiftError(
+        f"{method} needs a calibration for {model.name!r}: "
+        f"run `tokensift calibrate {method} --model {model.name}`"
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("calibrate", help="run a method's offline calibration for a model")
+    methods = parser.add_subparsers(dest="calibrator", metavar="METHOD", required=True)
+    for calibrator in calibrators().values():
+        p = methods.add_parser(calibrator.name, help=calibrator.help)
+        p.add_argument("--model", required=True, help="embedded model name, local directory or HF id")
+        p.add_argument("--out", type=Path, help="artefact path (default: the user cache directory)")
+        calibrator.add_arguments(p)
+        p.set_defaults(func=_run, _calibrator=calibrator)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from tokensift.models import load
+
+    calibrator: Calibrator = args._calibrator
+    model = load(args.model)
+    payload = calibrator.run(model, args)
+    command = shlex.join(["tokensift", *sys.argv[1:]])
+    path = save_artefact(calibrator.name, model, payload, command, args.out)
+    print(f"wrote {path}")
+    return 0
