@@ -30,7 +30,7 @@ def _eager(
     return probs @ v, probs
 
 
-def _layer(method: tokensift.Method, n: int, heads: int = 1, dim: int = 8, seed: int = 0):
+def _layer(method: tokensift.Method, n: int, heads: int = 1, dim: int = 16, seed: int = 0):
     """A real TokenLayer (of a tiny model's cache) filled with n random tokens."""
     model = tiny_model("llama")
     cache = tokensift.TokenCache(model.model, method, prompt_tokens=n)
@@ -71,10 +71,10 @@ def test_h2o_gqa_scores_are_group_means() -> None:
 
 def test_snapkv_hand_made_window() -> None:
     # Every window query points at key 5; all other keys are orthogonal to it.
-    n, w, d = 20, 4, 8
+    n, w, d = 20, 4, 16
     k = torch.zeros(1, 1, n, d)
     k[..., :, 1] = 1.0
-    k[0, 0, 5] = torch.tensor([1.0] + [0.0] * 7)
+    k[0, 0, 5] = torch.tensor([1.0] + [0.0] * (d - 1))
     q = torch.zeros(1, 1, n, d)
     q[..., 0] = 20.0
     votes = window_scores(q[:, :, -w:], k, 1.0)[..., : n - w]
@@ -109,7 +109,7 @@ def test_streaming_llm_keeps_sinks_and_window() -> None:
     assert sink_window_indices(20, 8, 4).tolist() == [0, 1, 2, 3, 16, 17, 18, 19]
     method = tokensift.StreamingLLM(budget=8, sinks=4)
     cache, layer, _, _ = _layer(method, 20)
-    cache.plan.evict.compress(layer, torch.zeros(1, 1, 20, 8), None, 1.0)
+    cache.plan.evict.compress(layer, torch.zeros(1, 1, 20, 16), None, 1.0)
     assert layer.positions[0, 0].tolist() == [0, 1, 2, 3, 16, 17, 18, 19]
     assert cache.next_position == 8  # re-positioned: the next query sits right after the cache
 

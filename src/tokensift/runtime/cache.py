@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tokensift.errors import TokensiftError
-from tokensift.runtime.rope import find_inv_freq, shift_keys
+from tokensift.runtime.rope import RopeTable, find_inv_freq
 
 if TYPE_CHECKING:
     from tokensift.runtime.plan import Plan
@@ -51,7 +51,6 @@ class TokenLayer(CacheLayerMixin):
         self.seen = 0  # tokens ever appended: the next true position
         self.evicted = 0
         self.pos: torch.Tensor | None = None  # (B, H, cap) original absolute positions
-        self.rope_pos: torch.Tensor | None = None  # (B, H, cap) position each key was rotated at
         self.states: dict[str, torch.Tensor] = {}  # (B, H, cap) float state aligned with tokens
         self.extra: dict[str, Any] = {}  # any other per-layer method state (page metadata, selections)
         self.version = 0  # bumped whenever slots move (keep, crop, reset): derived state must be rebuilt
@@ -81,7 +80,7 @@ class TokenLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.pos = self.rope_pos = None
+        self.keys = self.values = self.pos = None
         self.states = {}
         self.extra = {}
         self.version += 1
@@ -108,7 +107,7 @@ class TokenLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.keys is None:
             return
-        for name in ("keys", "values", "pos", "rope_pos"):
+        for name in ("keys", "values", "pos"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.repeat_interleave(repeats, dim=0))
@@ -139,15 +138,11 @@ class TokenLayer(CacheLayerMixin):
         return self.pos[..., : self.n]
 
     def attention_keys(self) -> torch.Tensor:
-        """Keys as attention must see them: re-rotated to their cache index for re-positioning methods."""
-        if not self.cache.plan.repositions:
+        """Keys as attention must see them. Re-positioning methods store keys before RoPE and rotate
+        them here to their cache index (G3-ii), so eviction never accumulates rotation error."""
+        if self.cache.rope is None:
             return self.k
-        assert self.rope_pos is not None
-        index = torch.arange(self.n, device=self.device)
-        delta = index - self.rope_pos[..., : self.n]
-        if not bool(delta.any()):
-            return self.k
-        return shift_keys(self.k, delta, self.cache.inv_freq)
+        return self.cache.rope.rotate(self.k)
 
     def state(self, name: str) -> torch.Tensor:
         """Per-token float state of a method (e.g. H2O's accumulated attention), zero for new tokens."""
@@ -161,7 +156,7 @@ class TokenLayer(CacheLayerMixin):
     def nbytes(self) -> tuple[int, int]:
         """(bytes of K/V storage held, bytes of positions and method state held)."""
         kv = _nbytes(self.keys) + _nbytes(self.values)
-        aux = _nbytes(self.pos) + _nbytes(self.rope_pos) + sum(_nbytes(t) for t in self.states.values())
+        aux = _nbytes(self.pos) + sum(_nbytes(t) for t in self.states.values())
         return kv, aux
 
     # -- mutation ------------------------------------------------------------------------------------
@@ -170,12 +165,13 @@ class TokenLayer(CacheLayerMixin):
         b, h = key_states.shape[:2]
         device = key_states.device
         new_pos = torch.arange(self.seen, self.seen + q, device=device).expand(b, h, q)
-        new_rope = torch.arange(self.n, self.n + q, device=device).expand(b, h, q)
+        if self.cache.rope is not None:
+            # Callers rotate new keys to position `next_position`, which is n for these methods.
+            key_states = self.cache.rope.unrotate(key_states, self.n)
         if self.n == 0 and not self.states:
             # First fill (prefill): adopt the projected tensors, no copy and no headroom.
             self.keys, self.values = key_states, value_states
             self.pos = new_pos.contiguous()
-            self.rope_pos = new_rope.contiguous() if self.cache.plan.repositions else None
         else:
             self._reserve(self.n + q)
             assert self.keys is not None and self.values is not None and self.pos is not None
@@ -183,8 +179,6 @@ class TokenLayer(CacheLayerMixin):
             self.keys[..., self.n : end, :] = key_states
             self.values[..., self.n : end, :] = value_states
             self.pos[..., self.n : end] = new_pos
-            if self.rope_pos is not None:
-                self.rope_pos[..., self.n : end] = new_rope
             for t in self.states.values():
                 t[..., self.n : end] = 0
         self.n += q
@@ -211,7 +205,6 @@ class TokenLayer(CacheLayerMixin):
         self.keys = grow(self.keys, (d,))
         self.values = grow(self.values, (d,))
         self.pos = grow(self.pos, ())
-        self.rope_pos = grow(self.rope_pos, ())
         self.states = {k: grow(t, ()) for k, t in self.states.items()}  # type: ignore[misc]
         self.cache._account(self)
 
@@ -235,7 +228,6 @@ class TokenLayer(CacheLayerMixin):
             "keys": take(self.keys),
             "values": take(self.values),
             "pos": take(self.pos),
-            "rope_pos": take(self.rope_pos) if self.rope_pos is not None else None,
         }
         states = {k: take(t) for k, t in self.states.items()}
         self.evicted += self.n - m
@@ -249,7 +241,6 @@ class TokenLayer(CacheLayerMixin):
             self.keys = self.keys.new_empty((b, h, cap, d))
             self.values = self.values.new_empty((b, h, cap, d))
             self.pos = self.pos.new_empty((b, h, cap))
-            self.rope_pos = self.rope_pos.new_empty((b, h, cap)) if self.rope_pos is not None else None
             self.states = {k: t.new_empty((b, h, cap)) for k, t in self.states.items()}
         for name, value in kept.items():
             if value is not None:
@@ -274,7 +265,7 @@ class TokenCache(Cache):
         _check_supported(config)
         self.plan = plan if isinstance(plan, Plan) else Plan.of(plan)
         self.num_layers = int(config.num_hidden_layers)
-        self.inv_freq = find_inv_freq(hf_model) if self.plan.repositions else None
+        self.rope = RopeTable(find_inv_freq(hf_model)) if self.plan.repositions else None
         self.prompt_tokens = prompt_tokens
         if prompt_tokens is not None:
             self.plan = self.plan.resolve(prompt_tokens)

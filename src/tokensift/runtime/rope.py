@@ -30,3 +30,31 @@ def shift_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) 
     emb = torch.cat((angles, angles), dim=-1)
     cos, sin = emb.cos().to(keys.dtype), emb.sin().to(keys.dtype)
     return keys * cos + rotate_half(keys) * sin
+
+
+class RopeTable:
+    """cos/sin of every position up to a length, grown on demand: re-rotation without trigonometry."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq
+        self.cos = self.sin = torch.empty(0)
+
+    def get(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos.shape[0] < length or self.cos.dtype != dtype or self.cos.device != device:
+            size = max(length, 2 * self.cos.shape[0], 256)
+            angles = torch.arange(size, dtype=torch.float32, device=device)[:, None] * self.inv_freq.to(device)
+            emb = torch.cat((angles, angles), dim=-1)
+            self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        return self.cos[:length], self.sin[:length]
+
+    def rotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Rotate x (..., n, D) to positions start..start+n-1."""
+        n = x.shape[-2]
+        cos, sin = self.get(start + n, x.dtype, x.device)
+        return x * cos[start:] + rotate_half(x) * sin[start:]
+
+    def unrotate(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Undo `rotate(x, start)`: the key as it was before RoPE."""
+        n = x.shape[-2]
+        cos, sin = self.get(start + n, x.dtype, x.device)
+        return x * cos[start:] - rotate_half(x) * sin[start:]
