@@ -18,6 +18,7 @@ PROMPT, NEW = 96, 16
 FULL_BUDGET = {
     "streaming_llm": f"streaming_llm:budget={PROMPT + NEW}",
     "h2o": f"h2o:budget={PROMPT + NEW}",
+    "keyformer": f"keyformer:budget={PROMPT + NEW}",
     "snapkv": "snapkv:budget=1.0",
 }
 
@@ -60,7 +61,7 @@ def test_full_budget_is_dense(tiny: tokensift.Model, name: str) -> None:
     assert any("evicted nothing" in n for n in out.stats.notes)
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "snapkv"])
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "keyformer", "snapkv"])
 def test_small_budget_shrinks_memory(name: str) -> None:
     model = tiny_model("llama", layers=4)
     budget = 40
@@ -94,7 +95,12 @@ def test_peak_counts_storage_not_views() -> None:
 def test_hf_generate_interop(tiny: tokensift.Model) -> None:
     """Eviction works through transformers' own generate with our cache passed in."""
     ids = prompt_ids(PROMPT)
-    for spec in ["snapkv:budget=40,window_size=8", "h2o:budget=40", "streaming_llm:budget=40"]:
+    for spec in [
+        "snapkv:budget=40,window_size=8",
+        "h2o:budget=40",
+        "streaming_llm:budget=40",
+        "keyformer:budget=40",
+    ]:
         ours = tokensift.generate(tiny, ids, spec, max_new_tokens=NEW)
         cache = tokensift.TokenCache(tiny.model, spec)
         with torch.no_grad(), warnings.catch_warnings():

@@ -9,12 +9,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokensift
-from tokensift.methods.h2o import h2o_indices
-from tokensift.methods.snapkv import pool_scores, snapkv_indices
+from tokensift.methods.base import top_tokens
+from tokensift.methods.snapkv import pool_scores
 from tokensift.methods.streaming_llm import sink_window_indices
 from tokensift.runtime.scores import attention_with_colsums, dense_attention, window_scores
 
-from .conftest import tiny_model
+from .conftest import prompt_ids, tiny_model
 
 
 def _eager(
@@ -56,8 +56,10 @@ def test_h2o_worked_example() -> None:
 
 
 def test_h2o_without_heavy_hitters_is_a_recent_window() -> None:
-    scores = torch.rand(2, 3, 10)
-    assert h2o_indices(scores, heavy=0, recent=4)[1, 2].tolist() == [6, 7, 8, 9]
+    method = tokensift.H2O(budget=4, recent_fraction=1.0)
+    cache, layer, _, _ = _layer(method, 10, heads=1)
+    cache.plan.evict.compress(layer, torch.zeros(1, 2, 10, 16), torch.rand(1, 2, 10), 1.0)
+    assert layer.positions[0, 0].tolist() == [6, 7, 8, 9]
 
 
 def test_h2o_gqa_scores_are_group_means() -> None:
@@ -80,9 +82,9 @@ def test_snapkv_hand_made_window() -> None:
     votes = window_scores(q[:, :, -w:], k, 1.0)[..., : n - w]
     assert votes[0, 0].argmax().item() == 5
     assert math.isclose(votes[0, 0, 5].item(), w, rel_tol=1e-6)
-    assert snapkv_indices(votes, 1, 1, "max")[0, 0].tolist() == [5]
+    assert top_tokens(pool_scores(votes, 1, "max"), 1)[0, 0].tolist() == [5]
     # Max-pooling with kernel 3 spreads the vote to both neighbours.
-    assert snapkv_indices(votes, 3, 3, "max")[0, 0].tolist() == [4, 5, 6]
+    assert top_tokens(pool_scores(votes, 3, "max"), 3)[0, 0].tolist() == [4, 5, 6]
 
     method = tokensift.SnapKV(budget=w + 3, window_size=w, kernel_size=3)
     cache, layer, _, _ = _layer(method, n)
@@ -176,3 +178,52 @@ def test_h2o_prefill_colsums_never_materialise_n_by_n() -> None:
     with _LargestTensor() as probe:
         attention_with_colsums(q, k, v, 0.5)
     assert probe.largest < n * n // 8
+
+
+def test_keyformer_without_noise_at_tau_one_selects_like_h2o() -> None:
+    model = tiny_model("qwen2", layers=3)
+    ids = prompt_ids(80)
+    h2o = tokensift.generate(model, ids, "h2o:budget=24,recent_fraction=0.5", max_new_tokens=12)
+    kf_spec = "keyformer:budget=24,recent_fraction=0.5,noise=false,tau_init=1,tau_end=1"
+    plan = tokensift.Plan.of(kf_spec)
+    keyformer = tokensift.generate(model, ids, plan, max_new_tokens=12)
+    assert keyformer.token_ids == h2o.token_ids
+    # Same kept positions in every layer, not just the same tokens.
+    caches = []
+    for spec in ["h2o:budget=24,recent_fraction=0.5", kf_spec]:
+        cache = tokensift.TokenCache(model.model, spec)
+        with torch.inference_mode():
+            model.model(torch.tensor([ids]), cache=cache, use_cache=True)
+        caches.append([layer.positions.clone() for layer in cache.layers])
+    for a, b in zip(*caches, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_keyformer_noise_changes_selection_and_is_seeded() -> None:
+    model = tiny_model("llama", layers=2)
+    ids = prompt_ids(80)
+
+    def kept(spec: str) -> list[torch.Tensor]:
+        cache = tokensift.TokenCache(model.model, spec)
+        with torch.inference_mode():
+            model.model(torch.tensor([ids]), cache=cache, use_cache=True)
+        return [layer.positions.clone() for layer in cache.layers]
+
+    a, b = kept("keyformer:budget=24,seed=1"), kept("keyformer:budget=24,seed=1")
+    c = kept("keyformer:budget=24,seed=2")
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_keyformer_temperature_schedule() -> None:
+    method = tokensift.methods.REGISTRY["keyformer"](tau_init=1.0, tau_end=2.0)
+    assert [method.temperature(t, 8) for t in (0, 4, 8)] == [1.0, 1.5, 2.0]
+
+
+def test_keyformer_gumbel_scores_keep_the_mask() -> None:
+    from tokensift.methods.keyformer import gumbel_softmax_scores
+
+    logits = torch.tensor([[0.0, 1.0, float("-inf")]])
+    scores = gumbel_softmax_scores(logits, 2.0, torch.Generator().manual_seed(0))
+    assert scores[0, 2] == 0 and torch.isclose(scores.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(gumbel_softmax_scores(logits, 1.0, None), logits.softmax(-1))

@@ -29,6 +29,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument(
+        "--question",
+        help="ask this after the prompt: the prompt is compressed alone, the question appended "
+        "uncompressed (query-agnostic protocol)",
+    )
     p.add_argument("--json", action="store_true", help="print text and stats as JSON")
     p.set_defaults(func=cmd_generate)
 
@@ -115,6 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         raw=args.raw,
+        question=args.question,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))

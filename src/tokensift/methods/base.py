@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
@@ -119,11 +120,51 @@ class EvictionMethod(Method):
             raise RuntimeError(f"{self.name}: budget used before it was resolved against a prompt")
         return self.budget_tokens
 
+    # -- the eviction protocol --------------------------------------------------------------------
+    # After each forward's attention in a layer, `compress` lets the method `observe` the forward
+    # (accumulate scores), then, if `should_compress`, keeps the `budget` best tokens per KV head by
+    # `token_scores`. Wrappers (adaptive budgets, decode-time compression) reuse these pieces.
+
+    def observe(
+        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
+    ) -> None:
+        """Accumulate per-token state from this forward (e.g. H2O's attention sums)."""
+
+    def should_compress(self, layer: TokenLayer, query: torch.Tensor) -> bool:
+        """Continuous eviction by default: whenever the layer holds more than the budget."""
+        return layer.n > self.tokens
+
+    def token_scores(
+        self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int
+    ) -> torch.Tensor | None:
+        """Scores (B, H_kv, n) of the live tokens, +inf for tokens that must stay; None if the method
+        cannot score now (it should `layer.cache.note` why)."""
+        raise NotImplementedError
+
     def compress(
         self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
     ) -> None:
-        """After this layer's attention: keep at most the budget (calls `layer.keep`)."""
-        raise NotImplementedError
+        """After this layer's attention: observe, then keep at most the budget."""
+        self.observe(layer, query, colsum, scale)
+        if self.should_compress(layer, query):
+            self.evict_to(layer, query, scale, self.tokens)
+
+    def evict_to(self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int) -> None:
+        if layer.n <= budget:
+            return
+        scores = self.token_scores(layer, query, scale, budget)
+        if scores is not None:
+            layer.keep(top_tokens(scores, budget))
+
+    def column_scores(self, layer: TokenLayer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """For `needs_colsums` methods: turn masked logits into the per-query scores whose column sums
+        they accumulate. None means the softmax probabilities."""
+        return None
+
+
+def top_tokens(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """The `budget` best slots per head, in cache order: (B, H, budget)."""
+    return scores.topk(budget, dim=-1).indices.sort(dim=-1).values
 
 
 @dataclass

@@ -15,17 +15,6 @@ if TYPE_CHECKING:
     from tokensift.runtime.cache import TokenLayer
 
 
-def h2o_indices(scores: torch.Tensor, heavy: int, recent: int) -> torch.Tensor:
-    """Slots kept per head: the top `heavy` by accumulated score outside the last `recent`, then the
-    last `recent`, in cache order. scores: (B, H, n) -> (B, H, heavy + recent)."""
-    n = scores.shape[-1]
-    recent_idx = torch.arange(n - recent, n, device=scores.device).expand(*scores.shape[:-1], recent)
-    if heavy == 0:
-        return recent_idx
-    top = scores[..., : n - recent].topk(heavy, dim=-1).indices.sort(dim=-1).values
-    return torch.cat([top, recent_idx], dim=-1)
-
-
 @register
 @dataclass
 class H2O(EvictionMethod):
@@ -72,11 +61,15 @@ class H2O(EvictionMethod):
     def resolved_params(self) -> dict[str, object]:
         return {**super().resolved_params(), "recent_tokens": self.recent}
 
-    def compress(
+    def observe(
         self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
     ) -> None:
         assert colsum is not None
-        scores = layer.state("h2o")
+        scores = layer.state(self.name)
         scores += group_mean(colsum, scores.shape[1])
-        if layer.n > self.tokens:
-            layer.keep(h2o_indices(scores, self.tokens - self.recent, self.recent))
+
+    def token_scores(self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int) -> torch.Tensor:
+        recent = min(budget, round(budget * self.recent_fraction))
+        scores = layer.state(self.name).clone()
+        scores[..., layer.n - recent :] = float("inf")
+        return scores

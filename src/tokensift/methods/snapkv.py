@@ -29,12 +29,6 @@ def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.T
     return pooled[..., : scores.shape[-1]].reshape(scores.shape)
 
 
-def snapkv_indices(prefix_scores: torch.Tensor, keep: int, kernel_size: int, pooling: str) -> torch.Tensor:
-    """Top `keep` prefix slots per KV head after pooling, in cache order: (B, H_kv, keep)."""
-    pooled = pool_scores(prefix_scores, kernel_size, pooling)
-    return pooled.topk(keep, dim=-1).indices.sort(dim=-1).values
-
-
 @register
 @dataclass
 class SnapKV(EvictionMethod):
@@ -84,20 +78,19 @@ class SnapKV(EvictionMethod):
                 f"window_size {self.window_size}"
             )
 
-    def compress(
-        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
-    ) -> None:
+    def should_compress(self, layer: TokenLayer, query: torch.Tensor) -> bool:
+        # One-shot: after multi-token forwards (the prompt, or a chunk of it); decoding appends.
+        return query.shape[2] > 1 and layer.n > self.tokens
+
+    def token_scores(
+        self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int
+    ) -> torch.Tensor | None:
         length, n, w = query.shape[2], layer.n, self.window_size
-        if length == 1 or n <= self.tokens:
-            return
         if length < w:
             layer.cache.note(
                 f"snapkv: a {length}-token forward is shorter than window_size {w}; not compressed"
             )
-            return
+            return None
         votes = window_scores(query[:, :, -w:], layer.k, scale)[..., : n - w]
-        prefix = snapkv_indices(
-            group_mean(votes, layer.k.shape[1]), self.tokens - w, self.kernel_size, self.pooling
-        )
-        window = torch.arange(n - w, n, device=prefix.device).expand(*prefix.shape[:2], w)
-        layer.keep(torch.cat([prefix, window], dim=-1))
+        scores = pool_scores(group_mean(votes, layer.k.shape[1]), self.kernel_size, self.pooling)
+        return torch.cat([scores, scores.new_full((*scores.shape[:2], w), float("inf"))], dim=-1)

@@ -59,8 +59,7 @@ class StreamingLLM(EvictionMethod):
                 f"after {self.sinks} sinks"
             )
 
-    def compress(
-        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
-    ) -> None:
-        if layer.n > self.tokens:
-            layer.keep(sink_window_indices(layer.n, self.tokens, self.sinks, layer.device))
+    def token_scores(self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int) -> torch.Tensor:
+        scores = torch.full(layer.positions.shape, float("-inf"), device=layer.device)
+        scores[..., sink_window_indices(layer.n, budget, self.sinks, layer.device)] = float("inf")
+        return scores

@@ -63,8 +63,10 @@ def run_layer(
     plan = layer.cache.plan
     evict = plan.evict
     colsum = None
+    if not layer.cache.evicting:
+        evict = None
     if evict is not None and evict.needs_colsums:
-        out, colsum = attention_with_colsums(query, key, value, scale)
+        out, colsum = attention_with_colsums(query, key, value, scale, score_fn=evict.column_scores(layer))
     elif query.shape[2] > 1 and plan.prefill is not None:
         out = plan.prefill.prefill_attention(layer, query, key, value, scale)
     elif query.shape[2] == 1 and plan.select is not None:

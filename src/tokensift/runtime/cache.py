@@ -12,6 +12,7 @@ next position from it, so neither sees the compressed length by mistake.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -275,6 +276,10 @@ class TokenCache(Cache):
         self.counters: dict[str, float] = {}
         self.notes: list[str] = []
         self.shared: dict[str, Any] = {}  # state methods share across layers (e.g. TidalDecode's selection)
+        self.evicting = True  # False while appending tokens that must not trigger eviction (a question)
+        # Called as observer(module, layer, query, keys, values, scale) before each layer's attention:
+        # calibration searches use it to read the score slices they need.
+        self.observer: Callable[..., None] | None = None
         super().__init__(layers=[TokenLayer(self, i) for i in range(self.num_layers)])
 
     @property

@@ -71,25 +71,47 @@ class Generation:
         return {"text": self.text, "token_ids": self.token_ids, "stats": self.stats.to_dict()}
 
 
+def join_question(context: str, question: str) -> str:
+    """The user message for a context and a question asked after it (blank line between them)."""
+    return context + ("" if context[-1:].isspace() else "\n\n") + question
+
+
 def encode(model: Model, prompt: Prompt, *, raw: bool = False, answer_prefix: str = "") -> list[int]:
     """Token ids for a prompt: the chat template for instruct models unless raw, then the answer prefix."""
+    return encode_split(model, prompt, None, raw=raw, answer_prefix=answer_prefix)[0]
+
+
+def encode_split(
+    model: Model, prompt: Prompt, question: str | None, *, raw: bool = False, answer_prefix: str = ""
+) -> tuple[list[int], list[int]]:
+    """(context ids, question ids) of `join_question(prompt, question)`, split where the question starts.
+
+    The whole text is tokenized once and split by character offsets, so the two parts concatenate
+    to exactly the ids of the joined prompt. Without a question everything is context.
+    """
     if not isinstance(prompt, str):
-        if answer_prefix:
-            raise TokensiftError("answer_prefix needs a text prompt")
-        return [int(t) for t in prompt]
+        if answer_prefix or question:
+            raise TokensiftError("answer_prefix and question need a text prompt")
+        return [int(t) for t in prompt], []
     tok = model.tokenizer
     if tok is None:
         raise TokensiftError(f"model {model.name!r} has no tokenizer: pass token ids")
-    if not raw and getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+    message = prompt if question is None else join_question(prompt, question)
+    templated = not raw and bool(getattr(tok, "chat_template", None))
+    if templated:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=False
         )
-        ids = list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
     else:
-        ids = list(tok(prompt)["input_ids"])
-    if answer_prefix:
-        ids += list(tok(answer_prefix, add_special_tokens=False)["input_ids"])
-    return [int(t) for t in ids]
+        text = message
+    text += answer_prefix
+    enc = tok(text, add_special_tokens=not templated, return_offsets_mapping=True)
+    ids = [int(t) for t in enc["input_ids"]]
+    if question is None:
+        return ids, []
+    boundary = text.rindex(question, 0, len(text) - len(answer_prefix))
+    split = next(i for i, (start, end) in enumerate(enc["offset_mapping"]) if end > boundary and end > start)
+    return ids[:split], ids[split:]
 
 
 def eos_ids(model: Model) -> set[int]:
@@ -162,6 +184,7 @@ class Decoding:
     tokens: list[int] = field(default_factory=list)
     step_logits: list[torch.Tensor] = field(default_factory=list)
     stop_reason: str = ""
+    prompt: list[int] = field(default_factory=list)  # prompt token ids: loop methods draft from them
 
     @property
     def done(self) -> bool:
@@ -221,9 +244,13 @@ def generate(
     answer_prefix: str = "",
     return_logits: bool = False,
     ignore_eos: bool = False,
+    question: str | None = None,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
+    With `question`, `prompt` is a context that is prefilled and compressed on its own; the question
+    (and answer prefix) is appended afterwards without eviction, so window-based scorers cannot see
+    it (the query-agnostic protocol). Fractional budgets are then fractions of the context.
     `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements).
     """
     if isinstance(model, str):
@@ -233,13 +260,16 @@ def generate(
     if temperature < 0 or not 0 < top_p <= 1:
         raise TokensiftError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     plan = Plan.of(method)
-    ids = encode(model, prompt, raw=raw, answer_prefix=answer_prefix)
+    if question is not None and not question.strip():
+        raise TokensiftError("question is empty")
+    ids, question_ids = encode_split(model, prompt, question, raw=raw, answer_prefix=answer_prefix)
     if not ids:
         raise TokensiftError("empty prompt")
-    check_context(model, len(ids), max_new_tokens)
+    check_context(model, len(ids) + len(question_ids), max_new_tokens)
 
     with torch.inference_mode():
         cache = TokenCache(model.model, plan, prompt_tokens=len(ids))
+        cache.shared["max_new_tokens"] = max_new_tokens
         decoding = Decoding(
             model,
             cache,
@@ -251,9 +281,15 @@ def generate(
             [s for s in stop if s],
             ignore_eos,
             return_logits,
+            prompt=ids,
         )
         t0 = time.perf_counter()
         logits = decoding.forward(ids, last_only=True)[-1]
+        if question_ids:
+            cache.evicting = False
+            logits = decoding.forward(question_ids, last_only=True)[-1]
+            cache.evicting = True
+            cache.count("question_tokens", len(question_ids))
         prefill_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         loop = cache.plan.loop
@@ -269,7 +305,14 @@ def generate(
         if decoding.stop_reason == "stop":
             text = text[: min(text.index(s) for s in decoding.stops if s in text)]
     stats = collect_stats(
-        model, plan, cache, len(ids), len(new), prefill_seconds, decode_seconds, decoding.stop_reason
+        model,
+        plan,
+        cache,
+        len(ids) + len(question_ids),
+        len(new),
+        prefill_seconds,
+        decode_seconds,
+        decoding.stop_reason,
     )
     return Generation(
         text=text, token_ids=new, stats=stats, logits=decoding.step_logits if return_logits else None

@@ -42,7 +42,8 @@ class RopeTable:
     def get(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cos.shape[0] < length or self.cos.dtype != dtype or self.cos.device != device:
             size = max(length, 2 * self.cos.shape[0], 256)
-            angles = torch.arange(size, dtype=torch.float32, device=device)[:, None] * self.inv_freq.to(device)
+            positions = torch.arange(size, dtype=torch.float32, device=device)
+            angles = positions[:, None] * self.inv_freq.to(device)
             emb = torch.cat((angles, angles), dim=-1)
             self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
         return self.cos[:length], self.sin[:length]

@@ -6,6 +6,8 @@ keys j <= n - L + i. GQA follows transformers: query head h uses KV head h // n_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -44,13 +46,20 @@ def _mask_causal_block(logits: torch.Tensor, first_query: int, offset: int) -> N
 
 
 def attention_with_colsums(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, max_elements: int = MAX_CHUNK_ELEMENTS
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    max_elements: int = MAX_CHUNK_ELEMENTS,
+    score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention output plus the column sums of the softmax probabilities (H2O, Keyformer).
 
     q: (B, H_q, L, D); k, v: (B, H_kv, n, D) with the L queries being the last L positions.
     Returns out (B, H_q, L, D) and colsum (B, H_q, n), the attention each key received summed over
-    this forward's queries. Memory is O(chunk * n), compute O(L * n).
+    this forward's queries. Memory is O(chunk * n), compute O(L * n). `score_fn` turns a chunk of
+    masked logits (B, H_kv, n_rep, rows, keys) into the scores summed instead of the probabilities
+    (Keyformer's Gumbel softmax); the attention output always uses the plain softmax.
     """
     b, hq, length, d = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
@@ -68,7 +77,7 @@ def attention_with_colsums(
         _mask_causal_block(logits, s, offset)
         probs = torch.softmax(logits, dim=-1)
         out[..., s:e, :] = torch.matmul(probs.to(v.dtype), vg[..., :visible, :])
-        colsum[..., :visible] += probs.sum(dim=-2)
+        colsum[..., :visible] += (probs if score_fn is None else score_fn(logits)).sum(dim=-2)
     return out.reshape(b, hq, length, d), colsum.reshape(b, hq, n)
 
 
