@@ -95,6 +95,7 @@ class EvictionMethod(Method):
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.EVICT})
     needs_colsums: ClassVar[bool] = False  # wants attention column sums of every forward's queries
+    one_shot: ClassVar[bool] = False  # compresses after the prompt only; decoding appends
 
     budget: Budget = 0.25
     budget_tokens: int | None = field(default=None, init=False, repr=False, compare=False)

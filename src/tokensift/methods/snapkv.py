@@ -55,6 +55,7 @@ class SnapKV(EvictionMethod):
     """
 
     name = "snapkv"
+    one_shot = True
     paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024"
 
     budget: Budget = 0.25

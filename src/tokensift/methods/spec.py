@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Literal, get_args, get_origin
 
 from tokensift.errors import TokensiftError
 from tokensift.methods.base import REGISTRY, Method
 
+WRAPPER = re.compile(r"(\w+)\((.*)\)(?::(.*))?", re.S)
+
 
 def parse_method(text: str) -> Method:
-    """One method from `name[:key=value,...]`."""
+    """One method from `name[:key=value,...]`, or a wrapper `name(inner)[:key=value,...]`."""
     text = text.strip()
-    name, _, args = text.partition(":")
-    name = name.strip()
+    wrapped = WRAPPER.fullmatch(text)
+    if wrapped:
+        name, inner, args = wrapped.group(1), wrapped.group(2), wrapped.group(3) or ""
+    else:
+        name, _, args = text.partition(":")
+        name, inner = name.strip(), None
     if name not in REGISTRY:
         raise TokensiftError(f"unknown method {name!r}: known methods are {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
+    wraps = getattr(cls, "wraps", False)
+    if wraps and inner is None:
+        raise TokensiftError(f"{name} wraps a method: write {name}(snapkv:budget=0.25)")
+    if inner is not None and not wraps:
+        raise TokensiftError(f"{name} does not wrap another method")
     hints = typing.get_type_hints(cls)
-    params = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-    values: dict[str, Any] = {}
+    params = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name not in ("method",)}
+    if wraps:
+        params.pop("budget", None)  # a wrapper takes its budget from the method it wraps
+    values: dict[str, Any] = {} if inner is None else {"method": parse_method(inner)}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, raw = item.partition("=")
         key = key.strip()
@@ -36,9 +50,22 @@ def parse_method(text: str) -> Method:
         raise TokensiftError(f"bad parameters for {name}: {exc}") from exc
 
 
+def split_top_level(text: str, separator: str) -> list[str]:
+    """Split on a separator outside parentheses (wrappers nest specs)."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "(") - (char == ")")
+        if char == separator and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
 def parse_methods(text: str) -> list[Method]:
     """Methods joined with `+` (one composed plan)."""
-    parts = [p for p in text.split("+")]
+    parts = split_top_level(text, "+")
     if not text.strip() or any(not p.strip() for p in parts):
         raise TokensiftError(f"malformed method spec {text!r}: expected NAME[:key=value,...][+NAME...]")
     return [parse_method(p) for p in parts]

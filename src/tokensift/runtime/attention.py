@@ -61,10 +61,14 @@ def run_layer(
     probabilities gets them from an exact chunked pass.
     """
     plan = layer.cache.plan
-    evict = plan.evict
+    evict = plan.evict if layer.cache.evicting else None
+    if getattr(layer, "ragged", False):
+        # Heads of different lengths (head-adaptive budgets): exact attention per KV head.
+        out = layer.attention(query, scale)
+        if evict is not None:
+            evict.compress(layer, query, None, scale)
+        return out
     colsum = None
-    if not layer.cache.evicting:
-        evict = None
     if evict is not None and evict.needs_colsums:
         out, colsum = attention_with_colsums(query, key, value, scale, score_fn=evict.column_scores(layer))
     elif query.shape[2] > 1 and plan.prefill is not None:

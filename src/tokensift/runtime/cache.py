@@ -298,6 +298,11 @@ class TokenCache(Cache):
     def evicted(self) -> int:
         return sum(layer.evicted for layer in self.layers)
 
+    def replace_layer(self, layer: Any) -> None:
+        """Swap in a differently stored layer (e.g. ragged heads) holding the same tokens."""
+        self.layers[layer.index] = layer
+        self._account(layer)
+
     def note(self, message: str) -> None:
         """Record (once) that a method could not do what it was asked; generation stats carry it."""
         if message not in self.notes:
