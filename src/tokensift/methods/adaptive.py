@@ -109,10 +109,11 @@ class Adaptive(EvictionMethod):
         self.method.observe(layer, query, colsum, scale)
         if not self.method.should_compress(layer, query):
             return
-        scores = self.method.token_scores(layer, query, scale, self.tokens)
+        budget = self.method.layer_tokens(layer)
+        scores = self.method.token_scores(layer, query, scale, budget)
         if scores is None:
             return
         if scores.shape[0] != 1:
             raise TokensiftError("head-adaptive budgets support batch size 1")
-        index = adaptive_selection(scores[0], self.tokens, self.alpha)
+        index = adaptive_selection(scores[0], budget, self.alpha)
         layer.cache.replace_layer(RaggedLayer.from_selection(layer, index))

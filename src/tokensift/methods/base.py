@@ -131,9 +131,13 @@ class EvictionMethod(Method):
     ) -> None:
         """Accumulate per-token state from this forward (e.g. H2O's attention sums)."""
 
+    def layer_tokens(self, layer: TokenLayer) -> int:
+        """This layer's budget (layer-adaptive methods override it)."""
+        return self.tokens
+
     def should_compress(self, layer: TokenLayer, query: torch.Tensor) -> bool:
         """Continuous eviction by default: whenever the layer holds more than the budget."""
-        return layer.n > self.tokens
+        return layer.n > self.layer_tokens(layer)
 
     def token_scores(
         self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int
@@ -148,7 +152,7 @@ class EvictionMethod(Method):
         """After this layer's attention: observe, then keep at most the budget."""
         self.observe(layer, query, colsum, scale)
         if self.should_compress(layer, query):
-            self.evict_to(layer, query, scale, self.tokens)
+            self.evict_to(layer, query, scale, self.layer_tokens(layer))
 
     def evict_to(self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int) -> None:
         if layer.n <= budget:

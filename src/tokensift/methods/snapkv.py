@@ -81,7 +81,7 @@ class SnapKV(EvictionMethod):
 
     def should_compress(self, layer: TokenLayer, query: torch.Tensor) -> bool:
         # One-shot: after multi-token forwards (the prompt, or a chunk of it); decoding appends.
-        return query.shape[2] > 1 and layer.n > self.tokens
+        return query.shape[2] > 1 and layer.n > self.layer_tokens(layer)
 
     def token_scores(
         self, layer: TokenLayer, query: torch.Tensor, scale: float, budget: int

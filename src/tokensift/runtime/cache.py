@@ -262,6 +262,13 @@ class TokenCache(Cache):
         from tokensift.runtime.plan import Plan
 
         hf_model = getattr(model, "model", model) if not isinstance(model, torch.nn.Module) else model
+        # The loaded-model handle: methods with calibration artefacts look them up by it.
+        if isinstance(model, torch.nn.Module):
+            from tokensift.models import Model
+
+            name = getattr(hf_model.config, "_name_or_path", "") or hf_model.config.model_type
+            model = Model(name=name, model=hf_model, tokenizer=None, source="in-memory")
+        self.handle = model
         config = hf_model.config.get_text_config(decoder=True)
         _check_supported(config)
         self.plan = plan if isinstance(plan, Plan) else Plan.of(plan)

@@ -268,7 +268,7 @@ def generate(
     check_context(model, len(ids) + len(question_ids), max_new_tokens)
 
     with torch.inference_mode():
-        cache = TokenCache(model.model, plan, prompt_tokens=len(ids))
+        cache = TokenCache(model, plan, prompt_tokens=len(ids))
         cache.shared["max_new_tokens"] = max_new_tokens
         decoding = Decoding(
             model,
