@@ -43,11 +43,12 @@ def tokensift_attention(
         PENDING.set(None)
         if layer.index != getattr(module, "layer_idx", layer.index):
             raise RuntimeError(f"cache layer {layer.index} does not match attention layer {module.layer_idx}")
-    out = (
-        dense_attention(query, key, value, scale)
-        if layer is None
-        else run_layer(layer, query, key, value, scale)
-    )
+    if layer is None:
+        out = dense_attention(query, key, value, scale)
+    else:
+        if layer.cache.observer is not None:
+            layer.cache.observer(module, layer, query, key, value, scale)
+        out = run_layer(layer, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
 
 
