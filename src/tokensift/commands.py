@@ -38,19 +38,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="run tasks x methods x lengths; resumable")
-    p.add_argument("--preset", help="a named configuration (demo)")
+    p.add_argument("--suite", help="a named configuration: demo, ruler-lite or full (options override it)")
+    p.add_argument("--preset", help="the older name of --suite")
     p.add_argument("--model", default=None)
-    p.add_argument("--tasks", help="comma list of tasks (passkey, niah_single, perplexity, ...)")
+    p.add_argument(
+        "--tasks", help="comma list of tasks (niah_single_1, vt, nt_single:unit=chars, ...); see --list-tasks"
+    )
+    p.add_argument("--list-tasks", action="store_true", help="list the tasks and suites, then exit")
     p.add_argument("--methods", help="comma list of NAME[:key=value,...] (';' also separates)")
     p.add_argument("--lengths", help="comma list of prompt lengths in tokens: 1k,2k,4096")
     p.add_argument("--depths", help="comma list of needle depths in [0, 1] (default 0.1,0.5,0.9)")
-    p.add_argument("--samples", type=int, help="samples per length and depth (default 3)")
+    p.add_argument(
+        "--samples", type=int, help="samples per task and length, per depth for depth-swept tasks (default 3)"
+    )
+    p.add_argument(
+        "--depth-samples", type=int, help="samples per depth for depth-swept tasks (default: --samples)"
+    )
     p.add_argument("--seed", type=int, help="base seed for task generation (default 0)")
-    p.add_argument("--out", type=Path, required=True, help="output directory (rerun to resume)")
+    p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("report", help="rebuild summary.md and plots from DIR/results.jsonl")
+    p = sub.add_parser("report", help="rebuild summary.md, report.html and plots from DIR/results.jsonl")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_report)
 
@@ -170,20 +179,27 @@ def split_methods(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tokensift.bench.config import BenchConfig
     from tokensift.bench.report import summary_table, write_report
-    from tokensift.bench.runner import PRESETS, BenchConfig, run_bench
+    from tokensift.bench.runner import run_bench
+    from tokensift.bench.suites import get_suite
 
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise TokensiftError(f"unknown preset {args.preset!r}: known presets are {', '.join(PRESETS)}")
-        config = dataclasses.replace(PRESETS[args.preset])
+    if args.list_tasks:
+        return _list_tasks()
+    if args.out is None:
+        raise TokensiftError("bench needs --out DIR (rerun with the same DIR to resume)")
+    if args.suite and args.preset and args.suite != args.preset:
+        raise TokensiftError("give --suite or --preset, not both")
+    suite = args.suite or args.preset
+    if suite:
+        config = get_suite(suite)
     else:
         missing = [n for n in ("tasks", "methods", "lengths") if getattr(args, n) is None]
         if missing:
-            raise TokensiftError(f"bench needs --{', --'.join(missing)} (or --preset)")
+            raise TokensiftError(f"bench needs --{', --'.join(missing)} (or --suite)")
         config = BenchConfig(tasks=[], methods=[], lengths=[])
     if args.tasks:
-        config.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        config.tasks = split_tasks(args.tasks)
     if args.methods:
         config.methods = split_methods(args.methods)
     if args.lengths:
@@ -192,6 +208,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.depths = parse_floats(args.depths, "depths")
     if args.samples is not None:
         config.samples = args.samples
+    if args.depth_samples is not None:
+        config.depth_samples = args.depth_samples
     if args.seed is not None:
         config.seed = args.seed
     if args.model:
@@ -199,7 +217,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(config, args.out, progress=not args.no_progress)
     summary = write_report(args.out)
     print(summary_table(rows))
-    print(f"\nwrote {args.out / 'results.jsonl'} and {summary} (+ plots)")
+    print(f"\nwrote {args.out / 'results.jsonl'}, {summary}, {args.out / 'report.html'} (+ plots)")
+    return 0
+
+
+def split_tasks(text: str) -> list[str]:
+    """Split a comma list of task specs: a comma starts a new task unless the piece is `key=value`
+    continuing the previous task's parameters (`nt_multiple:needles=2,placement=random,vt`)."""
+    parts: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if parts and ":" in parts[-1] and "=" in piece and ":" not in piece:
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece)
+    if not parts:
+        raise TokensiftError("--tasks is empty")
+    return parts
+
+
+def _list_tasks() -> int:
+    from tokensift.bench.suites import SUITES
+    from tokensift.bench.tasks import TASKS
+
+    for name, factory in TASKS.items():
+        task = factory()
+        print(f"{name:24s} {task.description}")
+        if task.source:
+            print(f"{'':24s} source: {task.source}")
+    print()
+    for name, config in SUITES.items():
+        print(f"suite {name}: {len(config.tasks)} tasks x {len(config.methods)} methods at {config.lengths}")
     return 0
 
 

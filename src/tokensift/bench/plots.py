@@ -1,4 +1,4 @@
-"""Plots where a picture beats a table: depth x length heatmaps and accuracy vs KV memory."""
+"""Plots where a picture beats a table: depth x length heatmaps, accuracy vs KV memory, Pareto fronts."""
 
 from __future__ import annotations
 
@@ -26,11 +26,15 @@ def _methods(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def depth_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """One figure per depth-swept accuracy task: a depth x length heatmap per method."""
+    """One figure per depth-swept accuracy task, a depth x length heatmap per method; with several such
+    tasks, first a figure averaging them all (the NIAH picture of the NIAH repository's notebook)."""
     paths = []
-    tasks = sorted({r["task"] for r in rows if r.get("depth") is not None and r["metric"] == "accuracy"})
-    for task in tasks:
-        sub = [r for r in rows if r["task"] == task]
+    swept = [r for r in rows if r.get("depth") is not None and r["metric"] == "accuracy"]
+    tasks = sorted({r["task"] for r in swept})
+    groups = [(task, [r for r in swept if r["task"] == task]) for task in tasks]
+    if len(tasks) > 1:
+        groups.insert(0, ("all depth-swept tasks", swept))
+    for task, sub in groups:
         methods = _methods(sub)
         depths = sorted({r["depth"] for r in sub})
         lengths = sorted({r["length"] for r in sub})
@@ -52,16 +56,15 @@ def depth_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                     ax.text(
                         j, i, "-" if value != value else f"{value:.2f}", ha="center", va="center", fontsize=8
                     )
-            ax.set_xticks(
-                range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths]
-            )
+            ax.set_xticks(range(len(lengths)), [_len_label(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{round(100 * d)}%" for d in depths])
             ax.set_title(method, fontsize=9)
             ax.set_xlabel("prompt tokens")
         axes[0][0].set_ylabel("needle depth")
         fig.suptitle(f"{task}: accuracy by depth and length")
         fig.tight_layout()
-        path = out / f"{task}_heatmap.png"
+        stem = "niah_all" if task == "all depth-swept tasks" else task.replace(":", "_").replace("=", "-")
+        path = out / f"{stem}_heatmap.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -73,8 +76,12 @@ def accuracy_vs_memory(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     tasks = sorted({r["task"] for r in rows if r["metric"] == "accuracy"})
     if not tasks:
         return []
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    cols = min(4, len(tasks))
+    nrows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(tasks) :]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
         sub = [r for r in rows if r["task"] == task]
         for method in _methods(sub):
             by_len: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -86,16 +93,89 @@ def accuracy_vs_memory(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ys = [mean(r["score"] for r in by_len[n]) for n in lengths]
             ax.plot(xs, ys, "o-", label=method)
             for x, y, n in zip(xs, ys, lengths, strict=True):
-                label = f"{n // 1024}k" if n % 1024 == 0 else str(n)
-                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("peak KV bytes held / dense KV bytes")
-        ax.set_ylabel("accuracy")
+                ax.annotate(_len_label(n), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("peak KV bytes held / dense", fontsize=8)
+        ax.set_ylabel("accuracy", fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title(task, fontsize=9)
+    fig.suptitle("accuracy vs KV memory, per task")
+    fig.tight_layout()
+    path = out / "accuracy_vs_kv.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _len_label(n: int) -> str:
+    if n == 0:
+        return "-"
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower x (cost) and higher y (accuracy), by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def method_points(rows: list[dict[str, Any]], cost: str) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per length, per method: (mean cost, macro-average accuracy over tasks) on the samples every method
+    has. `cost` is "kv" (peak KV bytes over dense) or "latency" (prefill + decode seconds per sample)."""
+    from tokensift.bench.report import common_samples
+
+    # Length-free tasks (CharBench: prompts of ~80 tokens) say nothing about KV cost: left out.
+    acc = common_samples([r for r in rows if r["metric"] == "accuracy" and r["length"] > 0])
+    out: dict[int, dict[str, tuple[float, float]]] = {}
+    for length in sorted({r["length"] for r in acc}):
+        at = [r for r in acc if r["length"] == length]
+        out[length] = {}
+        for method in _methods(at):
+            mine = [r for r in at if r["method"] == method]
+            per_task = defaultdict(list)
+            for r in mine:
+                per_task[r["task"]].append(r["score"])
+            y = mean(mean(v) for v in per_task.values())
+            if cost == "kv":
+                x = mean(r["kv_bytes_peak"] / r["kv_bytes_dense"] for r in mine)
+            else:
+                x = mean(r.get("prefill_seconds", 0.0) + r.get("decode_seconds", 0.0) for r in mine)
+            out[length][method] = (x, y)
+    return out
+
+
+def pareto_plot(rows: list[dict[str, Any]], out: Path, cost: str) -> list[Path]:
+    """Accuracy (mean over tasks) against KV memory or latency: a panel per length, the front drawn."""
+    points = method_points(rows, cost)
+    if not points:
+        return []
+    xlabel = "peak KV bytes held / dense" if cost == "kv" else "seconds per sample (prefill + decode)"
+    fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points), 3.8), squeeze=False)
+    for ax, (length, by_method) in zip(axes[0], points.items(), strict=True):
+        names = list(by_method)
+        xy = [by_method[m] for m in names]
+        for i, (name, (x, y)) in enumerate(zip(names, xy, strict=True)):
+            ax.scatter([x], [y], s=40, color=f"C{i}", label=name, zorder=3)
+        front = pareto_front(xy)
+        ax.step(
+            [xy[i][0] for i in front], [xy[i][1] for i in front], where="post", color="0.4", lw=1, zorder=2
+        )
+        ax.set_title(f"{_len_label(length)} tokens", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("accuracy (mean over tasks)", fontsize=8)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title(f"{task}: accuracy vs KV memory")
+    title = "KV memory" if cost == "kv" else "latency"
+    fig.suptitle(f"accuracy vs {title}: the line joins the Pareto-optimal methods")
     fig.tight_layout()
-    path = out / "accuracy_vs_kv.png"
-    fig.savefig(path, dpi=110)
+    path = out / f"pareto_{cost}.png"
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]

@@ -1,4 +1,4 @@
-"""summary.md and plots from results.jsonl (rebuildable at any time with `tokensift report DIR`)."""
+"""summary.md, report.html and plots from results.jsonl (rebuildable any time: `tokensift report DIR`)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+import numpy as np
+
 from tokensift.bench.results import read_rows
 from tokensift.errors import TokensiftError
 
 
-def _fmt_len(n: int) -> str:
+def fmt_len(n: int) -> str:
+    if n == 0:
+        return "-"  # length-free tasks (CharBench)
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
@@ -22,8 +26,23 @@ def _mean(values: list[float]) -> float:
     return mean(values) if values else float("nan")
 
 
+def scored(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that produced a score (runs a method refused carry an `error` instead)."""
+    return [r for r in rows if not r.get("error")]
+
+
+def failures(rows: list[dict[str, Any]]) -> list[str]:
+    """One note per (task, method, error message) of the runs that failed."""
+    groups: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in rows:
+        if r.get("error"):
+            groups[(r["task"], r["method"], r["error"])] += 1
+    return [f"{t} under {m}: {n} run(s) failed: {e}" for (t, m, e), n in groups.items()]
+
+
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One line per (task, method, length): score, KV held vs dense, prefill and decode speed."""
+    rows = scored(rows)
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
     order: list[str] = []
     for row in rows:
@@ -62,24 +81,202 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         score = f"{100 * a['score']:.1f}%" if a["metric"] == "accuracy" else f"ppl {a['score']:.2f}"
         flag = "" if a["applied"] else " (no-op)"
         lines.append(
-            f"| {a['task']} | {a['method']}{flag} | {_fmt_len(a['length'])} | {a['n']} | {score} | "
+            f"| {a['task']} | {a['method']}{flag} | {fmt_len(a['length'])} | {a['n']} | {score} | "
             f"{a['kv_ratio']:.3f} | {a['kv_mib']:.1f} | {a['prefill_seconds']:.2f} | {a['decode_tps']:.1f} |"
         )
     return "\n".join(lines)
 
 
+def bootstrap_ci(values: list[float], rng: np.random.Generator, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean (seeded: the same rows give the same interval)."""
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    data = np.asarray(values, dtype=float)
+    means = data[rng.integers(0, len(data), size=(resamples, len(data)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _sample_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["model"], row["task"], row["length"], row.get("depth"), row["index"], row["seed"])
+
+
+def accuracy_table(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Per (task, length, method): mean score with a bootstrap 95% interval, and the paired difference
+    to dense on the same samples with its own interval (None where the run has no dense rows)."""
+    rows = scored(rows)
+    rng = np.random.default_rng(seed)
+    dense = {_sample_key(r): r["score"] for r in rows if r.get("method_spec", r["method"]) == "dense"}
+    out = []
+    for a in aggregate(rows):
+        group = [
+            r for r in rows if (r["task"], r["method"], r["length"]) == (a["task"], a["method"], a["length"])
+        ]
+        scores = [r["score"] for r in group]
+        lo, hi = bootstrap_ci(scores, rng)
+        pairs = [(r["score"], dense[_sample_key(r)]) for r in group if _sample_key(r) in dense]
+        entry = {**a, "ci": (lo, hi), "delta": None, "delta_ci": None, "paired": len(pairs)}
+        if pairs and a["method"] != "dense":
+            diffs = [x - d for x, d in pairs]
+            entry["delta"] = mean(diffs)
+            entry["delta_ci"] = bootstrap_ci(diffs, rng)
+        out.append(entry)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    return sorted(out, key=lambda e: (e["task"], e["length"], methods.index(e["method"])))
+
+
+def common_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the samples that every method of their length has a score for, so averages over
+    tasks compare methods on the same samples (a run still in progress, or a refused run, leaves gaps)."""
+    methods: dict[int, set[str]] = defaultdict(set)
+    have: dict[tuple[Any, ...], set[str]] = defaultdict(set)
+    for r in rows:
+        methods[r["length"]].add(r["method"])
+        have[_sample_key(r)].add(r["method"])
+    return [r for r in rows if have[_sample_key(r)] == methods[r["length"]]]
+
+
+def method_means(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """RULER-style average: per (method, length), the mean of the per-task accuracies over the samples
+    every method has, with a stratified bootstrap interval (samples resampled within each task; none
+    when a task has a single sample)."""
+    rows = common_samples(scored(rows))
+    rng = np.random.default_rng(seed)
+    acc = [r for r in rows if r["metric"] == "accuracy"]
+    cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    order: list[str] = []
+    for r in acc:
+        cells[(r["method"], r["length"])][r["task"]].append(r["score"])
+        if r["method"] not in order:
+            order.append(r["method"])
+    out = []
+    for (method, length), per_task in sorted(cells.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
+        value = mean(mean(v) for v in per_task.values())
+        boot = np.zeros(2000)
+        for v in per_task.values():
+            data = np.asarray(v, dtype=float)
+            boot += data[rng.integers(0, len(data), size=(2000, len(data)))].mean(axis=1)
+        boot /= len(per_task)
+        single = min(len(v) for v in per_task.values()) < 2
+        out.append(
+            {
+                "method": method,
+                "length": length,
+                "tasks": len(per_task),
+                "score": value,
+                "ci": (
+                    (float("nan"), float("nan"))
+                    if single
+                    else (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+                ),
+            }
+        )
+    return out
+
+
+def fmt_pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def fmt_interval(ci: tuple[float, float] | None) -> str:
+    if ci is None or ci[0] != ci[0]:
+        return "-"
+    return f"[{fmt_pct(ci[0])}, {fmt_pct(ci[1])}]"
+
+
+def fmt_score(metric: str, value: float) -> str:
+    return f"{100 * value:.1f}%" if metric == "accuracy" else f"ppl {value:.2f}"
+
+
+def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | length | method | n | score | 95% CI | Δ vs dense | 95% CI of Δ |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in accuracy_table(rows):
+        scale = e["metric"] == "accuracy"
+        ci = fmt_interval(e["ci"]) if scale else "-"
+        delta = "-" if e["delta"] is None else (f"{100 * e['delta']:+.1f}" if scale else f"{e['delta']:+.2f}")
+        dci = fmt_interval(e["delta_ci"]) if scale and e["delta_ci"] else "-"
+        lines.append(
+            f"| {e['task']} | {fmt_len(e['length'])} | {e['method']} | {e['n']} | "
+            f"{fmt_score(e['metric'], e['score'])} | {ci} | {delta} | {dci} |"
+        )
+    return "\n".join(lines)
+
+
+def method_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| length | method | tasks | mean accuracy | 95% CI |", "|---|---|---|---|---|"]
+    for m in method_means(rows):
+        lines.append(
+            f"| {fmt_len(m['length'])} | {m['method']} | {m['tasks']} | {fmt_pct(m['score'])}% | "
+            f"{fmt_interval(m['ci'])} |"
+        )
+    return "\n".join(lines)
+
+
+def charbench_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CharBench accuracy by the queried word's token count (and by the length of the token holding the
+    queried position), per task and method: the paper's tokenisation analysis in table form."""
+    rows = scored(rows)
+    out = []
+    feats = [r for r in rows if isinstance(r.get("features"), dict)]
+    for feature in ("n_tokens", "target_token_length"):
+        groups: dict[tuple[str, str, Any], list[float]] = defaultdict(list)
+        for r in feats:
+            value = r["features"].get(feature)
+            if value is not None:
+                groups[(r["task"], r["method"], value)].append(r["score"])
+        for (task, method, value), scores in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
+        ):
+            out.append(
+                {
+                    "feature": feature,
+                    "task": task,
+                    "method": method,
+                    "value": value,
+                    "n": len(scores),
+                    "accuracy": mean(scores),
+                }
+            )
+    return out
+
+
+def run_metadata(directory: Path) -> dict[str, Any]:
+    path = directory / "meta.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def task_sources(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each task's origin and substitutions, from the task registry (tasks no longer known: blank)."""
+    from tokensift.bench.tasks import get_task
+
+    out = {}
+    for name in dict.fromkeys(r["task"] for r in rows):
+        try:
+            task = get_task(name)
+        except TokensiftError:
+            out[name] = ""
+            continue
+        out[name] = f"{task.description}. Source: {task.source}" if task.source else task.description
+    return out
+
+
 def write_report(directory: Path) -> Path:
-    """Write summary.md and the PNG plots next to results.jsonl; returns the summary path."""
-    from tokensift.bench.plots import accuracy_vs_memory, depth_heatmaps
+    """Write summary.md, report.html and the PNG plots next to results.jsonl; returns the summary path."""
+    from tokensift.bench.html_report import write_html
+    from tokensift.bench.plots import accuracy_vs_memory, depth_heatmaps, pareto_plot
 
     results = directory / "results.jsonl"
-    rows = read_rows(results)
+    every = read_rows(results)
+    rows = scored(every)
     if not rows:
-        raise TokensiftError(f"no results in {results}")
-    meta_path = directory / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    plots = depth_heatmaps(rows, directory) + accuracy_vs_memory(rows, directory)
-    notes = sorted({n for a in aggregate(rows) for n in a["notes"]})
+        raise TokensiftError(f"no scored results in {results}")
+    meta = run_metadata(directory)
+    heatmaps = depth_heatmaps(rows, directory)
+    pareto = pareto_plot(rows, directory, "kv") + pareto_plot(rows, directory, "latency")
+    per_task = accuracy_vs_memory(rows, directory)
+    notes = failures(every) + sorted({n for a in aggregate(rows) for n in a["notes"]})
     parts = ["# tokensift bench", ""]
     if meta:
         last = meta["runs"][-1]
@@ -94,18 +291,40 @@ def write_report(directory: Path) -> Path:
             "",
         ]
     parts += [
-        "Score: accuracy (passkey: first integer equals the key; niah_single: RULER string_match_all) or "
-        "perplexity. KV held / dense: peak bytes of the K/V tensors the cache actually held, over what a "
-        "dense cache holds for the same tokens. Decode tok/s excludes the first token (it comes from "
-        "prefill).",
+        "Score: accuracy with each benchmark's own scorer (RULER string_match_all, InfiniteBench/LongBench "
+        "number matching, exact match for Needle Threading and CharBench) or perplexity. KV held / dense: "
+        "peak bytes of the K/V tensors the cache actually held, over what a dense cache holds for the "
+        "same tokens. Decode tok/s excludes the first token (it comes from prefill).",
         "",
         summary_table(rows),
         "",
+        "## Accuracy with bootstrap 95% intervals and paired differences to dense",
+        "",
+        "Δ is the mean per-sample difference to dense on the same samples, in points.",
+        "",
+        accuracy_markdown(rows),
+        "",
+        "## Mean over tasks (each task weighted equally, as RULER averages)",
+        "",
+        method_markdown(rows),
+        "",
+        "## Tasks",
+        "",
     ]
+    parts += [f"- `{name}`: {text}" for name, text in task_sources(rows).items()] + [""]
     if notes:
         parts += ["Notes (methods that could not apply are marked no-op):", ""]
         parts += [f"- {n}" for n in notes] + [""]
-    parts += [f"![{p.stem}]({p.name})" for p in plots]
+    parts += [f"![{p.stem}]({p.name})" for p in heatmaps + pareto + per_task]
     path = directory / "summary.md"
     path.write_text("\n".join(parts) + "\n")
+    write_html(
+        directory / "report.html",
+        rows,
+        meta,
+        notes=notes,
+        heatmaps=heatmaps,
+        pareto=pareto,
+        per_task=per_task,
+    )
     return path

@@ -7,56 +7,24 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from tokensift.bench.config import DEFAULT_DEPTHS, BenchConfig
 from tokensift.bench.results import append_row, read_rows, row_key
-from tokensift.bench.tasks import Task, get_task
+from tokensift.bench.suites import SUITES
+from tokensift.bench.tasks import Sample, Task, get_task
 from tokensift.errors import TokensiftError
-from tokensift.models import DEFAULT_MODEL, Model, load
+from tokensift.models import Model, load
 from tokensift.runtime.generate import encode
 from tokensift.runtime.plan import Plan
 
-DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
-
-
-@dataclass
-class BenchConfig:
-    tasks: list[str]
-    methods: list[str]
-    lengths: list[int]
-    model: str = DEFAULT_MODEL
-    samples: int = 3
-    seed: int = 0
-    depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
-
-    def validate(self) -> None:
-        if not self.tasks or not self.methods or not self.lengths:
-            raise TokensiftError("bench needs at least one task, one method and one length")
-        if self.samples < 1:
-            raise TokensiftError(f"--samples must be >= 1, got {self.samples}")
-        bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
-        if bad:
-            raise TokensiftError(f"depths must lie in [0, 1], got {bad}")
-        for task in self.tasks:
-            get_task(task)
-        for method in self.methods:
-            Plan.of(method)
-
-
-PRESETS: dict[str, BenchConfig] = {
-    "demo": BenchConfig(
-        tasks=["passkey"],
-        methods=["dense", "streaming_llm:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25"],
-        lengths=[2048, 4096],
-        samples=3,
-        depths=[0.1, 0.5, 0.9],
-    ),
-}
+PRESETS: dict[str, BenchConfig] = SUITES  # the older name of the suites
+__all__ = ["DEFAULT_DEPTHS", "PRESETS", "BenchConfig", "environment", "run_bench", "token_counter"]
 
 
 def token_counter(model: Model):
@@ -114,29 +82,49 @@ def run_bench(
     rows = read_rows(results, repair=True)
     done = {row_key(r) for r in rows}
     model = model or load(config.model)
-    for length in config.lengths:
-        if length >= model.context_length > 0:
-            raise TokensiftError(
-                f"length {length} does not fit {model.name}'s context of {model.context_length}"
-            )
+    tasks = [get_task(name) for name in config.tasks]
+    for task in tasks:
+        for length in _lengths(task, config):
+            if _in_tokens(task) and length >= model.context_length > 0:
+                raise TokensiftError(
+                    f"length {length} does not fit {model.name}'s context of {model.context_length}"
+                )
     _write_meta(out, config, model)
 
     plans = {m: Plan.of(m) for m in config.methods}
     count = token_counter(model)
-    jobs: list[tuple[Task, Any, str]] = []
-    for task_name in config.tasks:
-        task = get_task(task_name)
-        for length in config.lengths:
-            for sample in task.samples(count, length, config.samples, config.seed, config.depths):
-                for label, plan in plans.items():
-                    key = (model.name, task.name, plan.spec, length, sample.depth, sample.index, config.seed)
-                    if key not in done:
-                        jobs.append((task, sample, label))
+    grid = [(task, length) for task in tasks for length in _lengths(task, config)]
+    ranked: list[tuple[int, Task, Sample, str]] = []
+    building = tqdm(grid, desc="build", unit="cell", disable=not progress, dynamic_ncols=True)
+    for task, length in building:
+        building.set_postfix_str(f"{task.name} {length}", refresh=False)
+        n = config.samples_for(task.uses_depth)
+        for rank, sample in enumerate(task.samples(count, length, n, config.seed, config.depths)):
+            for label, plan in plans.items():
+                key = (
+                    model.name,
+                    task.name,
+                    plan.spec,
+                    sample.length,
+                    sample.depth,
+                    sample.index,
+                    config.seed,
+                )
+                if key not in done:
+                    ranked.append((rank, task, sample, label))
+    # Round-robin over the grid: a run stopped early still covers every task, length and method.
+    jobs = [(task, sample, label) for _, task, sample, label in sorted(ranked, key=lambda job: job[0])]
     bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     for task, sample, label in bar:
         bar.set_postfix_str(f"{task.name} {sample.length} {label}", refresh=False)
         t0 = time.perf_counter()
-        result = task.evaluate(model, plans[label], sample)
+        try:
+            result = task.evaluate(model, plans[label], sample)
+        except TokensiftError as exc:
+            # A method that refuses a sample (e.g. a budget below its window on a short CharBench prompt)
+            # fails that run only: recorded, reported, never retried, and the grid goes on.
+            tqdm.write(f"{task.name} {sample.length} {label}: {exc}")
+            result = {"prediction": "", "score": None, "error": str(exc)}
         row = {
             "model": model.name,
             "task": task.name,
@@ -148,6 +136,7 @@ def run_bench(
             "index": sample.index,
             "seed": config.seed,
             "answer": sample.answer,
+            "meta": sample.meta,
             **{k: v for k, v in result.items() if k != "method"},
             "method_resolved": result.get("method"),
             "wall_seconds": time.perf_counter() - t0,
@@ -155,6 +144,15 @@ def run_bench(
         append_row(results, row)
         rows.append(row)
     return rows
+
+
+def _lengths(task: Task, config: BenchConfig) -> list[int]:
+    return [0] if task.length_free else list(config.lengths)
+
+
+def _in_tokens(task: Task) -> bool:
+    """Whether a task's lengths are prompt tokens (Needle Threading may count characters instead)."""
+    return not task.length_free and getattr(task, "unit", "tokens") == "tokens"
 
 
 def _write_meta(out: Path, config: BenchConfig, model: Model) -> None:

@@ -1,27 +1,78 @@
-"""Evaluation tasks, one per file: each a seeded generator, a scorer and a one-line description."""
+"""Evaluation tasks, one file per family: each a seeded generator, a scorer and a one-line description.
+
+`get_task("name")` or `get_task("name:key=value,...")` for tasks that take parameters (for example
+`nt_single:unit=chars` sets a Needle Threading length in characters).
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from tokensift.bench.tasks.base import Sample, Task, TokenCounter
+from tokensift.bench.tasks.charbench import CHARBENCH
+from tokensift.bench.tasks.infinitebench import IbKvRetrieval, IbMathFind, IbNumberString, IbPasskey
+from tokensift.bench.tasks.needle_threading import NEEDLE_THREADING
 from tokensift.bench.tasks.niah_single import NiahSingle
+from tokensift.bench.tasks.passage_count import PassageCount
 from tokensift.bench.tasks.passkey import Passkey
 from tokensift.bench.tasks.perplexity import Perplexity
+from tokensift.bench.tasks.ruler_niah import RULER_NIAH
+from tokensift.bench.tasks.ruler_vt import VariableTracking
+from tokensift.bench.tasks.ruler_words import CommonWords, FrequentWords
 from tokensift.errors import TokensiftError
 
-TASKS: dict[str, Callable[[], Task]] = {
+TASKS: dict[str, Callable[..., Task]] = {
     "passkey": Passkey,
     "passkey_classic": lambda: Passkey(filler="classic"),
     "niah_single": NiahSingle,
     "perplexity": Perplexity,
+    **{cls.name: cls for cls in RULER_NIAH},
+    "vt": VariableTracking,
+    "cwe": CommonWords,
+    "fwe": FrequentWords,
+    **{cls.name: cls for cls in NEEDLE_THREADING},
+    **{cls.name: cls for cls in CHARBENCH},
+    "ib_passkey": IbPasskey,
+    "ib_number_string": IbNumberString,
+    "ib_kv_retrieval": IbKvRetrieval,
+    "ib_math_find": IbMathFind,
+    "passage_count": PassageCount,
 }
+RULER_TASKS = [cls.name for cls in RULER_NIAH] + ["vt", "cwe", "fwe"]
 
 
-def get_task(name: str) -> Task:
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def get_task(spec: str) -> Task:
+    """A task by name, optionally with parameters: `name:key=value,key=value`."""
+    name, _, params = spec.partition(":")
     if name not in TASKS:
         raise TokensiftError(f"unknown task {name!r}: known tasks are {', '.join(TASKS)}")
-    return TASKS[name]()
+    if not params:
+        return TASKS[name]()
+    kwargs: dict[str, int | float | str] = {}
+    for item in params.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise TokensiftError(f"bad task parameter {item!r} in {spec!r}: use name:key=value")
+        kwargs[key.strip()] = _value(value.strip())
+    factory = TASKS[name]
+    accepted = set(inspect.signature(factory).parameters)
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        known = ", ".join(sorted(accepted)) or "none"
+        raise TokensiftError(f"task {name!r} has no parameter {unknown[0]!r} (parameters: {known})")
+    task = factory(**kwargs)
+    task.name = f"{name}:" + ",".join(f"{k}={v}" for k, v in kwargs.items())
+    return task
 
 
-__all__ = ["TASKS", "Sample", "Task", "TokenCounter", "get_task"]
+__all__ = ["RULER_TASKS", "TASKS", "Sample", "Task", "TokenCounter", "get_task"]

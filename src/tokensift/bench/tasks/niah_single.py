@@ -30,6 +30,7 @@ class NiahSingle(Task):
     name = "niah_single"
     description = "RULER niah_single_1: recall the 7-digit number stored under a word key in noise"
     uses_depth: ClassVar[bool] = True
+    source = "RULER niah_single_1 with one-sentence haystack units (synthetic)"
 
     def build(
         self,

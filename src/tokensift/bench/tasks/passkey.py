@@ -45,6 +45,7 @@ class Passkey(Task):
     name = "passkey"
     description = "find a 5-digit pass key hidden at a given depth in filler text"
     uses_depth: ClassVar[bool] = True
+    source = "Landmark Attention / LongLoRA passkey (synthetic; varied filler unless filler=classic)"
 
     def __init__(self, filler: Literal["varied", "classic"] = "varied"):
         self.filler = filler

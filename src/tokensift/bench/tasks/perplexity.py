@@ -28,6 +28,7 @@ class Perplexity(Task):
     name = "perplexity"
     description = "perplexity over a Jane Austen window, chunked through the method's cache"
     metric = "perplexity"
+    source = "PG-19-style perplexity, substitute: Jane Austen's novels instead of PG-19"
 
     def __init__(self, chunk: int = 256):
         self.chunk = chunk
@@ -74,7 +75,7 @@ class Perplexity(Task):
         previous: torch.Tensor | None = None
         t0 = time.perf_counter()
         with torch.inference_mode():
-            cache = TokenCache(model.model, plan, prompt_tokens=len(ids))
+            cache = TokenCache(model, plan, prompt_tokens=len(ids))
             for s in range(0, len(ids), self.chunk):
                 x = tokens[:, s : s + self.chunk]
                 logits = forward(model, x, cache, last_only=False)[0].float()

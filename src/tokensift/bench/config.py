@@ -1,0 +1,49 @@
+"""What a bench run covers: tasks x methods x lengths x depths x samples, validated before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokensift.errors import TokensiftError
+from tokensift.models import DEFAULT_MODEL
+
+DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
+
+
+@dataclass
+class BenchConfig:
+    """A bench grid. `samples` per (task, length), per depth for depth-swept tasks unless
+    `depth_samples` is set (then depth-swept tasks get that many per depth instead)."""
+
+    tasks: list[str]
+    methods: list[str]
+    lengths: list[int]
+    model: str = DEFAULT_MODEL
+    samples: int = 3
+    seed: int = 0
+    depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
+    depth_samples: int | None = None
+    suite: str | None = None
+
+    def validate(self) -> None:
+        from tokensift.bench.tasks import get_task
+        from tokensift.runtime.plan import Plan
+
+        if not self.tasks or not self.methods or not self.lengths:
+            raise TokensiftError("bench needs at least one task, one method and one length")
+        if self.samples < 1:
+            raise TokensiftError(f"--samples must be >= 1, got {self.samples}")
+        if self.depth_samples is not None and self.depth_samples < 1:
+            raise TokensiftError(f"depth_samples must be >= 1, got {self.depth_samples}")
+        bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
+        if bad:
+            raise TokensiftError(f"depths must lie in [0, 1], got {bad}")
+        for task in self.tasks:
+            get_task(task)
+        for method in self.methods:
+            Plan.of(method)
+
+    def samples_for(self, uses_depth: bool) -> int:
+        if uses_depth and self.depths and self.depth_samples is not None:
+            return self.depth_samples
+        return self.samples

@@ -1,0 +1,59 @@
+"""Named bench suites for `tokensift bench --suite NAME` (`--preset` is the older name)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tokensift.bench.config import BenchConfig
+from tokensift.bench.tasks import RULER_TASKS, TASKS
+from tokensift.errors import TokensiftError
+
+BASELINES = ["dense", "streaming_llm:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25"]
+# Ten needle depths, one sample each: the depth x length heatmap and ten samples per task and length.
+TEN_DEPTHS = [round(i / 9, 3) for i in range(10)]
+
+SUITES: dict[str, BenchConfig] = {
+    # The quick look of `make demo`: passkey at three depths under four methods.
+    "demo": BenchConfig(
+        tasks=["passkey"],
+        methods=list(BASELINES),
+        lengths=[2048, 4096],
+        samples=3,
+        depths=[0.1, 0.5, 0.9],
+        suite="demo",
+    ),
+    # Every RULER task we can build offline (11 of 13: the QA pair needs SQuAD/HotpotQA downloads) at
+    # 2k and 4k, 10 samples each; depth-swept tasks spread their 10 samples over 10 depths.
+    "ruler-lite": BenchConfig(
+        tasks=list(RULER_TASKS),
+        methods=["dense", "snapkv:budget=0.25"],
+        lengths=[2048, 4096],
+        samples=10,
+        depths=list(TEN_DEPTHS),
+        depth_samples=1,
+        suite="ruler-lite",
+    ),
+    # Every task family at 1k, 2k and 4k under the four baseline methods. Hours on 2 CPU cores.
+    "full": BenchConfig(
+        tasks=[t for t in TASKS if t != "passkey_classic"],
+        methods=list(BASELINES),
+        lengths=[1024, 2048, 4096],
+        samples=10,
+        depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        depth_samples=2,
+        suite="full",
+    ),
+}
+
+
+def get_suite(name: str) -> BenchConfig:
+    """A fresh copy of a suite's configuration (safe to modify)."""
+    if name not in SUITES:
+        raise TokensiftError(f"unknown suite {name!r}: known suites are {', '.join(SUITES)}")
+    return dataclasses.replace(
+        SUITES[name],
+        tasks=list(SUITES[name].tasks),
+        methods=list(SUITES[name].methods),
+        lengths=list(SUITES[name].lengths),
+        depths=list(SUITES[name].depths),
+    )
