@@ -107,3 +107,38 @@ def test_report_from_fixture(tmp_path: Path) -> None:
     assert (tmp_path / "accuracy_vs_kv.png").stat().st_size > 1000
     agg = aggregate(rows)
     assert [a["method"] for a in agg][:2] == ["dense", "dense"]
+
+
+def test_shared_prefill_and_protocols(tmp_path: Path, small_real_tokenizer_model: tokensift.Model) -> None:
+    def config(**kw: object) -> BenchConfig:
+        return BenchConfig(
+            tasks=["passkey"],
+            methods=[
+                "dense",
+                "snapkv:budget=0.5,window_size=8",
+                "streaming_llm:budget=0.5",
+                "h2o:budget=0.5",
+            ],
+            lengths=[256],
+            samples=1,
+            depths=[0.5],
+            **kw,
+        )
+
+    shared = run_bench(config(), tmp_path / "shared", progress=False, model=small_real_tokenizer_model)
+    own = run_bench(
+        config(share_prefill=False), tmp_path / "own", progress=False, model=small_real_tokenizer_model
+    )
+    for a, b in zip(shared, own, strict=True):
+        assert a["prediction"] == b["prediction"] and a["kv_bytes_peak"] == b["kv_bytes_peak"], a["method"]
+        assert ("shared_prefill_seconds" in a["counters"]) == (a["method"] != "h2o:budget=0.5")
+        assert "shared_prefill_seconds" not in b["counters"]
+    agnostic = run_bench(
+        config(protocol="query-agnostic"),
+        tmp_path / "shared",
+        progress=False,
+        model=small_real_tokenizer_model,
+    )
+    new = [r for r in agnostic if r["protocol"] == "query-agnostic"]
+    assert len(new) == 4 and all(r["method"].endswith("[query-agnostic]") for r in new)
+    assert all(r["counters"]["question_tokens"] > 0 for r in new)

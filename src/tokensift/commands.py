@@ -55,6 +55,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--depth-samples", type=int, help="samples per depth for depth-swept tasks (default: --samples)"
     )
     p.add_argument("--seed", type=int, help="base seed for task generation (default 0)")
+    p.add_argument(
+        "--protocol",
+        choices=["query-aware", "query-agnostic"],
+        help="query-aware (default): methods compress the whole prompt; query-agnostic: the context "
+        "alone, with the question appended afterwards",
+    )
+    p.add_argument(
+        "--no-shared-prefill",
+        action="store_true",
+        help="run every method's own prefill even where it is exact dense attention (slower)",
+    )
     p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_bench)
@@ -165,12 +176,14 @@ def parse_floats(text: str, what: str) -> list[float]:
 
 
 def split_methods(text: str) -> list[str]:
-    """Split a comma list of method specs: a comma starts a new method only before `name[:+]`."""
+    """Split a comma list of method specs: a comma starts a new method only before `name[:+(]`, and
+    never inside a wrapper's parentheses."""
     from tokensift.methods import REGISTRY
+    from tokensift.methods.spec import split_top_level
 
     parts: list[str] = []
-    for piece in text.replace(";", ",").split(","):
-        head = re.split(r"[:+]", piece.strip(), maxsplit=1)[0]
+    for piece in split_top_level(text.replace(";", ","), ","):
+        head = re.split(r"[:+(]", piece.strip(), maxsplit=1)[0]
         if not parts or (head in REGISTRY and "=" not in piece.split(":")[0]):
             parts.append(piece.strip())
         else:
@@ -214,6 +227,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.seed = args.seed
     if args.model:
         config.model = args.model
+    if args.protocol:
+        config.protocol = args.protocol
+    if args.no_shared_prefill:
+        config.share_prefill = False
     rows = run_bench(config, args.out, progress=not args.no_progress)
     summary = write_report(args.out)
     print(summary_table(rows))

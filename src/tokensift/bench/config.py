@@ -8,6 +8,8 @@ from tokensift.errors import TokensiftError
 from tokensift.models import DEFAULT_MODEL
 
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
+# query-aware: methods compress the whole prompt; query-agnostic: the context alone, question after.
+PROTOCOLS = ("query-aware", "query-agnostic")
 
 
 @dataclass
@@ -24,6 +26,8 @@ class BenchConfig:
     depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
     depth_samples: int | None = None
     suite: str | None = None
+    protocol: str = "query-aware"
+    share_prefill: bool = True
 
     def validate(self) -> None:
         from tokensift.bench.tasks import get_task
@@ -35,6 +39,8 @@ class BenchConfig:
             raise TokensiftError(f"--samples must be >= 1, got {self.samples}")
         if self.depth_samples is not None and self.depth_samples < 1:
             raise TokensiftError(f"depth_samples must be >= 1, got {self.depth_samples}")
+        if self.protocol not in PROTOCOLS:
+            raise TokensiftError(f"unknown protocol {self.protocol!r}: use {' or '.join(PROTOCOLS)}")
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:
             raise TokensiftError(f"depths must lie in [0, 1], got {bad}")

@@ -12,7 +12,8 @@ KEY_FIELDS = ("model", "task", "method_spec", "length", "depth", "index", "seed"
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(row.get(f) for f in KEY_FIELDS)
+    # Rows written before protocols existed were query-aware.
+    return (*(row.get(f) for f in KEY_FIELDS), row.get("protocol") or "query-aware")
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:

@@ -20,8 +20,9 @@ from tokensift.bench.suites import SUITES
 from tokensift.bench.tasks import Sample, Task, get_task
 from tokensift.errors import TokensiftError
 from tokensift.models import Model, load
-from tokensift.runtime.generate import encode
+from tokensift.runtime.generate import encode, encode_split
 from tokensift.runtime.plan import Plan
+from tokensift.runtime.shared_prefill import SharedPrefill, shareable
 
 PRESETS: dict[str, BenchConfig] = SUITES  # the older name of the suites
 __all__ = ["DEFAULT_DEPTHS", "PRESETS", "BenchConfig", "environment", "run_bench", "token_counter"]
@@ -109,17 +110,20 @@ def run_bench(
                     sample.depth,
                     sample.index,
                     config.seed,
+                    config.protocol,
                 )
                 if key not in done:
                     ranked.append((rank, task, sample, label))
     # Round-robin over the grid: a run stopped early still covers every task, length and method.
     jobs = [(task, sample, label) for _, task, sample, label in sorted(ranked, key=lambda job: job[0])]
+    sharing = _SharedPrefills(model, config, plans, jobs)
     bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     for task, sample, label in bar:
         bar.set_postfix_str(f"{task.name} {sample.length} {label}", refresh=False)
         t0 = time.perf_counter()
         try:
-            result = task.evaluate(model, plans[label], sample)
+            shared = sharing.get(task, sample, label)
+            result = task.evaluate(model, plans[label], sample, config.protocol, shared)
         except TokensiftError as exc:
             # A method that refuses a sample (e.g. a budget below its window on a short CharBench prompt)
             # fails that run only: recorded, reported, never retried, and the grid goes on.
@@ -129,8 +133,10 @@ def run_bench(
             "model": model.name,
             "task": task.name,
             "metric": task.metric,
-            "method": label,
+            # Reports group by this label, so the protocol shows wherever the method does.
+            "method": label if config.protocol == "query-aware" else f"{label} [query-agnostic]",
             "method_spec": plans[label].spec,
+            "protocol": config.protocol,
             "length": sample.length,
             "depth": sample.depth,
             "index": sample.index,
@@ -144,6 +150,34 @@ def run_bench(
         append_row(results, row)
         rows.append(row)
     return rows
+
+
+class _SharedPrefills:
+    """One prefill per sample for all of its pending plans whose prefill is exact (see shared_prefill).
+
+    Jobs of one sample are adjacent, so only the current sample's prefill is kept.
+    """
+
+    def __init__(self, model: Model, config: BenchConfig, plans: dict[str, Plan], jobs: list) -> None:
+        self.model, self.protocol = model, config.protocol
+        self.enabled = config.share_prefill
+        self.shareable = {label: shareable(plan) for label, plan in plans.items()}
+        self.users: dict[int, int] = {}
+        for task, sample, label in jobs:
+            if task.generative and self.shareable[label]:
+                self.users[id(sample)] = self.users.get(id(sample), 0) + 1
+        self.current: tuple[int, SharedPrefill] | None = None
+
+    def get(self, task: Task, sample: Sample, label: str) -> SharedPrefill | None:
+        if not (
+            self.enabled and task.generative and self.shareable[label] and self.users.get(id(sample), 0) > 1
+        ):
+            return None
+        if self.current is None or self.current[0] != id(sample):
+            text, question = task.protocol_prompt(sample, self.protocol)
+            ids = encode_split(self.model, text, question, answer_prefix=sample.answer_prefix)[0]
+            self.current = (id(sample), SharedPrefill.run(self.model, ids))
+        return self.current[1]
 
 
 def _lengths(task: Task, config: BenchConfig) -> list[int]:

@@ -16,6 +16,7 @@ from tokensift.methods.base import Method
 from tokensift.models import Model, load
 from tokensift.runtime.cache import TokenCache
 from tokensift.runtime.plan import Plan
+from tokensift.runtime.shared_prefill import SharedPrefill, shareable
 
 Prompt = str | Sequence[int]
 MethodSpec = Plan | str | Method | Sequence[Method] | None
@@ -245,13 +246,16 @@ def generate(
     return_logits: bool = False,
     ignore_eos: bool = False,
     question: str | None = None,
+    shared: SharedPrefill | None = None,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
     With `question`, `prompt` is a context that is prefilled and compressed on its own; the question
     (and answer prefix) is appended afterwards without eviction, so window-based scorers cannot see
     it (the query-agnostic protocol). Fractional budgets are then fractions of the context.
-    `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements).
+    `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements). `shared` is a prefill
+    of the same prompt run once for several plans (see `shared_prefill`); its time is counted in
+    `prefill_seconds`, plus this plan's own compression.
     """
     if isinstance(model, str):
         model = load(model)
@@ -281,10 +285,16 @@ def generate(
             [s for s in stop if s],
             ignore_eos,
             return_logits,
-            prompt=ids,
+            prompt=ids + question_ids,
         )
         t0 = time.perf_counter()
-        logits = decoding.forward(ids, last_only=True)[-1]
+        if shared is not None:
+            if shared.ids != ids or not shareable(cache.plan):
+                raise TokensiftError(f"a shared prefill cannot serve {cache.plan.spec} on this prompt")
+            logits = shared.fill(cache)
+            t0 -= shared.seconds
+        else:
+            logits = decoding.forward(ids, last_only=True)[-1]
         if question_ids:
             cache.evicting = False
             logits = decoding.forward(question_ids, last_only=True)[-1]

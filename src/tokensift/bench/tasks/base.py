@@ -14,6 +14,7 @@ from tokensift.errors import TokensiftError
 if TYPE_CHECKING:
     from tokensift.models import Model
     from tokensift.runtime.plan import Plan
+    from tokensift.runtime.shared_prefill import SharedPrefill
 
 # Prompt tokens as the model will see them: (user message, answer prefix) -> count.
 TokenCounter = Callable[[str, str], int]
@@ -102,22 +103,48 @@ class Task(ABC):
     @abstractmethod
     def score(self, sample: Sample, prediction: str) -> float: ...
 
-    def evaluate(self, model: Model, plan: Plan, sample: Sample) -> dict[str, Any]:
-        """Run one sample under a plan: generate and score by default. Returns the result row fields."""
+    def evaluate(
+        self,
+        model: Model,
+        plan: Plan,
+        sample: Sample,
+        protocol: str = "query-aware",
+        shared: SharedPrefill | None = None,
+    ) -> dict[str, Any]:
+        """Run one sample under a plan: generate and score by default. Returns the result row fields.
+
+        query-aware: the method compresses the whole prompt, question included. query-agnostic: it
+        compresses `context` alone; the question is appended afterwards without eviction (kvpress's
+        protocol), so a method that needs to see the question shows it here.
+        """
         from tokensift.runtime.generate import generate
 
+        text, question = self.protocol_prompt(sample, protocol)
         result = generate(
             model,
-            sample.prompt,
+            text,
             plan,
             max_new_tokens=sample.max_new_tokens,
             answer_prefix=sample.answer_prefix,
+            question=question,
+            shared=shared,
         )
         return {
             "prediction": result.text,
             "score": self.score(sample, result.text),
             **result.stats.to_dict(),
         }
+
+    @staticmethod
+    def protocol_prompt(sample: Sample, protocol: str) -> tuple[str, str | None]:
+        """(prompt, question) to generate with: the question split off for the query-agnostic protocol."""
+        if protocol == "query-aware" or not sample.question:
+            return sample.prompt, None
+        # context + separator ends in whitespace, so the joined message is exactly `sample.prompt`.
+        return sample.context + sample.separator, sample.question
+
+    #: Whether `evaluate` is the generate-and-score default (a shared prefill can serve it).
+    generative: ClassVar[bool] = True
 
 
 def fit_units(

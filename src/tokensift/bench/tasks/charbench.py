@@ -119,8 +119,8 @@ class CharBench(Task):
     def score(self, sample: Sample, prediction: str) -> float:
         return float(parse_int(prediction) == sample.answer)
 
-    def evaluate(self, model: Any, plan: Any, sample: Sample) -> dict[str, Any]:
-        result = super().evaluate(model, plan, sample)
+    def evaluate(self, model: Any, plan: Any, sample: Sample, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = super().evaluate(model, plan, sample, *args, **kwargs)
         result["features"] = word_features(model.tokenizer, sample.meta["word"], sample.meta["position"])
         return result
 

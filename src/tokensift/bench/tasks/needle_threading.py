@@ -197,8 +197,8 @@ class NeedleThreading(Task):
             return exact_prefix_match(prediction, sample.answer)
         return sum(value in prediction for value in sample.answer) / len(sample.answer)
 
-    def evaluate(self, model: Any, plan: Any, sample: Sample) -> dict[str, Any]:
-        result = super().evaluate(model, plan, sample)
+    def evaluate(self, model: Any, plan: Any, sample: Sample, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        result = super().evaluate(model, plan, sample, *args, **kwargs)
         result["all_correct"] = result["score"] == 1.0  # the paper reports lists both ways
         return result
 

@@ -63,7 +63,9 @@ class Perplexity(Task):
     def score(self, sample: Sample, prediction: str) -> float:
         raise NotImplementedError("perplexity is computed in evaluate()")
 
-    def evaluate(self, model: Model, plan: Plan, sample: Sample) -> dict[str, Any]:
+    generative = False  # scores a text window chunk by chunk; no prompt/question protocol
+
+    def evaluate(self, model: Model, plan: Plan, sample: Sample, *args: Any, **kwargs: Any) -> dict[str, Any]:
         from tokensift.runtime.cache import TokenCache
         from tokensift.runtime.generate import collect_stats, forward
 
