@@ -23,11 +23,15 @@ def gumbel_softmax_scores(
 ) -> torch.Tensor:
     """softmax((x + zeta) / tau) with zeta ~ Gumbel(0, 1) (no noise when generator is None).
 
-    Masked logits (-inf) stay masked."""
-    if generator is not None:
-        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-7)
-        logits = logits - torch.log(-torch.log(u))
-    return torch.softmax(logits / tau, dim=-1)
+    Gumbel noise is -log(E) with E ~ Exp(1), so exp((x + zeta) / tau) = exp(x / tau) * E^(-1/tau):
+    one exponential draw and no logarithms (none at all at tau = 1, the prompt's temperature). This
+    runs on every prompt logit, so it matters. Masked logits (-inf) stay masked."""
+    probs = torch.softmax(logits / tau, dim=-1)
+    if generator is None:
+        return probs
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    weights = probs.div_(noise) if tau == 1.0 else probs.mul_(noise.pow_(-1.0 / tau))
+    return weights.div_(weights.sum(dim=-1, keepdim=True))
 
 
 @register
