@@ -1,19 +1,26 @@
 """Every eviction method at fixed token budgets: accuracy, KV bytes, prefill time and process peak memory.
 
-    python benchmarks/eviction.py [--length 4096] [--budgets 64,128,256,512] [--samples 2]
-                                  [--protocols query-aware,query-agnostic] [--out results.json]
+    python benchmarks/eviction.py [--length 4096] [--budgets 64,128,256,512] [--depths 4]
+                                  [--protocols query-aware,query-agnostic] [--out runs/eviction]
 
-Tasks: passkey and niah_single at `--length` tokens (needles at evenly spread depths). Each
-(method, budget, protocol) runs in its own process so its peak RSS is its own. Ratios are against
-dense measured in the same run. Query-aware: the question is part of the prompt the method
-compresses; query-agnostic: the context is compressed alone and the question appended afterwards.
+Two phases, both resumable (rerun the same command after a kill):
+
+1. Quality. passkey and niah_single at `--length` tokens, needles at `--depths` evenly spread depths,
+   through the bench runner (`OUT/<protocol>/results.jsonl`): one exact prefill per sample is shared
+   by the plans that compress only after it, so the sweep costs a few prefills per sample, not one per
+   cell. Query-aware: the method compresses the prompt with its question; query-agnostic: the
+   context alone, question appended afterwards (every budget in `--agnostic-budgets`).
+2. Cost. Each (method, budget) runs one passkey sample through its own real prefill in a fresh
+   process, so the prefill time (compression included) and the process peak RSS are its own
+   (`OUT/cost.json`).
+
+All ratios are against dense measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -35,72 +42,101 @@ def spec_for(method: str, budget: int) -> str:
     return method.format(b=budget) if "{b}" in method else f"{method}:budget={budget}"
 
 
-def worker(args: argparse.Namespace) -> None:
-    """Run one spec on every sample and print one JSON line (inside a fresh process)."""
+def depths(n: int) -> list[float]:
+    return [round((i + 0.5) / n, 4) for i in range(n)]
+
+
+def cost_worker(args: argparse.Namespace) -> None:
+    """One passkey sample through the spec's own prefill, in this fresh process; prints one JSON line."""
     import tokensift
     from tokensift.bench.runner import token_counter
     from tokensift.bench.tasks import get_task
 
     model = tokensift.load(args.model)
-    count = token_counter(model)
-    rows = []
-    depths = [(i + 0.5) / args.samples for i in range(args.samples)]
-    for task_name in TASKS:
-        task = get_task(task_name)
-        for sample in task.samples(count, args.length, 1, seed=0, depths=depths):
-            kwargs = {"max_new_tokens": sample.max_new_tokens, "answer_prefix": sample.answer_prefix}
-            if args.protocol == "query-agnostic":
-                context = sample.prompt[: sample.prompt.rindex(sample.question)]
-                out = tokensift.generate(model, context, args.spec, question=sample.question, **kwargs)
-            else:
-                out = tokensift.generate(model, sample.prompt, args.spec, **kwargs)
-            s = out.stats
-            rows.append(
-                {
-                    "task": task_name,
-                    "score": task.score(sample, out.text),
-                    "kv_bytes_peak": s.kv_bytes_peak,
-                    "kv_bytes_dense": s.kv_bytes_dense,
-                    "prefill_seconds": s.prefill_seconds,
-                    "applied": s.applied,
-                }
-            )
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"spec": args.spec, "protocol": args.protocol, "rows": rows, "peak_rss": peak_rss}))
+    task = get_task("passkey")
+    (sample,) = task.samples(token_counter(model), args.length, 1, seed=0, depths=[0.5])
+    # A short warm-up faults in the (memory-mapped) weights; then reset the process's peak-RSS mark
+    # (Linux) so the figure is this generation's, not the model load's.
+    tokensift.generate(model, "Hello", "dense", max_new_tokens=1)
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded = _status_kib("VmRSS") * 1024
+    out = tokensift.generate(
+        model,
+        sample.prompt,
+        args.spec,
+        max_new_tokens=sample.max_new_tokens,
+        answer_prefix=sample.answer_prefix,
+    )
+    peak_rss = _status_kib("VmHWM") * 1024
+    print(
+        json.dumps(
+            {
+                "prefill_seconds": out.stats.prefill_seconds,
+                "kv_bytes_peak": out.stats.kv_bytes_peak,
+                "peak_rss": peak_rss,
+                "rss_after_load": loaded,
+            }
+        )
+    )
 
 
-def run_one(args: argparse.Namespace, spec: str, protocol: str) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--spec",
-        spec,
-        "--protocol",
-        protocol,
-        "--model",
-        args.model,
-        "--length",
-        str(args.length),
-        "--samples",
-        str(args.samples),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"{spec} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _status_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
 
 
-def summarise(result: dict) -> dict:
-    rows = result["rows"]
-    by_task = {t: [r["score"] for r in rows if r["task"] == t] for t in TASKS}
-    return {
-        "acc": {t: sum(v) / len(v) for t, v in by_task.items()},
-        "kv": sum(r["kv_bytes_peak"] for r in rows) / len(rows),
-        "prefill": sum(r["prefill_seconds"] for r in rows) / len(rows),
-        "rss": result["peak_rss"],
-        "applied": all(r["applied"] for r in rows),
-    }
+def cost(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
+    path = args.out / "cost.json"
+    done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    for spec in specs:
+        if spec in done:
+            continue
+        cmd = [sys.executable, __file__, "--cost-worker", "--spec", spec, "--model", args.model]
+        cmd += ["--length", str(args.length)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"{spec} failed:\n{proc.stderr[-2000:]}")
+        done[spec] = json.loads(proc.stdout.strip().splitlines()[-1])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(done, indent=1))
+        tmp.replace(path)
+        print(f"cost: {spec} done", file=sys.stderr)
+    return done
+
+
+def quality(args: argparse.Namespace, model, protocol: str, specs: list[str]) -> dict[str, dict]:
+    """Per spec: mean score per task and mean KV bytes held, from the bench rows of this protocol."""
+    from tokensift.bench.config import BenchConfig
+    from tokensift.bench.runner import run_bench
+    from tokensift.runtime.plan import Plan
+
+    config = BenchConfig(
+        tasks=TASKS,
+        methods=["dense", *specs],
+        lengths=[args.length],
+        model=args.model,
+        samples=1,
+        depths=depths(args.depths),
+        depth_samples=1,
+        protocol=protocol,
+    )
+    rows = run_bench(config, args.out / protocol, model=model)
+    cells: dict[str, dict] = {}
+    for spec in ["dense", *specs]:
+        mine = [r for r in rows if r["method_spec"] == Plan.of(spec).spec and r["length"] == args.length]
+        if any(r.get("score") is None for r in mine):
+            raise SystemExit(f"{spec}: {next(r['error'] for r in mine if r.get('score') is None)}")
+        cells[spec] = {
+            "acc": {t: _mean([r["score"] for r in mine if r["task"] == t]) for t in TASKS},
+            "kv": _mean([r["kv_bytes_peak"] for r in mine]),
+            "applied": all(r.get("applied", True) for r in mine),
+            "n": len(mine),
+        }
+    return cells
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def main() -> None:
@@ -108,67 +144,75 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--budgets", default="64,128,256,512")
-    parser.add_argument("--samples", type=int, default=2, help="needle depths per task")
+    parser.add_argument("--depths", type=int, default=4, help="needle depths per task")
     parser.add_argument("--methods", nargs="+", default=METHODS, help="names, or templates with {b}")
     parser.add_argument("--protocols", default="query-aware,query-agnostic")
-    parser.add_argument(
-        "--agnostic-budgets", default="256", help="budgets also run query-agnostic (the protocol table)"
-    )
-    parser.add_argument("--out", type=Path, help="also write the raw results as JSON")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--agnostic-budgets", default="256", help="budgets also run query-agnostic")
+    parser.add_argument("--out", type=Path, default=Path("runs/eviction"))
+    parser.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
-    parser.add_argument("--protocol", default="query-aware", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        worker(args)
+    if args.cost_worker:
+        cost_worker(args)
         return
 
-    budgets = [int(b) for b in args.budgets.split(",")]
-    methods = args.methods
-    protocols = args.protocols.split(",")
+    import tokensift
+
     started = time.time()
-    results: dict[str, dict] = {}
-    agnostic = [int(b) for b in args.agnostic_budgets.split(",")]
+    budgets = {
+        "query-aware": [int(b) for b in args.budgets.split(",")],
+        "query-agnostic": [int(b) for b in args.agnostic_budgets.split(",")],
+    }
+    protocols = args.protocols.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = tokensift.load(args.model)
+    cells = {}
     for protocol in protocols:
-        results[f"dense|{protocol}"] = summarise(run_one(args, "dense", protocol))
-        for budget in budgets if protocol == "query-aware" else agnostic:
-            for method in methods:
-                spec = spec_for(method, budget)
-                results[f"{spec}|{protocol}"] = summarise(run_one(args, spec, protocol))
-                print(f"[{time.time() - started:.0f}s] {spec} ({protocol}) done", file=sys.stderr)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        specs = [spec_for(m, b) for b in budgets[protocol] for m in args.methods]
+        cells[protocol] = quality(args, model, protocol, specs)
+    del model
+    all_specs = ["dense", *[spec_for(m, b) for b in budgets["query-aware"] for m in args.methods]]
+    costs = cost(args, all_specs)
+    (args.out / "results.json").write_text(json.dumps({"quality": cells, "cost": costs}, indent=1))
 
     print(
-        f"model {args.model}, {args.length}-token prompts, {args.samples} depths x {len(TASKS)} tasks "
-        f"per cell, {time.strftime('%Y-%m-%d')}"
+        f"model {args.model}, {args.length}-token prompts, {args.depths} depths x {len(TASKS)} tasks per "
+        f"cell; cost columns from one passkey sample per cell in its own process; "
+        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s"
     )
     for protocol in protocols:
         print(f"\n### {protocol}\n")
-        print(table(results, methods, budgets if protocol == "query-aware" else agnostic, protocol))
+        print(table(cells[protocol], costs, args.methods, budgets[protocol]))
 
 
-def table(results: dict[str, dict], methods: list[str], budgets: list[int], protocol: str) -> str:
-    dense = results[f"dense|{protocol}"]
+def table(cells: dict[str, dict], costs: dict[str, dict], methods: list[str], budgets: list[int]) -> str:
+    dense, dense_cost = cells["dense"], costs["dense"]
     lines = [
-        "| method | budget | passkey | niah_single | KV / dense | prefill+compress vs dense | peak RSS MiB |",
+        "| method | budget | passkey | niah_single | KV / dense "
+        "| prefill+compress vs dense | peak RSS MiB (over loaded model) |",
         "|---|---|---|---|---|---|---|",
         f"| dense | - | {dense['acc']['passkey']:.2f} | {dense['acc']['niah_single']:.2f} | 1.000 | 1.00x "
-        f"| {dense['rss'] / 2**20:.0f} |",
+        f"| {_rss(dense_cost)} |",
     ]
     for budget in budgets:
-        cells = {m: results[f"{spec_for(m, budget)}|{protocol}"] for m in methods}
-        best = max(methods, key=lambda m: sum(cells[m]["acc"].values()))
-        if sum(cells[best]["acc"].values()) == 0:
+        specs = {m: spec_for(m, budget) for m in methods}
+        best = max(methods, key=lambda m: sum(cells[specs[m]]["acc"].values()))
+        if sum(cells[specs[best]]["acc"].values()) == 0:
             best = ""  # nobody retrieves anything at this budget: no winner
-        for method, r in cells.items():
+        for method, spec in specs.items():
+            r, c = cells[spec], costs.get(spec)
             name = method.replace(":budget={b}", "") + (" **best**" if method == best else "")
+            timing = f"{c['prefill_seconds'] / dense_cost['prefill_seconds']:.2f}x" if c else "-"
+            rss = _rss(c) if c else "-"
             lines.append(
                 f"| {name} | {budget} | {r['acc']['passkey']:.2f} | {r['acc']['niah_single']:.2f} | "
-                f"{r['kv'] / dense['kv']:.3f} | {r['prefill'] / dense['prefill']:.2f}x "
-                f"| {r['rss'] / 2**20:.0f} |"
+                f"{r['kv'] / dense['kv']:.3f} | {timing} | {rss} |"
             )
     return "\n".join(lines)
+
+
+def _rss(c: dict) -> str:
+    return f"{c['peak_rss'] / 2**20:.0f} ({(c['peak_rss'] - c['rss_after_load']) / 2**20:+.0f})"
 
 
 if __name__ == "__main__":

@@ -142,3 +142,19 @@ def test_shared_prefill_and_protocols(tmp_path: Path, small_real_tokenizer_model
     new = [r for r in agnostic if r["protocol"] == "query-agnostic"]
     assert len(new) == 4 and all(r["method"].endswith("[query-agnostic]") for r in new)
     assert all(r["counters"]["question_tokens"] > 0 for r in new)
+
+
+def test_dtype_is_recorded_and_keys_rows(tmp_path: Path, small_real_tokenizer_model: tokensift.Model) -> None:
+    """Rows say which dtype ran, and a bf16 run into the same directory does not count fp32 rows as done."""
+    config = BenchConfig(tasks=["passkey"], methods=["dense"], lengths=[256], samples=1, depths=[0.5])
+    rows = run_bench(config, tmp_path, progress=False, model=small_real_tokenizer_model)
+    assert [r["dtype"] for r in rows] == ["float32"]
+    tiny = small_real_tokenizer_model
+    bf16 = tokensift.wrap(tiny.model.to(torch.bfloat16), tiny.tokenizer, name="tiny-smol")
+    try:
+        both = run_bench(config, tmp_path, progress=False, model=bf16)
+    finally:
+        small_real_tokenizer_model.model.to(torch.float32)
+    assert sorted(r["dtype"] for r in both) == ["bfloat16", "float32"]
+    with pytest.raises(tokensift.TokensiftError, match="dtype"):
+        BenchConfig(tasks=["passkey"], methods=["dense"], lengths=[256], dtype="float8").validate()

@@ -62,6 +62,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "alone, with the question appended afterwards",
     )
     p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model weights and activations (default float32; the ruler-lite suite uses bfloat16)",
+    )
+    p.add_argument(
         "--no-shared-prefill",
         action="store_true",
         help="run every method's own prefill even where it is exact dense attention (slower)",
@@ -231,6 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.protocol = args.protocol
     if args.no_shared_prefill:
         config.share_prefill = False
+    if args.dtype:
+        config.dtype = args.dtype
     rows = run_bench(config, args.out, progress=not args.no_progress)
     summary = write_report(args.out)
     print(summary_table(rows))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokensift.errors import TokensiftError
-from tokensift.models import DEFAULT_MODEL
+from tokensift.models import DEFAULT_MODEL, _dtype
 
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 # query-aware: methods compress the whole prompt; query-agnostic: the context alone, question after.
@@ -28,6 +28,7 @@ class BenchConfig:
     suite: str | None = None
     protocol: str = "query-aware"
     share_prefill: bool = True
+    dtype: str = "float32"
 
     def validate(self) -> None:
         from tokensift.bench.tasks import get_task
@@ -41,6 +42,7 @@ class BenchConfig:
             raise TokensiftError(f"depth_samples must be >= 1, got {self.depth_samples}")
         if self.protocol not in PROTOCOLS:
             raise TokensiftError(f"unknown protocol {self.protocol!r}: use {' or '.join(PROTOCOLS)}")
+        _dtype(self.dtype)
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:
             raise TokensiftError(f"depths must lie in [0, 1], got {bad}")

@@ -12,8 +12,12 @@ KEY_FIELDS = ("model", "task", "method_spec", "length", "depth", "index", "seed"
 
 
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    # Rows written before protocols existed were query-aware.
-    return (*(row.get(f) for f in KEY_FIELDS), row.get("protocol") or "query-aware")
+    # Rows written before protocols (dtypes) existed were query-aware (float32).
+    return (
+        *(row.get(f) for f in KEY_FIELDS),
+        row.get("protocol") or "query-aware",
+        row.get("dtype") or "float32",
+    )
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:

@@ -82,7 +82,8 @@ def run_bench(
     results = out / "results.jsonl"
     rows = read_rows(results, repair=True)
     done = {row_key(r) for r in rows}
-    model = model or load(config.model)
+    model = model or load(config.model, dtype=config.dtype)
+    dtype = str(model.dtype).removeprefix("torch.")
     tasks = [get_task(name) for name in config.tasks]
     for task in tasks:
         for length in _lengths(task, config):
@@ -111,6 +112,7 @@ def run_bench(
                     sample.index,
                     config.seed,
                     config.protocol,
+                    dtype,
                 )
                 if key not in done:
                     ranked.append((rank, task, sample, label))
@@ -137,6 +139,7 @@ def run_bench(
             "method": label if config.protocol == "query-aware" else f"{label} [query-agnostic]",
             "method_spec": plans[label].spec,
             "protocol": config.protocol,
+            "dtype": dtype,
             "length": sample.length,
             "depth": sample.depth,
             "index": sample.index,
