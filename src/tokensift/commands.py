@@ -263,9 +263,10 @@ def split_tasks(text: str) -> list[str]:
 
 def _list_tasks() -> int:
     from tokensift.bench.suites import SUITES
-    from tokensift.bench.tasks import TASKS
+    from tokensift.bench.tasks import LOOP_TASKS, TASKS
 
-    for name, factory in TASKS.items():
+    # Generation-loop workloads (long outputs that reuse the input) are listed but in no suite.
+    for name, factory in {**TASKS, **LOOP_TASKS}.items():
         task = factory()
         print(f"{name:24s} {task.description}")
         if task.source:

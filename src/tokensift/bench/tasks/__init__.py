@@ -12,6 +12,7 @@ from collections.abc import Callable
 from tokensift.bench.tasks.base import Sample, Task, TokenCounter
 from tokensift.bench.tasks.charbench import CHARBENCH
 from tokensift.bench.tasks.infinitebench import IbKvRetrieval, IbMathFind, IbNumberString, IbPasskey
+from tokensift.bench.tasks.loop_workloads import WORKLOADS
 from tokensift.bench.tasks.needle_threading import NEEDLE_THREADING
 from tokensift.bench.tasks.niah_single import NiahSingle
 from tokensift.bench.tasks.passage_count import PassageCount
@@ -40,6 +41,10 @@ TASKS: dict[str, Callable[..., Task]] = {
     "passage_count": PassageCount,
 }
 RULER_TASKS = [cls.name for cls in RULER_NIAH] + ["vt", "cwe", "fwe"]
+# Repetitive, agent-like workloads whose output re-uses the prompt (for the generation-loop methods:
+# suffix_decoding, prompt_lookup). Kept apart from TASKS: they are transformation tasks, not retrieval
+# ones, their outputs are long, and the suites of TASKS measure eviction at 1k-4k tokens.
+LOOP_TASKS: dict[str, Callable[..., Task]] = dict(WORKLOADS)
 
 
 def _value(text: str) -> int | float | str:
@@ -54,17 +59,18 @@ def _value(text: str) -> int | float | str:
 def get_task(spec: str) -> Task:
     """A task by name, optionally with parameters: `name:key=value,key=value`."""
     name, _, params = spec.partition(":")
-    if name not in TASKS:
-        raise TokensiftError(f"unknown task {name!r}: known tasks are {', '.join(TASKS)}")
+    known = {**TASKS, **LOOP_TASKS}
+    if name not in known:
+        raise TokensiftError(f"unknown task {name!r}: known tasks are {', '.join(known)}")
     if not params:
-        return TASKS[name]()
+        return known[name]()
     kwargs: dict[str, int | float | str] = {}
     for item in params.split(","):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise TokensiftError(f"bad task parameter {item!r} in {spec!r}: use name:key=value")
         kwargs[key.strip()] = _value(value.strip())
-    factory = TASKS[name]
+    factory = known[name]
     accepted = set(inspect.signature(factory).parameters)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
@@ -75,4 +81,4 @@ def get_task(spec: str) -> Task:
     return task
 
 
-__all__ = ["RULER_TASKS", "TASKS", "Sample", "Task", "TokenCounter", "get_task"]
+__all__ = ["LOOP_TASKS", "RULER_TASKS", "TASKS", "Sample", "Task", "TokenCounter", "get_task"]

@@ -1,0 +1,147 @@
+"""BiLD: a small model writes, the large model steps in when the small one is unsure or wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokensift.errors import TokensiftError
+from tokensift.methods.base import LoopMethod, register
+from tokensift.models import Model
+from tokensift.speculative.pair import Follower, small_model
+from tokensift.speculative.verify import Verifier
+
+if TYPE_CHECKING:
+    from tokensift.runtime.generate import Decoding
+
+
+@register
+@dataclass
+class BiLD(LoopMethod):
+    """Big Little Decoder: the small model generates until it is unsure, the large model checks it.
+
+    The generating model is the large one. After its prefill token, the small model (same tokenizer)
+    decodes greedily; when its top probability falls below `fallback_threshold` (the token is
+    discarded), or after `num_small_iters` tokens, the large model runs ONE forward over every token
+    it has not seen. For each small token y_i it computes d_i = -log p_large(y_i | prefix), from its
+    logits one position earlier; at the first i with d_i > `rollback_threshold` the sequence is cut
+    there and y_i replaced by the large model's argmax, and both caches are truncated to the kept
+    prefix. Without a rollback the large model's next token is appended. Then the small model
+    continues. Greedy only. Not lossless in general; `rollback_threshold=0` (every disagreement rolls
+    back) or `fallback_threshold=1` (the large model writes every token) gives the large model's
+    greedy output exactly. Unlike the reference, small tokens pending when generation ends are
+    checked like any others.
+
+    Based on Kim et al., "Speculative Decoding with Big Little Decoder", NeurIPS 2023
+    (reference: kssteven418/BigLittleDecoder).
+
+    Parameters
+    ----------
+    small:
+        The small model: an embedded name or path sharing the large model's tokenizer.
+    fallback_threshold:
+        Hand over to the large model when the small model's top probability is below this (paper
+        default 0.6); 1 always falls back.
+    rollback_threshold:
+        Cross-entropy above which a small token is rolled back (paper default 5.0; 2-5 works well).
+    num_small_iters:
+        Small tokens before the large model checks them anyway (paper: 10).
+    skip_agreeing:
+        Only roll back where the large model's argmax differs from the small token (the safe form of
+        the reference code's "minor optimisation"; off: the paper's rule).
+    """
+
+    name = "bild"
+    paper = "Kim et al., Speculative Decoding with Big Little Decoder, NeurIPS 2023"
+
+    small: str = "qwen2.5-coder-0.5b"
+    fallback_threshold: float = 0.6
+    rollback_threshold: float = 5.0
+    num_small_iters: int = 10
+    skip_agreeing: bool = False
+    small_model: Model | None = field(default=None, repr=False, compare=False)  # an in-memory model
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fallback_threshold <= 1.0:
+            raise TokensiftError(f"bild fallback_threshold must lie in [0, 1], got {self.fallback_threshold}")
+        if not self.rollback_threshold >= 0:
+            raise TokensiftError(f"bild rollback_threshold must be >= 0, got {self.rollback_threshold}")
+        if self.num_small_iters < 1:
+            raise TokensiftError(f"bild num_small_iters must be >= 1, got {self.num_small_iters}")
+
+    def params(self) -> dict[str, Any]:
+        params = super().params()
+        small = params.pop("small_model")
+        if small is not None:
+            params["small"] = small.name
+        return params
+
+    def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
+        if decoding.temperature > 0:
+            raise TokensiftError("bild decodes greedily: use temperature 0")
+        cache = decoding.cache
+        small = Follower(small_model(self.small_model or self.small, decoding.model, self.name))
+        large = Verifier(decoding)
+        eos = set() if decoding.ignore_eos else decoding.eos
+        seq = list(decoding.prompt)
+        token = decoding.sample(logits)  # the large model's prefill writes the first token
+        seq.append(token)
+        counts = dict.fromkeys(["large_forwards", "small_tokens", "fallbacks", "rollbacks"], 0)
+        try:
+            if decoding.accept(token, logits):
+                return
+            while True:
+                # Small mode: greedy tokens until unsure, out of turns, or at the end.
+                pending: list[int] = []
+                while True:
+                    probs = torch.softmax(small.step(seq).float(), dim=-1)
+                    confidence, best = probs.max(dim=-1)
+                    if self.fallback_threshold >= 1.0 or float(confidence) < self.fallback_threshold:
+                        counts["fallbacks"] += 1
+                        break
+                    pending.append(int(best))
+                    seq.append(int(best))
+                    if (
+                        len(pending) == self.num_small_iters
+                        or pending[-1] in eos
+                        or len(decoding.tokens) + len(pending) >= decoding.max_new_tokens
+                    ):
+                        break
+                # Large mode: one forward over [last committed token, *pending].
+                rows = large.forward(seq[len(seq) - len(pending) - 1 :])
+                counts["large_forwards"] += 1
+                keep = self.rollback_point(rows, pending)
+                if keep < len(pending):
+                    counts["rollbacks"] += 1
+                large.keep(1 + keep)
+                del seq[len(seq) - len(pending) + keep :]
+                small.truncate(len(seq))
+                new = int(rows[keep].argmax())
+                seq.append(new)
+                for i in range(keep):
+                    counts["small_tokens"] += 1
+                    if decoding.accept(pending[i], rows[i]):
+                        return
+                if decoding.accept(new, rows[keep]):
+                    return
+        finally:
+            for name, value in counts.items():
+                cache.count(f"bild_{name}", value)
+            cache.count("bild_small_forwards", small.forwards)
+            cache.count("bild_small_share", counts["small_tokens"] / max(1, len(decoding.tokens)))
+
+    def rollback_point(self, rows: torch.Tensor, pending: list[int]) -> int:
+        """How many pending small tokens survive: the index of the first one whose cross-entropy under
+        the large model (logits one position earlier) exceeds the rollback threshold."""
+        if not pending:
+            return 0
+        logp = torch.log_softmax(rows[: len(pending)].float(), dim=-1)
+        tokens = torch.tensor(pending, device=rows.device)
+        ce = -logp.gather(-1, tokens[:, None])[:, 0]
+        bad = ce > self.rollback_threshold
+        if self.skip_agreeing:
+            bad &= logp.argmax(dim=-1) != tokens
+        hits = bad.nonzero()
+        return int(hits[0, 0]) if len(hits) else len(pending)

@@ -1,0 +1,236 @@
+"""Draft verification shared by the loop methods: one target forward over several tokens, the
+acceptance rule, and an exact rollback that respects the rest of the plan.
+
+A verification forward must show the target what plain decoding would have shown it, one token at a
+time, and leave the cache as if the rejected tokens had never been seen:
+
+- Eviction is deferred. During the forward the evictor only records each layer's queries; after the
+  rollback it catches up once, seeing the step as one decode step whose attention column sums cover
+  every accepted token. So nothing a rejected token caused survives (its keys, its attention in
+  H2O's scores, evictions it triggered), and `crop` is an exact rollback because nothing was evicted
+  between the append and the crop. Prompt-only compressors (SnapKV) never act on decode steps, so
+  their composition is token-identical to the compressor alone.
+- A sparse-prefill method does not run on decode steps, so it is switched off for verification.
+- A sparse-decode method selects per query: each draft query gets the method's decode attention over
+  the keys it would have seen had it been decoded alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tokensift.methods.base import EvictionMethod, SparseDecodeMethod, SparsePrefillMethod
+from tokensift.runtime.plan import Plan
+from tokensift.runtime.scores import attention_with_colsums
+
+if TYPE_CHECKING:
+    from tokensift.runtime.cache import TokenCache, TokenLayer
+    from tokensift.runtime.generate import Decoding
+
+
+@dataclass
+class DeferredEviction(EvictionMethod):
+    """Stands in for the plan's evictor during a verification forward: records queries, evicts nothing."""
+
+    inner: EvictionMethod | None = None
+    queries: dict[int, tuple[torch.Tensor, float]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        assert self.inner is not None
+        # Class-level switches the attention function reads, mirrored per instance.
+        self.needs_colsums = self.inner.needs_colsums  # type: ignore[misc]
+        self.repositions = self.inner.repositions  # type: ignore[misc]
+        self.budget_tokens = self.inner.budget_tokens
+
+    def column_scores(self, layer: TokenLayer) -> None:
+        return None  # the verification forward's column sums are discarded: no noise drawn for them
+
+    def compress(
+        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
+    ) -> None:
+        self.queries[layer.index] = (query, scale)
+
+    def catch_up(self, cache: TokenCache, kept: int) -> None:
+        """After the rollback: one eviction step over the `kept` accepted tokens of the forward."""
+        assert self.inner is not None
+        for layer in cache.layers:
+            query, scale = self.queries.pop(layer.index)
+            query = query[:, :, :kept]
+            colsum = None
+            if self.inner.needs_colsums:
+                score_fn = self.inner.column_scores(layer)
+                _, colsum = attention_with_colsums(query, layer.k, layer.v, scale, score_fn=score_fn)
+            self.inner.compress(layer, query[:, :, -1:], colsum, scale)
+
+
+@dataclass
+class PerQueryDecode(SparsePrefillMethod):
+    """Stands in for the prefill hook during verification: each query gets the sparse-decode method's
+    attention over the keys visible to it, with the layer looking as it did at that decode step
+    (live tokens, tokens seen) and its own view of the cache's shared state, so selections one layer
+    hands to the next (TidalDecode) stay per query."""
+
+    select: SparseDecodeMethod | None = None
+    views: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    def prefill_attention(
+        self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        assert self.select is not None
+        cache = layer.cache
+        length, n = query.shape[2], keys.shape[2]
+        if len(self.views) != length:
+            self.views = [dict(cache.shared) for _ in range(length)]
+        full = layer.n, layer.seen, layer.last_query_len, cache.shared
+        outs = []
+        try:
+            for i in range(length):
+                back = length - 1 - i
+                layer.n, layer.seen, layer.last_query_len = full[0] - back, full[1] - back, 1
+                cache.shared = self.views[i]
+                visible = n - back
+                outs.append(
+                    self.select.decode_attention(
+                        layer, query[:, :, i : i + 1], keys[:, :, :visible], values[:, :, :visible], scale
+                    )
+                )
+        finally:
+            layer.n, layer.seen, layer.last_query_len, cache.shared = full
+        return torch.cat(outs, dim=2)
+
+    def settle(self, cache: TokenCache, kept: int) -> None:
+        """Keep the shared state as the last accepted query left it."""
+        if self.views:
+            cache.shared = self.views[kept - 1]
+            self.views = []
+
+
+# On CPU, MKL multiplies a 3-row input through a slow small-matrix path: a 3-token forward cost
+# 1.9-2.9x a one-token forward where a 4-token one cost 1.5-2.0x (smollm2-135m, Qwen2.5-Coder 0.5B
+# and 1.5B, one thread). Such forwards get a filler row, cropped with the rejected tokens.
+PAD_ROWS = {3: 4}
+
+
+class Verifier:
+    """Runs a loop method's multi-token forwards through `decoding`'s cache as plain decoding would."""
+
+    def __init__(self, decoding: Decoding):
+        self.decoding = decoding
+        self.cache = decoding.cache
+        base = self.cache.plan
+        self.deferred: DeferredEviction | None = None
+        methods: list[Any] = []
+        for method in base.methods:
+            if method is base.evict:
+                self.deferred = DeferredEviction(budget=method.budget, inner=base.evict)
+                methods.append(self.deferred)
+            elif method is not base.prefill:
+                methods.append(method)
+        self.per_query: PerQueryDecode | None = None
+        if base.select is not None:
+            self.per_query = PerQueryDecode(select=base.select)
+            methods.append(self.per_query)
+        self.plan = Plan(tuple(methods), base.prompt_tokens)
+        self.pad = decoding.device.type == "cpu"
+        self.pending = 0
+
+    def forward(self, ids: Sequence[int]) -> torch.Tensor:
+        """Logits (len(ids), vocab) for tokens appended at the next positions; call `keep` afterwards."""
+        if len(ids) == 1:  # a plain decode step: the plan as is
+            self.pending = 0
+            return self.decoding.forward(ids)
+        rows = list(ids)
+        if self.pad:
+            rows += rows[-1:] * (PAD_ROWS.get(len(rows), len(rows)) - len(rows))
+        base = self.cache.plan
+        self.cache.plan = self.plan
+        try:
+            logits = self.decoding.forward(rows)
+        finally:
+            self.cache.plan = base
+        self.pending = len(rows)
+        return logits[: len(ids)]
+
+    def keep(self, kept: int) -> None:
+        """Keep the first `kept` tokens of the last forward: crop the rest, then let eviction catch up."""
+        if not self.pending:
+            return
+        drop = self.pending - kept
+        if drop > 0:
+            self.cache.crop(-drop)
+        if self.per_query is not None:
+            self.per_query.settle(self.cache, kept)
+        if self.deferred is not None:
+            self.deferred.catch_up(self.cache, kept)
+        self.pending = 0
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution `generate.sample` draws from (temperature, then nucleus), as probabilities."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return probs / probs.sum()
+
+
+def accept_draft(
+    decoding: Decoding, rows: torch.Tensor, draft: Sequence[int]
+) -> list[tuple[int, torch.Tensor]]:
+    """Tokens the target commits after verifying `draft`: the accepted prefix plus one more token
+    (the correction at the first rejection, else the bonus), each with the logits it came from.
+
+    `rows[j]` are the target's logits after the j-th input (the last committed token, then the draft).
+    Greedy: accept while the draft equals the argmax. Sampling: the standard rejection rule for a
+    deterministic draft (q = 1 on the drafted token): accept with probability p(token), else draw from
+    p with that token removed; this leaves the target distribution unchanged.
+    """
+    out: list[tuple[int, torch.Tensor]] = []
+    for j, token in enumerate(draft):
+        row = rows[j]
+        if decoding.temperature <= 0:
+            choice = decoding.sample(row)
+            out.append((choice, row))
+            if choice != token:
+                return out
+            continue
+        p = sampling_probs(row, decoding.temperature, decoding.top_p)
+        if float(torch.rand((), generator=decoding.generator)) < float(p[token]):
+            out.append((token, row))
+            continue
+        p[token] = 0
+        out.append((int(torch.multinomial(p / p.sum(), 1, generator=decoding.generator)), row))
+        return out
+    row = rows[len(draft)]
+    out.append((decoding.sample(row), row))
+    return out
+
+
+@dataclass
+class LoopStats:
+    """Per-generation counters of a draft-and-verify loop, written to `cache.count` under `loop_*`."""
+
+    steps: int = 0  # target forwards after the prefill
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # draft tokens accepted
+    empty: int = 0  # steps without a draft
+    committed: int = 0  # tokens committed by those forwards
+    draft_seconds: float = 0.0  # spent proposing drafts
+    verify_seconds: float = 0.0  # spent in target forwards, acceptance and rollback
+
+    def record(self, cache: TokenCache, seconds: float) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            cache.count(f"loop_{name}", value)
+        if self.steps:
+            cache.count("loop_tokens_per_step", self.committed / self.steps)
+        if self.drafted:
+            cache.count("loop_acceptance_rate", self.accepted / self.drafted)
+        if seconds > 0:
+            cache.count("loop_tokens_per_second", self.committed / seconds)
