@@ -65,6 +65,12 @@ def run_layer(
     evict = plan.evict if layer.cache.evicting else None
     if getattr(layer, "ragged", False):
         # Heads of different lengths (head-adaptive budgets): exact attention per KV head.
+        selector = plan.select if query.shape[2] == 1 else plan.prefill
+        if selector is not None:
+            layer.cache.note(
+                f"{selector.name}: layers holding per-head budgets (ragged) attend densely; "
+                "the sparse method did not run there"
+            )
         out = layer.attention(query, scale)
         if evict is not None:
             evict.compress(layer, query, None, scale)

@@ -1,25 +1,31 @@
-"""Block-sparse prefill attention: every query block attends only to the keys gathered for it.
+"""Block-sparse prefill attention: each query block attends only to the keys gathered for it.
 
-Shared by the sparse-prefill methods (A-shape, MInference, DHSA). A method decides, for each query
-block of `block_size` rows and each *group* of query heads, which key indices the block may see
-(`index`, padded with the sentinel `n`); this module does the rest with no per-token Python loop:
+Shared by the sparse-prefill methods (A-shape, MInference, DHSA). A method picks, for every query
+block of `block_size` rows and every *group* of query heads, the keys the block sees before its own
+first row (`past`); the block's own keys (the diagonal block, under the causal mask) are always
+added here. Then, with no per-token Python loop:
 
-- the group's queries are packed as rows (query heads sharing one selection and one KV head are
-  stacked, so a gathered key serves `rep * block_size` rows),
-- the selected K/V rows are gathered into preallocated buffers (fresh allocations page-fault and
-  cost more than the gather itself on CPU),
-- one fused SDPA call per chunk of (group, block) units computes the attention, with an additive
-  mask for causality, padding and (A-shape) the token-exact sliding window.
+- the selected K/V rows of a chunk of blocks are gathered into one preallocated buffer (one
+  `index_select` moves K and V together),
+- one fused SDPA call computes the chunk: the blocks are SDPA's batch, the group's query heads its
+  heads (views of q, no copy, GQA broadcasting the shared keys to them),
+- blocks whose past list is full share one additive mask (causal inside the own block, plus the
+  token-exact window for A-shape) broadcast without being materialised; only blocks with padding
+  (too few distinct past keys) pay for a mask of their own.
 
-Work is therefore proportional to rows x selected keys, never rows x n, and the n x n score matrix
-is never formed. Causality is by shape as everywhere in the runtime: the L queries of a forward are
-the last L of the n keys.
+Work is rows x selected keys, never rows x n, and no n x n score matrix is formed. Causality is by
+shape as everywhere in the runtime: the L queries of a forward are the last L of the n keys. On CUDA
+with Triton installed, one Triton kernel does the same without the gather buffer (end of file).
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +35,31 @@ from tokensift.runtime.scores import dense_attention
 if TYPE_CHECKING:
     from tokensift.runtime.cache import TokenCache
 
-# Elements of gathered K + V + mask per chunk of units (~48 MiB in float32): big enough for fused
-# calls to run at full speed, small enough to stay out of the page-fault path.
-CHUNK_ELEMENTS = 12 << 20
+# Elements of gathered K + V + scores per chunk of units (~96 MiB in float32): few, large fused calls
+# (each call costs a thread wake-up on a busy CPU), in buffers reused across chunks.
+CHUNK_ELEMENTS = 24 << 20
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the enclosed index computations on one thread. They are many small tensor ops, and on a
+    busy CPU each multi-threaded op waits for its second thread to be scheduled: measured on the
+    project's 2-core machine, the pattern indices of one 8K layer took 13-40 ms on one thread and
+    0.1-0.6 s on two. The attention itself (few large ops) keeps every thread."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
 class Groups:
-    """Which query heads share a selection: `heads[g]` are the query heads of group g (all reading KV
-    head `kv[g]`); a selection indexed by group applies to all of them."""
+    """Query heads that share a selection: group g holds query heads `heads[g]`, all reading KV head
+    `kv[g]`; a selection indexed by group applies to every head of the group."""
 
     heads: torch.Tensor  # (G, rep) long
     kv: torch.Tensor  # (G,) long
@@ -50,16 +72,56 @@ class Groups:
 
     @staticmethod
     def per_kv_head(kv_heads: int, n_rep: int, device: torch.device | None = None) -> Groups:
-        """One group per KV head holding all its query heads (selections shared across heads)."""
+        """One group per KV head holding all its query heads (a selection shared by all heads)."""
         heads = torch.arange(kv_heads * n_rep, device=device).view(kv_heads, n_rep)
         return Groups(heads, torch.arange(kv_heads, device=device))
 
 
-def query_blocks(length: int, start_row: int, block_size: int, offset: int) -> tuple[int, torch.Tensor]:
-    """Number of query blocks from `start_row` and each block's (first, end) absolute positions."""
+def block_starts(length: int, n: int, start_row: int, block_size: int) -> torch.Tensor:
+    """Absolute position of the first row of every query block from `start_row` on: (nq,)."""
     nq = -(-(length - start_row) // block_size)
-    first = offset + start_row + torch.arange(nq) * block_size
-    return nq, torch.stack([first, (first + block_size).clamp(max=offset + length)], dim=-1)
+    return n - length + start_row + torch.arange(nq) * block_size
+
+
+def first_sparse_row(length: int, n: int, past_keys: int, block_size: int) -> int:
+    """The first row whose query block starts at a multiple of `block_size` (blocks line up with the
+    key blocks) with at least `past_keys` keys before it. Rows before it run dense: their causal
+    prefix costs no more than a sparse block would."""
+    offset = n - length
+    first = -(-max(past_keys, offset) // block_size) * block_size
+    return min(length, first - offset)
+
+
+def diagonal_mask(block_size: int, window: int | None = None) -> torch.Tensor:
+    """Additive mask (block_size, block_size) of a block's own keys: causal, optionally a window."""
+    r = torch.arange(block_size)
+    visible = r[None, :] <= r[:, None]
+    if window is not None:
+        visible &= r[:, None] - r[None, :] < window
+    return torch.zeros(block_size, block_size).masked_fill_(~visible, float("-inf"))
+
+
+def a_shape_past(firsts: torch.Tensor, sinks: int, local: int, n: int) -> torch.Tensor:
+    """Past keys of each query block: sinks, then the window before the block; (nq, sinks + local - 1).
+
+    Window slots holding a sink (or lying before key 0) and sink slots inside the block itself are
+    padding (n), so no key appears twice and sinks stay visible to every row.
+    """
+    sink = torch.arange(sinks, device=firsts.device).expand(len(firsts), sinks)
+    sink = sink.masked_fill(sink >= firsts[:, None], n)
+    window = firsts[:, None] - local + 1 + torch.arange(local - 1, device=firsts.device)
+    return torch.cat([sink, window.masked_fill(window < sinks, n)], dim=1)
+
+
+@functools.cache
+def a_shape_row_mask(sinks: int, local: int, block_size: int) -> torch.Tensor:
+    """Additive mask by row within a block over [sinks | window | own block]: sinks always visible,
+    window slot t (key first - local + 1 + t) visible to row r when t >= r, own keys causal in-window."""
+    r = torch.arange(block_size)[:, None]
+    window = torch.arange(local - 1)[None, :] >= r
+    past = torch.cat([torch.ones(block_size, sinks, dtype=torch.bool), window], dim=1)
+    mask = torch.zeros(block_size, sinks + local - 1).masked_fill_(~past, float("-inf"))
+    return torch.cat([mask, diagonal_mask(block_size, local)], dim=1)
 
 
 def sparse_attention(
@@ -67,110 +129,344 @@ def sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float,
-    index: torch.Tensor,
+    past: torch.Tensor,
     groups: Groups,
     out: torch.Tensor,
     *,
     block_size: int,
-    start_row: int = 0,
-    sinks: torch.Tensor | None = None,
-    window: torch.Tensor | None = None,
+    start_row: int,
+    row_mask: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+    kv: torch.Tensor | None = None,
 ) -> int:
-    """Write attention of rows `start_row..` of the groups' query heads into `out` (B, H_q, L, D).
+    """Attention of rows `start_row..L` of the groups' query heads, written into `out` (B, H_q, L, D).
 
-    q: (B, H_q, L, D); k, v: (B, H_kv, n, D). index: (B or 1, G or 1, nq, m) key indices per query
-    block (blocks start at `start_row`), padded with n. A key is visible to a row when its index is
-    at most the row's position and, where `window` (G,) is given, when it lies within `window[g]`
-    tokens of the row or among the first `sinks[g]` tokens. Every row must see at least one key.
-    Returns the number of (row, key) pairs computed, padding included.
+    q: (B, H_q, L, D); k, v: (B, H_kv, n, D). past: (B or 1, G or 1, nq, m) key indices per query
+    block, each before the block's first row and distinct within a block, padded with n. The block's
+    own keys are appended. row_mask: optional additive mask (block_size, m + block_size) by row within
+    the block, shared by all blocks (default: past keys visible, own keys causal). Every row sees at
+    least itself. Returns the (row, key) pairs computed, padding included. On CUDA with Triton
+    installed the Triton kernel runs instead; it takes the A-shape mask as `window` (sinks, local).
+    `kv`: `key_values(k, v)` when several calls share a layer's keys.
     """
-    b, hq, length, d = q.shape
+    if q.is_cuda and triton_usable(q, block_size):
+        sinks, local = window if window is not None else (None, None)
+        return triton_sparse_attention(
+            q,
+            k,
+            v,
+            scale,
+            past,
+            groups,
+            out,
+            block_size=block_size,
+            start_row=start_row,
+            sinks=sinks,
+            window=local,
+        )
+    b, _, length, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
-    offset = n - length
     g, rep = groups.heads.shape
-    nq, m = index.shape[-2:]
-    rows = rep * block_size
-    device = q.device
+    nq, m = past.shape[-2:]
+    width = m + block_size
+    device, dtype = q.device, q.dtype
+    if row_mask is None:
+        row_mask = _plain_mask(block_size, m)
+    shared_mask = row_mask.to(device=device, dtype=dtype)
 
-    # Queries of each (batch, group, block) unit as one row block: (U, rep * block_size, D).
     span = nq * block_size
-    qs = q[:, :, start_row : start_row + span]
-    if qs.shape[2] < span:
-        qs = F.pad(qs, (0, 0, 0, span - qs.shape[2]))
-    packed = (
-        qs[:, groups.heads.flatten()]
-        .view(b, g, rep, nq, block_size, d)
-        .transpose(2, 3)
-        .reshape(b * g * nq, rows, d)
-    )
-    # Absolute position of every packed row (padding rows lie past n and see every real key).
-    within = torch.arange(block_size, device=device).repeat(rep)
-    q_pos = offset + start_row + torch.arange(nq, device=device)[:, None] * block_size + within  # (nq, rows)
+    stop_row = min(length, start_row + span)
+    firsts = block_starts(length, n, start_row, block_size)[:nq].to(device)
+    own = firsts[:, None] + torch.arange(block_size, device=device)
+    # Row indices into K and V side by side (one gather moves both), for every (batch, group, block)
+    # at once: few large ops, since every small parallel op costs a thread wake-up on a busy CPU.
+    kv = key_values(k, v) if kv is None else kv
+    base = (torch.arange(b, device=device)[:, None] * hkv + groups.kv[None, :].to(device)) * n
+    rows_of = torch.cat([past.expand(b, g, nq, m), own.expand(b, g, nq, block_size)], dim=-1)
+    rows_of = rows_of.clamp_(max=n - 1).add_(base[:, :, None, None]).view(b * g * nq, width)
+    pad = (past >= n).expand(b, g, nq, m).reshape(b * g * nq, m)
+    ragged = pad.any(dim=-1).tolist()
+    chunk = max(1, CHUNK_ELEMENTS // (width * (2 * d + rep * block_size)))
+    kvbuf = k.new_empty(min(chunk, b * g * nq), width, 2 * d)
+    mask_buf = q.new_empty(kvbuf.shape[0], 1, block_size, width)
 
-    kf = k.contiguous().view(-1, d)
-    vf = v.contiguous().view(-1, d)
-    base = (torch.arange(b, device=device)[:, None] * hkv + groups.kv[None, :]) * n  # (B, G)
-    idx = index.expand(b, g, nq, m).reshape(-1, m)
-    units = idx.shape[0]
-    row_of_unit = torch.arange(units, device=device) % nq
-    group_of_unit = (torch.arange(units, device=device) // nq) % g
+    def attend(units: slice, queries: torch.Tensor) -> torch.Tensor:
+        """Attention of consecutive units (batch, group, block) on their gathered keys."""
+        c = units.stop - units.start
+        torch.index_select(kv, 0, rows_of[units].reshape(-1), out=kvbuf[:c].view(-1, 2 * d))
+        if any(ragged[units]):
+            # Blocks with too few distinct past keys: mask their padding slots.
+            mask = mask_buf[:c]
+            mask.copy_(shared_mask.expand(c, 1, block_size, width))
+            mask[:, 0, :, :m].masked_fill_(pad[units][:, None, :], float("-inf"))
+        else:
+            mask = shared_mask.expand(c, 1, block_size, width)
+        return F.scaled_dot_product_attention(
+            queries,
+            kvbuf[:c, None, :, :d],
+            kvbuf[:c, None, :, d:],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=rep > 1,
+        )  # (c, rep, block_size, D)
 
-    chunk = max(1, min(units, CHUNK_ELEMENTS // (m * (2 * d + rows))))
-    kbuf = k.new_empty(chunk, m, d)
-    vbuf = v.new_empty(chunk, m, d)
-    mask = q.new_empty(chunk, rows, m)
-    seen = torch.empty(chunk, rows, m, dtype=torch.bool, device=device)
-    zero, minus_inf = q.new_zeros(()), q.new_full((), float("-inf"))
-    result = q.new_empty(units, rows, d)
-    for u0 in range(0, units, chunk):
-        u1 = min(units, u0 + chunk)
-        c = u1 - u0
-        ids = idx[u0:u1]
-        flat = (ids.clamp(max=n - 1) + base.view(-1)[torch.arange(u0, u1, device=device) // nq, None]).view(-1)
-        torch.index_select(kf, 0, flat, out=kbuf[:c].view(-1, d))
-        torch.index_select(vf, 0, flat, out=vbuf[:c].view(-1, d))
-        qp = q_pos[row_of_unit[u0:u1]]  # (c, rows)
-        vis = torch.le(ids[:, None, :], qp[:, :, None], out=seen[:c])
-        if window is not None:
-            gu = group_of_unit[u0:u1]
-            near = (qp[:, :, None] - ids[:, None, :]) < window[gu][:, None, None]
-            if sinks is not None:
-                near |= (ids < sinks[gu][:, None])[:, None, :]
-            vis &= near
-        torch.where(vis, zero, minus_inf, out=mask[:c])
-        result[u0:u1] = F.scaled_dot_product_attention(
-            packed[u0:u1, None], kbuf[:c, None], vbuf[:c, None], attn_mask=mask[:c, None], scale=scale
-        )[:, 0]
+    heads = groups.heads.flatten()
+    h0 = int(heads[0])
+    consecutive = bool((heads == torch.arange(h0, h0 + len(heads), device=heads.device)).all())
+    if rep == 1:
+        # One query head per group: every (batch, head, block) is a unit of one flat batch.
+        qs = q[:, h0 : h0 + g] if consecutive else q[:, heads]
+        qs = qs[:, :, start_row:stop_row]
+        if stop_row - start_row < span:
+            qs = F.pad(qs, (0, 0, 0, span - (stop_row - start_row)))
+        queries = qs.reshape(b * g * nq, 1, block_size, d)
+        result = q.new_empty(b * g * nq, 1, block_size, d)
+        for u0 in range(0, b * g * nq, chunk):
+            units = slice(u0, min(b * g * nq, u0 + chunk))
+            result[units] = attend(units, queries[units])
+        rows = result.view(b, g, span, d)[:, :, : stop_row - start_row]
+        if consecutive:
+            out[:, h0 : h0 + g, start_row:stop_row] = rows
+        else:
+            out[:, heads, start_row:stop_row] = rows
+        return b * g * nq * block_size * width
 
-    stop = min(length, start_row + span)
-    unpacked = result.view(b, g, nq, rep, block_size, d).transpose(2, 3).reshape(b, g * rep, span, d)
-    out[:, groups.heads.flatten(), start_row:stop] = unpacked[:, :, : stop - start_row]
-    return units * rows * m
+    full_blocks = (stop_row - start_row) // block_size  # a partial last block is padded on its own
+    for bi in range(b):
+        for gi in range(g):
+            group = groups.heads[gi]
+            g0 = int(group[0])
+            together = bool((group == torch.arange(g0, g0 + rep, device=group.device)).all())
+            # The group's queries as (block, head, row, D): a view of q, no copy.
+            qh = q[bi, g0 : g0 + rep] if together else q[bi, group]
+            qg = qh[:, start_row : start_row + full_blocks * block_size]
+            qg = qg.view(rep, full_blocks, block_size, d).transpose(0, 1)
+            first_unit = (bi * g + gi) * nq
+            spans = [
+                (j0, min(full_blocks, j0 + chunk), qg[j0 : j0 + chunk]) for j0 in range(0, full_blocks, chunk)
+            ]
+            if full_blocks < nq:
+                tail = F.pad(qh[:, start_row + full_blocks * block_size : stop_row], (0, 0, 0, block_size))
+                spans.append((full_blocks, nq, tail[:, None, :block_size].transpose(0, 1)))
+            for j0, j1, queries in spans:
+                res = attend(slice(first_unit + j0, first_unit + j1), queries)
+                r0 = start_row + j0 * block_size
+                r1 = min(stop_row, start_row + j1 * block_size)
+                if together and r1 - r0 == (j1 - j0) * block_size:
+                    out[bi, g0 : g0 + rep, r0:r1].view(rep, j1 - j0, block_size, d).copy_(res.transpose(0, 1))
+                else:
+                    out[bi, group, r0:r1] = res.transpose(0, 1).reshape(rep, -1, d)[:, : r1 - r0]
+    return b * g * nq * rep * block_size * width
 
 
-def causal_pairs(length: int, n: int, rows: slice | None = None) -> int:
-    """(row, key) pairs dense causal attention evaluates for the given rows of an L-query forward."""
+def key_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Keys and values side by side, one row per (batch, KV head, token): one gather moves both."""
+    return torch.cat([k, v], dim=-1).view(-1, 2 * k.shape[-1])
+
+
+@functools.cache
+def _plain_mask(block_size: int, past: int) -> torch.Tensor:
+    """Past keys visible, own keys causal: the mask of every pattern but A-shape."""
+    return torch.cat([torch.zeros(block_size, past), diagonal_mask(block_size)], dim=1)
+
+
+def causal_pairs(length: int, n: int, start: int = 0, stop: int | None = None) -> int:
+    """(row, key) pairs dense causal attention evaluates for rows [start, stop) of an L-query forward."""
+    stop = length if stop is None else stop
     offset = n - length
-    start, stop, _ = (rows or slice(0, length)).indices(length)
     # Row i sees offset + i + 1 keys.
     return (stop - start) * (offset + 1) + (start + stop - 1) * (stop - start) // 2
 
 
 def dense_rows(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor, start: int, stop: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    stop: int,
+    heads: torch.Tensor | None = None,
 ) -> int:
-    """Exact attention for rows [start, stop) of the forward into `out`; returns pairs per head."""
-    if stop <= start:
+    """Exact attention of rows [0, stop) of the forward into `out`, for all query heads or a subset;
+    returns the (row, key) pairs computed."""
+    if stop <= 0:
         return 0
     length, n = q.shape[2], k.shape[2]
     visible = n - length + stop
-    out[:, :, start:stop] = dense_attention(
-        q[:, :, start:stop], k[:, :, :visible], v[:, :, :visible], scale
-    )
-    return causal_pairs(length, n, slice(start, stop))
+    if heads is None:
+        out[:, :, :stop] = dense_attention(q[:, :, :stop], k[:, :, :visible], v[:, :, :visible], scale)
+        count = q.shape[1]
+    else:
+        kv = heads // (q.shape[1] // k.shape[1])
+        out[:, heads, :stop] = dense_attention(
+            q[:, heads, :stop], k[:, kv, :visible], v[:, kv, :visible], scale
+        )
+        count = len(heads)
+    return q.shape[0] * count * causal_pairs(length, n, 0, stop)
 
 
-def record(cache: TokenCache, heads: int, pairs: int, length: int, n: int) -> None:
-    """Counters every sparse-prefill method reports: pairs computed vs pairs dense would compute."""
+def dense_tail(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+    rows: int,
+    heads: torch.Tensor | None = None,
+) -> int:
+    """Exact attention for the last `rows` queries of the forward (the instruction or question, which
+    then sees every key), for all query heads or a subset, written into `out`; returns the pairs
+    computed."""
+    length, n = q.shape[2], k.shape[2]
+    rows = min(rows, length)
+    if rows <= 0:
+        return 0
+    if heads is None:
+        out[:, :, length - rows :] = dense_attention(q[:, :, length - rows :], k, v, scale)
+        count = q.shape[1]
+    else:
+        kv = heads // (q.shape[1] // k.shape[1])
+        tail = q[:, heads, length - rows :]
+        out[:, heads, length - rows :] = dense_attention(tail, k[:, kv], v[:, kv], scale)
+        count = len(heads)
+    return q.shape[0] * count * causal_pairs(length, n, length - rows, length)
+
+
+def blocks_before(stop: int, start_row: int, block_size: int) -> int:
+    """Query blocks from `start_row` that hold a row before `stop` (the rows a dense tail leaves)."""
+    return max(0, -(-(stop - start_row) // block_size))
+
+
+def record(cache: TokenCache, q: torch.Tensor, n: int, pairs: int) -> None:
+    """Counters every sparse-prefill method reports: (row, key) pairs computed and what dense computes."""
     cache.count("prefill_attention_pairs", pairs)
-    cache.count("prefill_attention_pairs_dense", heads * causal_pairs(length, n))
+    cache.count("prefill_attention_pairs_dense", q.shape[0] * q.shape[1] * causal_pairs(q.shape[2], n))
+
+
+# --- Triton kernel (GPUs; optional) -----------------------------------------------------------------
+# The same computation as `sparse_attention` in one kernel: a program per (query block, query head)
+# walks its block's key list (past keys, then its own block) in tiles, gathering K/V rows by index,
+# with an online softmax, so nothing is gathered into memory first. Used for CUDA tensors when Triton
+# is installed; tested on CPU in Triton's interpreter mode (TRITON_INTERPRET=1).
+
+
+@functools.cache
+def _triton_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(
+        Q, K, V, Out, Idx, Heads, Groups_, scale,
+        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+        sib, sig, siq, sim,
+        n_keys, q_len, offset, start_row, width, n_rep, sinks, window,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        h = tl.load(Heads + tl.program_id(1))
+        g = tl.load(Groups_ + tl.program_id(1))
+        b = tl.program_id(2)
+        rows = start_row + block * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos = offset + rows
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd,
+            mask=rows[:, None] < q_len,
+            other=0.0,
+        )
+        kv_head = h // n_rep
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for start in range(0, width, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            ids = tl.load(Idx + b * sib + g * sig + block * siq + cols * sim, mask=cols < width, other=n_keys)
+            real = ids < n_keys
+            safe = tl.where(real, ids, 0)
+            k = tl.load(
+                K + b * skb + kv_head * skh + safe[:, None] * skn + dims[None, :] * skd,
+                mask=real[:, None],
+                other=0.0,
+            )
+            qk = tl.dot(q, tl.trans(k)) * scale
+            seen = real[None, :] & (ids[None, :] <= pos[:, None])
+            if WINDOW:
+                seen = seen & ((ids[None, :] < sinks) | (pos[:, None] - ids[None, :] < window))
+            qk = tl.where(seen, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(qk - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            v = tl.load(
+                V + b * svb + kv_head * svh + safe[:, None] * svn + dims[None, :] * svd,
+                mask=real[:, None],
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            Out + b * sob + h * soh + rows[:, None] * som + dims[None, :] * sod,
+            out.to(Out.dtype.element_ty),
+            mask=rows[:, None] < q_len,
+        )
+
+    return kernel
+
+
+def triton_usable(q: torch.Tensor, block_size: int) -> bool:
+    """Whether the Triton kernel can run these shapes here (CUDA, or Triton's interpreter)."""
+    d = q.shape[-1]
+    power = block_size >= 16 and block_size & (block_size - 1) == 0 and d in (16, 32, 64, 128)
+    if not power:
+        return False
+    if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    past: torch.Tensor,
+    groups: Groups,
+    out: torch.Tensor,
+    *,
+    block_size: int,
+    start_row: int,
+    sinks: int | None = None,
+    window: int | None = None,
+) -> int:
+    """`sparse_attention` as one Triton kernel launch (same arguments; a sink + window mask replaces
+    `row_mask`). Returns the (row, key) pairs computed."""
+    b, hq, length, d = q.shape
+    n = k.shape[2]
+    g, rep = groups.heads.shape
+    nq, m = past.shape[-2:]
+    firsts = block_starts(length, n, start_row, block_size)[:nq].to(q.device)
+    own = firsts[:, None] + torch.arange(block_size, device=q.device)
+    index = torch.cat([past, own.expand(*past.shape[:2], nq, block_size)], dim=-1).contiguous()
+    heads = groups.heads.flatten().to(device=q.device, dtype=torch.int32)
+    group_of = torch.arange(g, device=q.device, dtype=torch.int32).repeat_interleave(rep)
+    if past.shape[1] == 1:
+        group_of = torch.zeros_like(group_of)
+    istr = list(index.stride())
+    if index.shape[0] == 1:
+        istr[0] = 0
+    kernel = _triton_kernel()
+    kernel[(nq, len(heads), b)](
+        q, k, v, out, index, heads, group_of, scale,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *istr,
+        n, length, n - length, start_row, m + block_size, hq // k.shape[1],
+        sinks or 0, window or 0,
+        BLOCK_M=block_size, BLOCK_N=32, HEAD_DIM=d, WINDOW=window is not None,
+    )  # fmt: skip
+    return b * g * nq * rep * block_size * (m + block_size)

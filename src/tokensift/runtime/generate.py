@@ -341,7 +341,8 @@ def collect_stats(
 ) -> GenerationStats:
     notes = list(cache.notes)
     evict = cache.plan.evict
-    applied = plan.is_dense or cache.evicted > 0
+    # A plan applied if it evicted or if some decode step attended to a selected subset only.
+    applied = plan.is_dense or cache.evicted > 0 or cache.counters.get("sparse_layer_steps", 0) > 0
     if evict is not None and cache.evicted == 0:
         notes.append(
             f"{evict.name} evicted nothing: its budget of {evict.budget_tokens} tokens covers all "
