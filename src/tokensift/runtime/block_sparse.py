@@ -146,10 +146,13 @@ def sparse_attention(
     own keys are appended. row_mask: optional additive mask (block_size, m + block_size) by row within
     the block, shared by all blocks (default: past keys visible, own keys causal). Every row sees at
     least itself. Returns the (row, key) pairs computed, padding included. On CUDA with Triton
-    installed the Triton kernel runs instead; it takes the A-shape mask as `window` (sinks, local).
-    `kv`: `key_values(k, v)` when several calls share a layer's keys.
+    installed and TOKENSIFT_TRITON=1 the Triton kernel runs instead; it takes the A-shape mask as
+    `window` (sinks, local). `kv`: `key_values(k, v)` when several calls share a layer's keys.
     """
-    if q.is_cuda and triton_usable(q, block_size):
+    # The kernel is opt-in: it matches the engine in Triton's CPU interpreter (tests) but has not run
+    # on a real GPU yet, and it knows no custom row mask other than the A-shape window.
+    opted_in = os.environ.get("TOKENSIFT_TRITON") == "1" and (row_mask is None or window is not None)
+    if q.is_cuda and opted_in and triton_usable(q, block_size):
         sinks, local = window if window is not None else (None, None)
         return triton_sparse_attention(
             q,
