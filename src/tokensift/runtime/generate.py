@@ -146,13 +146,18 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """Greedy when temperature is 0; otherwise temperature and nucleus (top-p) sampling."""
     if temperature <= 0:
         return int(logits.argmax(dim=-1).item())
+    return int(torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).item())
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature, then nucleus), as probabilities."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
         sorted_probs[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator).item())
+    return probs / probs.sum()
 
 
 def check_context(model: Model, prompt_tokens: int, max_new_tokens: int) -> None:

@@ -22,13 +22,12 @@ Mean tokens attended per layer-step is tokens_attended / decode_layer_steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from tokensift.runtime.block_sparse import one_thread
 from tokensift.runtime.rope import find_inv_freq
 from tokensift.runtime.scores import dense_attention
 
@@ -152,23 +151,9 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices
 
 
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Run a sparse step's many small ops on one thread.
-
-    Everything a sparse decode step does is small (a few hundred gathered rows, one short attention),
-    so a second thread saves little; on a busy CPU it costs a lot, because every multi-threaded op
-    waits until its second thread is scheduled (milliseconds instead of microseconds per op on the
-    project's shared 2-core machine). Dense work keeps every thread.
-    """
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
+# Small ops on one thread (see block_sparse.one_thread): a sparse step is a few hundred gathered rows
+# and one short attention, so a second thread saves little and, on a busy CPU, costs a lot.
+single_thread = one_thread
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------------

@@ -170,17 +170,6 @@ class Verifier:
         self.pending = 0
 
 
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution `generate.sample` draws from (temperature, then nucleus), as probabilities."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return probs / probs.sum()
-
-
 def accept_draft(
     decoding: Decoding, rows: torch.Tensor, draft: Sequence[int]
 ) -> list[tuple[int, torch.Tensor]]:
@@ -192,6 +181,8 @@ def accept_draft(
     deterministic draft (q = 1 on the drafted token): accept with probability p(token), else draw from
     p with that token removed; this leaves the target distribution unchanged.
     """
+    from tokensift.runtime.generate import sampling_probs  # generate imports the methods that import us
+
     out: list[tuple[int, torch.Tensor]] = []
     for j, token in enumerate(draft):
         row = rows[j]
