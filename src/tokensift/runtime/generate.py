@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -191,6 +191,9 @@ class Decoding:
     step_logits: list[torch.Tensor] = field(default_factory=list)
     stop_reason: str = ""
     prompt: list[int] = field(default_factory=list)  # prompt token ids: loop methods draft from them
+    # Called after every committed token with (decoding, token, logits or None); a non-empty return
+    # value ends the generation with that stop reason (streaming, cancellation, guards).
+    on_token: Callable[[Decoding, int, torch.Tensor | None], str | None] | None = None
 
     @property
     def done(self) -> bool:
@@ -224,6 +227,10 @@ class Decoding:
             self.stop_reason = "stop"
         elif len(self.tokens) >= self.max_new_tokens:
             self.stop_reason = "max_new_tokens"
+        if self.on_token is not None:
+            reason = self.on_token(self, token, logits)
+            if reason and not self.stop_reason:
+                self.stop_reason = reason
         return self.done
 
 
@@ -252,6 +259,7 @@ def generate(
     ignore_eos: bool = False,
     question: str | None = None,
     shared: SharedPrefill | None = None,
+    on_token: Callable[[Decoding, int, torch.Tensor | None], str | None] | None = None,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
@@ -260,7 +268,8 @@ def generate(
     it (the query-agnostic protocol). Fractional budgets are then fractions of the context.
     `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements). `shared` is a prefill
     of the same prompt run once for several plans (see `shared_prefill`); its time is counted in
-    `prefill_seconds`, plus this plan's own compression.
+    `prefill_seconds`, plus this plan's own compression. `on_token` sees every committed token
+    and may end the generation by returning a stop reason (see `Decoding.on_token`).
     """
     if isinstance(model, str):
         model = load(model)
@@ -291,6 +300,7 @@ def generate(
             ignore_eos,
             return_logits,
             prompt=ids + question_ids,
+            on_token=on_token,
         )
         t0 = time.perf_counter()
         if shared is not None:
