@@ -2,7 +2,7 @@
 overhead and retrieval accuracy, as ratios to dense measured in the same run.
 
     python benchmarks/sparse_decode.py [--model smollm2-135m] [--lengths 2048 4096 8192]
-        [--budgets 256 512 1024] [--methods quest tokenselect ...] [--new-tokens 32] [--repeats 2]
+        [--budgets 256 512 1024] [--methods quest tokenselect ...] [--new-tokens 32] [--repeats 5]
         [--accuracy-lengths 8192] [--accuracy-budgets 512] [--samples 1] [--profile-budget 512]
         [--threads N] [--json benchmarks/results/sparse_decode.json]
 
@@ -17,7 +17,9 @@ methods' sparse steps (they run single-threaded by design): with one thread the 
 the skipped work, not the scheduler.
 
 Speed: the passkey prompt (depth 0.5) of each length, `--new-tokens` greedy tokens (EOS ignored),
-`--repeats` rounds with the methods in rotated order; medians. "attention" is the wall time of
+`--repeats` rounds (>= 5 for a claim) with the methods in rotated order; medians with the
+interquartile range, and speed-ups (dense time / method time) paired per round, so a target is met
+only when the lower quartile of the ratio meets it (tokensift.bench.timing). "attention" is the wall time of
 tokensift's per-layer attention call (`runtime.attention.run_layer`) for decode queries, timed around
 it for dense and methods alike (selection included); "selection" is the share of that time the method
 reports as `selection_seconds`.
@@ -45,12 +47,14 @@ import tokensift
 import tokensift.runtime.attention as attention
 from tokensift.bench.runner import token_counter
 from tokensift.bench.tasks import get_task
+from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats, speedup
 from tokensift.runtime.cache import PENDING, TokenCache
 from tokensift.runtime.generate import Decoding, decode_plain, encode, eos_ids, forward
 
 METHODS = ["quest", "tokenselect", "tidaldecode", "hip"]
 EXTRA = {"hip": ",sparse_prefill=false"}  # decode-only HiP: every method shares the dense prefill
 TASKS = {"passkey": [0.1, 0.5, 0.9], "niah_single": [0.25, 0.75]}
+TARGETS = {"decode_vs_dense": 1.4, "attention_speedup": 6.0}  # at the largest context, accuracy budget
 
 
 class AttentionClock:
@@ -142,11 +146,12 @@ def speed(model, lengths, all_specs, args, clock, profiles):  # type: ignore[no-
                 runs[spec].append(decode(model, spec, pre, args.new_tokens, clock, ignore_eos=True))
         steps = args.new_tokens - 1
         base = runs["dense"]
-        dense_tps = statistics.median(steps / r.decode_seconds for r in base)
-        dense_att = statistics.median(r.attention_seconds / steps for r in base)
         for spec, rs in runs.items():
-            tps = statistics.median(steps / r.decode_seconds for r in rs)
-            att = statistics.median(r.attention_seconds / steps for r in rs)
+            tps = Spread.of(steps / r.decode_seconds for r in rs)
+            att = Spread.of(r.attention_seconds / steps for r in rs)
+            # Paired per repeat: dense time / method time of the same round.
+            decode_ratio = speedup([r.decode_seconds for r in base], [r.decode_seconds for r in rs])
+            att_ratio = speedup([r.attention_seconds for r in base], [r.attention_seconds for r in rs])
             c = rs[0].counters
             cached = len(pre.ids) + (steps + 1) / 2  # mean cache length over the decode steps
             select = statistics.median(
@@ -159,10 +164,17 @@ def speed(model, lengths, all_specs, args, clock, profiles):  # type: ignore[no-
                 {
                     "length": len(pre.ids),
                     "spec": spec,
-                    "decode_tps": tps,
-                    "decode_vs_dense": tps / dense_tps,
-                    "attention_ms": att * 1e3,
-                    "attention_speedup": dense_att / att,
+                    "decode_tps": tps.median,
+                    "decode_vs_dense": decode_ratio.median,
+                    "attention_ms": att.median * 1e3,
+                    "attention_speedup": att_ratio.median,
+                    "spread": {
+                        "decode_tps": tps.as_dict(),
+                        "decode_vs_dense": decode_ratio.as_dict(),
+                        "attention_speedup": att_ratio.as_dict(),
+                    },
+                    "decode_seconds": [r.decode_seconds for r in rs],
+                    "attention_seconds": [r.attention_seconds for r in rs],
                     "selection_share": select,
                     # Per layer-step means; dense runs count nothing and attend to everything.
                     "tokens_attended": c["tokens_attended"] / c["decode_layer_steps"] if c else cached,
@@ -251,20 +263,30 @@ def profile(
     }
 
 
+def ratio(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    """A speed-up with its interquartile range over the paired repeats, e.g. `1.49x [1.41-1.55]`
+    (runs saved before the spread was recorded show the median alone)."""
+    spread = row.get("spread", {}).get(key)
+    if spread is None:
+        return f"{row[key]:.{digits}f}x"
+    return Spread(spread["median"], spread["q1"], spread["q3"], spread["n"]).format(digits, "x")
+
+
 def tables(result: dict[str, Any], speed: bool = True, accuracy: bool = True) -> str:
     """The results as markdown tables."""
     args, out = result["args"], []
     if speed and result.get("speed"):
         out += [
-            f"\nDecode speed ({args['new_tokens']} tokens, median of {args['repeats']}):\n",
+            f"\nDecode speed ({args['new_tokens']} tokens, median of {args['repeats']} paired repeats "
+            "[interquartile range]; speed-up = dense time / method time):\n",
             "| context | method | decode tok/s | vs dense | attention ms/token | attention speed-up "
             "| selection share | tokens attended / cached | selection reuse |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in result["speed"]:
             out.append(
-                f"| {r['length']} | {r['spec']} | {r['decode_tps']:.1f} | {r['decode_vs_dense']:.2f}x "
-                f"| {r['attention_ms']:.1f} | {r['attention_speedup']:.1f}x "
+                f"| {r['length']} | {r['spec']} | {r['decode_tps']:.1f} | {ratio(r, 'decode_vs_dense')} "
+                f"| {r['attention_ms']:.1f} | {ratio(r, 'attention_speedup', 1)} "
                 f"| {100 * r['selection_share']:.0f}% "
                 f"| {r['tokens_attended']:.0f} / {r['tokens_cached']:.0f} | {100 * r['reuse']:.0f}% |"
             )
@@ -308,8 +330,8 @@ def summary(result: dict[str, Any]) -> str:
             scores = f"{a['passkey']:.2f} | {a['niah_single']:.2f}" if a else "- | -"
             out.append(
                 f"| `{r['spec'].replace(',sparse_prefill=false', '')}` | {r['decode_tps']:.1f} "
-                f"| {r['decode_vs_dense']:.2f}x | {r['attention_ms']:.1f} | {r['attention_speedup']:.1f}x "
-                f"| {100 * r['selection_share']:.0f}% | {scores} |"
+                f"| {ratio(r, 'decode_vs_dense')} | {r['attention_ms']:.1f} "
+                f"| {ratio(r, 'attention_speedup', 1)} | {100 * r['selection_share']:.0f}% | {scores} |"
             )
     lengths = sorted({r["length"] for r in rows})
     budget = result["args"]["accuracy_budgets"][0]
@@ -320,12 +342,24 @@ def summary(result: dict[str, Any]) -> str:
     ]
     for method in result["args"]["methods"]:
         cells = [
-            f"{r['decode_vs_dense']:.2f}x / {r['attention_speedup']:.1f}x"
+            f"{ratio(r, 'decode_vs_dense')} / {ratio(r, 'attention_speedup', 1)}"
             for n in lengths
             for r in rows
             if r["length"] == n and r["spec"].startswith(f"{method}:budget={budget}")
         ]
         out.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    out.append("")
+    for key, target in TARGETS.items():
+        met, missed = [], []
+        for r in rows:
+            if r["length"] == longest and r["spec"] != "dense" and f":budget={budget}" in r["spec"]:
+                spread = r.get("spread", {}).get(key)
+                q1 = spread["q1"] if spread else r[key]  # old runs: the median stands in
+                (met if q1 >= target else missed).append(f"{r['spec'].split(':')[0]} {q1:.2f}x")
+        out.append(
+            f"target {key} >= {target}x at {longest} tokens, budget {budget} (lower quartile): "
+            f"met by {', '.join(met) or 'none'}; missed by {', '.join(missed) or 'none'}"
+        )
     return "\n".join(out)
 
 
@@ -342,7 +376,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_repeats_argument(parser)
     parser.add_argument("--accuracy-lengths", type=int, nargs="*", default=[8192])
     parser.add_argument("--accuracy-budgets", type=int, nargs="+", default=[512])
     parser.add_argument("--samples", type=int, default=1, help="accuracy samples per task and depth")
@@ -360,6 +394,7 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_repeats(args.repeats)
 
     model = tokensift.load(args.model)
     # Prompts are built to `length` tokens; keep room for the generated ones inside the context.
