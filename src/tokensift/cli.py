@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from tokensift.errors import TokensiftError, one_line
 
 # Modules that add their own sub-commands through `add_parser(subparsers)`.
-EXTRA_COMMANDS: list[str] = ["tokensift.calibration", "tokensift.audit.cli"]
+EXTRA_COMMANDS: list[str] = ["tokensift.calibration", "tokensift.audit.cli", "tokensift.serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
