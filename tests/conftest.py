@@ -44,3 +44,23 @@ def prompt_ids(n: int, seed: int = 1) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     # Avoid the EOS id so greedy runs are not cut short by the prompt itself.
     return [int(t) for t in torch.randint(3, VOCAB, (n,), generator=g)]
+
+
+def tiny_smol_model(seed: int = 0, context: int = 2048) -> tokensift.Model:
+    """A tiny random Llama over SmolLM2's tokenizer: real text prompts and chat template, fast forwards."""
+    from tokensift.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    return tokensift.wrap(LlamaForCausalLM(config), tok, name="tiny-smol")
