@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -13,7 +15,7 @@ from tokensift.errors import TokensiftError
 if TYPE_CHECKING:
     import torch
 
-    from tokensift.runtime.cache import TokenLayer
+    from tokensift.runtime.cache import TokenCache, TokenLayer
     from tokensift.runtime.generate import Decoding
 
 Budget = int | float
@@ -27,7 +29,8 @@ class Hook(StrEnum):
     SELECT = "select"  # which cached tokens does this decode query attend to?
     PREFILL = "prefill"  # which key blocks does each prompt query block attend to?
     LOOP = "loop"  # which tokens does the big model have to produce at all?
-    BIAS = "bias"  # per-head attention logit bias
+    BIAS = "bias"  # per-head attention logit bias on chosen keys
+    CONTEXT = "context"  # which passages enter the prompt at all (before tokenization)
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -52,6 +55,14 @@ def check_budget(value: Any, what: str = "budget") -> None:
         raise TokensiftError(f"{what} as a fraction of the prompt must lie in (0, 1], got {value}")
 
 
+def check_finite(method: Method) -> None:
+    """Every float parameter must be a finite number: NaN or inf would silently poison scores."""
+    for f in fields(method):
+        value = getattr(method, f.name) if f.init else None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TokensiftError(f"{method.name} {f.name} must be a finite number, got {value}")
+
+
 def resolve_budget(value: Budget, prompt_tokens: int) -> int:
     """Token count for a budget: ints as given, fractions of the prompt rounded (at least 1)."""
     check_budget(value)
@@ -68,9 +79,34 @@ class Method:
     hooks: ClassVar[frozenset[Hook]] = frozenset()
     paper: ClassVar[str] = ""
     repositions: ClassVar[bool] = False  # keys re-positioned inside the cache (G3-ii)
+    # Stats counters that measure how much the method changed the computation: it applied to a
+    # generation when one of them is positive. Each hook's base class names its own; a method whose
+    # effect is measured otherwise names its counters (and records them).
+    applied_by: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own `__post_init__` runs after `check_finite`, so no method can skip it."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "checks_finite", False):
+
+            @functools.wraps(own)
+            def post_init(self: Method) -> None:
+                check_finite(self)
+                own(self)
+
+            post_init.checks_finite = True  # type: ignore[attr-defined]
+            cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def no_op_reason(self, cache: TokenCache) -> str:
+        """The note a generation gets when none of the `applied_by` counters is positive."""
+        return f"{self.name} changed nothing: {' and '.join(self.applied_by)} stayed 0"
 
     def resolved_params(self) -> dict[str, Any]:
         return self.params()
@@ -94,6 +130,7 @@ class EvictionMethod(Method):
     """A method that decides which cached tokens each layer keeps (hook: evict)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.EVICT})
+    applied_by: ClassVar[tuple[str, ...]] = ("tokens_evicted",)
     needs_colsums: ClassVar[bool] = False  # wants attention column sums of every forward's queries
     one_shot: ClassVar[bool] = False  # compresses after the prompt only; decoding appends
 
@@ -114,6 +151,12 @@ class EvictionMethod(Method):
 
     def resolved_params(self) -> dict[str, Any]:
         return {**self.params(), "budget_tokens": self.budget_tokens}
+
+    def no_op_reason(self, cache: TokenCache) -> str:
+        return (
+            f"{self.name} evicted nothing: its budget of {self.budget_tokens} tokens covers all "
+            f"{cache.seen_tokens} tokens processed"
+        )
 
     @property
     def tokens(self) -> int:
@@ -177,6 +220,7 @@ class SparseDecodeMethod(Method):
     """Keeps the whole cache; each decode query attends to a subset it selects (hook: select)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.SELECT})
+    applied_by: ClassVar[tuple[str, ...]] = ("sparse_layer_steps",)  # decode layer-steps on a subset
 
     def decode_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -193,6 +237,10 @@ class SparsePrefillMethod(Method):
     """Makes the attention of multi-token forwards sparse; decoding is left to others (hook: prefill)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.PREFILL})
+    # Causal pairs no query attended to; the runtime meters every prefill forward through the
+    # block-sparse engine (`runtime.block_sparse.metered`), which counts them.
+    applied_by: ClassVar[tuple[str, ...]] = ("prefill_attention_pairs_skipped",)
+    metered: ClassVar[bool] = True  # False for stand-ins whose multi-token forwards are not prefills
 
     def prefill_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -206,8 +254,42 @@ class LoopMethod(Method):
     """Changes which tokens the model produces itself: drafting, routing (hook: loop)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.LOOP})
+    # Draft tokens the model accepted. Every loop method records `draft_tokens`, `accepted_tokens`,
+    # `rolled_back_tokens` and `forwards_saved` (model forwards plain decoding would have run more).
+    applied_by: ClassVar[tuple[str, ...]] = ("accepted_tokens",)
 
     def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
         """Produce tokens through `decoding.accept(...)` until `decoding.done`; `logits` are the
         prefill's last-position logits (vocab,)."""
+        raise NotImplementedError
+
+
+@dataclass
+class BiasMethod(Method):
+    """Adds a per-head logit bias to chosen keys before the softmax (hook: bias).
+
+    The runtime finds the cached slots that hold the chosen original positions (wherever eviction
+    left them) and passes the bias to the fused attention kernel as an additive mask column.
+    """
+
+    hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.BIAS})
+    # Layer forwards whose attention ran with a non-zero bias on a key the cache still held.
+    applied_by: ClassVar[tuple[str, ...]] = ("biased_layer_forwards",)
+
+    def key_bias(self, layer: TokenLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions (P,), bias (H_q, P)): the original absolute positions of the biased keys and the
+        additive logit bias of every query head on each; None leaves this layer's attention exact."""
+        raise NotImplementedError
+
+
+@dataclass
+class ContextMethod(Method):
+    """Chooses which passages of a many-passage context enter the prompt (hook: context)."""
+
+    hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.CONTEXT})
+    # Passages left out of the prompt (the runtime also records `passages_in` and `passages_kept`).
+    applied_by: ClassVar[tuple[str, ...]] = ("passages_dropped",)
+
+    def select_passages(self, passages: list[str], question: str | None, seed: int) -> list[int]:
+        """Indices of the passages to keep, in their original order."""
         raise NotImplementedError

@@ -107,4 +107,12 @@ def convert(raw: str, annotation: Any, where: str) -> Any:
             raise TokensiftError(f"{where} must be {annotation.__name__}, got {raw!r}") from None
     if annotation is str:
         return raw
+    if len(args) > 1:
+        # A union (e.g. a number or a textual table): the first member the text converts to.
+        for member in args:
+            if member in (int, float, bool, str):
+                try:
+                    return convert(raw, member, where)
+                except TokensiftError:
+                    continue
     raise TokensiftError(f"{where} cannot be set from the command line")

@@ -8,6 +8,7 @@ attention, then the method's cache update (eviction). Models are never patched: 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from tokensift.errors import TokensiftError
+from tokensift.runtime import block_sparse
 from tokensift.runtime.cache import PENDING, TokenLayer
-from tokensift.runtime.scores import attention_with_colsums, dense_attention
+from tokensift.runtime.scores import KeyBias, attention_with_colsums, dense_attention, key_bias
 
 NAME = "tokensift"
 
@@ -48,8 +50,55 @@ def tokensift_attention(
     else:
         if layer.cache.observer is not None:
             layer.cache.observer(module, layer, query, key, value, scale)
-        out = run_layer(layer, query, key, value, scale)
+        with key_bias(bias_columns(layer, query)) as bias:
+            out = run_layer(layer, query, key, value, scale)
+        if bias is not None:
+            record_bias(layer, bias)
     return out.transpose(1, 2).contiguous(), None
+
+
+def bias_columns(layer: TokenLayer, query: torch.Tensor) -> torch.Tensor | None:
+    """The plan's logit bias for this layer as additive columns (B, H_q, n), or None (exact attention).
+
+    The bias method names original positions; the columns follow those tokens to whatever slots the
+    cache keeps them in. A target an evictor dropped gets no bias (there is no key to bias).
+    """
+    method = layer.cache.plan.bias
+    spec = None if method is None else method.key_bias(layer)
+    if spec is None:
+        return None
+    assert method is not None
+    cache = layer.cache
+    prefill = cache.plan.prefill if query.shape[2] > 1 else None
+    if getattr(layer, "ragged", False) or prefill is not None:
+        # Per-head ragged storage and block-sparse prefill kernels take no bias: say so, never half-apply.
+        where = f"{prefill.name} prefill forwards" if prefill else "layers holding per-head budgets (ragged)"
+        cache.note(f"{method.name}: {where} attend without the bias")
+        cache.count("bias_skipped_layer_forwards")
+        return None
+    columns, complete = layer.bias_columns(*spec)
+    if not complete:
+        cache.count("bias_target_missing_layer_forwards")
+        cache.note(
+            f"{method.name}: the cache no longer holds a biased token in some heads (evicted); "
+            "those heads attend without the bias"
+        )
+    if not bool(columns.any()):
+        return None
+    return columns
+
+
+def record_bias(layer: TokenLayer, bias: KeyBias) -> None:
+    cache = layer.cache
+    if bias.used:
+        cache.count("biased_layer_forwards")
+        return
+    cache.count("bias_skipped_layer_forwards")
+    owners = [m.name for m in (cache.plan.prefill, cache.plan.select) if m is not None]
+    cache.note(
+        f"{cache.plan.bias.name if cache.plan.bias else 'bias'}: the attention kernel of "
+        f"{' / '.join(owners) or 'this layer'} does not take a logit bias; some layer forwards ran unbiased"
+    )
 
 
 def run_layer(
@@ -79,7 +128,12 @@ def run_layer(
     if evict is not None and evict.needs_colsums:
         out, colsum = attention_with_colsums(query, key, value, scale, score_fn=evict.column_scores(layer))
     elif query.shape[2] > 1 and plan.prefill is not None:
-        out = plan.prefill.prefill_attention(layer, query, key, value, scale)
+        # Count the (row, key) pairs the method computed and skipped, against dense causal attention.
+        meter = (
+            block_sparse.metered(layer.cache, query, key.shape[2]) if plan.prefill.metered else nullcontext()
+        )
+        with meter:
+            out = plan.prefill.prefill_attention(layer, query, key, value, scale)
     elif query.shape[2] == 1 and plan.select is not None:
         out = plan.select.decode_attention(layer, query, key, value, scale)
     else:

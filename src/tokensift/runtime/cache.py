@@ -154,6 +154,19 @@ class TokenLayer(CacheLayerMixin):
             self.cache._account(self)
         return self.states[name][..., : self.n]
 
+    def bias_columns(self, targets: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Additive logit columns (B, H_q, n) that put bias[h, p] on the slot holding original position
+        targets[p] in query head h's KV head, wherever eviction left it; and whether every KV head
+        still holds every target (an evicted target simply gets no bias)."""
+        pos = self.positions
+        b, g, n = pos.shape
+        hq, p = bias.shape
+        hit = pos.unsqueeze(-1) == targets.to(pos.device)  # (B, H_kv, n, P)
+        complete = bool(hit.any(dim=2).all())
+        grouped = bias.to(device=pos.device, dtype=torch.float32).reshape(g, hq // g, p)
+        columns = torch.einsum("bgnp,grp->bgrn", hit.float(), grouped)
+        return columns.reshape(b, hq, n), complete
+
     def nbytes(self) -> tuple[int, int]:
         """(bytes of K/V storage held, bytes of positions and method state held)."""
         kv = _nbytes(self.keys) + _nbytes(self.values)

@@ -8,6 +8,8 @@ from typing import Any
 
 from tokensift.errors import TokensiftError
 from tokensift.methods.base import (
+    BiasMethod,
+    ContextMethod,
     EvictionMethod,
     Hook,
     LoopMethod,
@@ -88,6 +90,18 @@ class Plan:
     def loop(self) -> LoopMethod | None:
         method = self.by_hook(Hook.LOOP)
         assert method is None or isinstance(method, LoopMethod)
+        return method
+
+    @property
+    def bias(self) -> BiasMethod | None:
+        method = self.by_hook(Hook.BIAS)
+        assert method is None or isinstance(method, BiasMethod)
+        return method
+
+    @property
+    def context(self) -> ContextMethod | None:
+        method = self.by_hook(Hook.CONTEXT)
+        assert method is None or isinstance(method, ContextMethod)
         return method
 
     @property

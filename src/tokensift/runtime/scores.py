@@ -6,13 +6,56 @@ keys j <= n - L + i. GQA follows transformers: query head h uses KV head h // n_
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
 # Upper bound on the elements of one chunk of logits (16 MiB in float32): small chunks stay in cache.
 MAX_CHUNK_ELEMENTS = 1 << 22
+
+
+class KeyBias:
+    """An additive logit bias per query head and key slot of the layer that is attending: (B, H_q, n).
+
+    Set by the runtime around one layer's attention (`key_bias`); the exact kernels below (and the
+    gathered sparse-decode kernel) add it to their logits, as an additive mask column for the fused
+    SDPA calls, and mark it `used`. A kernel that cannot apply it leaves `used` False, and the
+    runtime reports that the bias did not run there.
+    """
+
+    def __init__(self, columns: torch.Tensor):
+        self.columns = columns
+        self.used = False
+
+    def take(self, n_keys: int, q_heads: int) -> torch.Tensor | None:
+        """The columns for an attention of all query heads over all n_keys slots of the layer (None
+        for an attention over a part of them)."""
+        if self.columns.shape[-1] != n_keys or self.columns.shape[1] != q_heads:
+            return None
+        self.used = True
+        return self.columns
+
+
+ACTIVE_BIAS: ContextVar[KeyBias | None] = ContextVar("tokensift_key_bias", default=None)
+
+
+@contextmanager
+def key_bias(columns: torch.Tensor | None) -> Iterator[KeyBias | None]:
+    """Make `columns` (B, H_q, n) the bias of the attention computed inside the block."""
+    bias = None if columns is None else KeyBias(columns)
+    token = ACTIVE_BIAS.set(bias)
+    try:
+        yield bias
+    finally:
+        ACTIVE_BIAS.reset(token)
+
+
+def active_bias(n_keys: int, q_heads: int) -> torch.Tensor | None:
+    bias = ACTIVE_BIAS.get()
+    return None if bias is None else bias.take(n_keys, q_heads)
 
 
 def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -70,10 +113,15 @@ def attention_with_colsums(
     out = q.new_empty(qg.shape)
     colsum = torch.zeros(b, kv_heads, hq // kv_heads, n, dtype=torch.float32, device=q.device)
     step = chunk_rows(n, hq, max_elements)
+    bias = active_bias(n, hq)
+    if bias is not None:
+        bias = bias.float().reshape(b, kv_heads, hq // kv_heads, 1, n)
     for s in range(0, length, step):
         e = min(length, s + step)
         visible = offset + e
         logits = torch.matmul(qg[..., s:e, :], kt[..., :visible]).float().mul_(scale)
+        if bias is not None:
+            logits += bias[..., :visible]
         _mask_causal_block(logits, s, offset)
         probs = torch.softmax(logits, dim=-1)
         out[..., s:e, :] = torch.matmul(probs.to(v.dtype), vg[..., :visible, :])
@@ -94,10 +142,16 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, scale: float) -> torc
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Exact causal attention through SDPA, GQA without repeating keys. Returns (B, H_q, L, D)."""
+    """Exact causal attention through SDPA, GQA without repeating keys. Returns (B, H_q, L, D).
+
+    An active `key_bias` is added to the logits as an additive mask column (fused SDPA throughout).
+    """
     b, hq, length, d = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
     rep = hq // kv_heads
+    bias = active_bias(n, hq)
+    if bias is not None:
+        return _biased_attention(q, k, v, scale, bias.to(q.dtype))
     if length == 1:
         if rep == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -118,6 +172,38 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
             q[:, :, s:e],
             k[:, :, : offset + e],
             v[:, :, : offset + e],
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=rep > 1,
+        )
+    return out
+
+
+def _biased_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor
+) -> torch.Tensor:
+    """`dense_attention` with an additive bias (B, H_q, n) on the logits, as a float SDPA mask."""
+    b, hq, length, d = q.shape
+    kv_heads, n = k.shape[1], k.shape[2]
+    rep = hq // kv_heads
+    if length == 1:
+        # Pack the group's queries as rows against their shared KV head; the bias rows follow.
+        packed = q.reshape(b, kv_heads, rep, d)
+        mask = bias.reshape(b, kv_heads, rep, n)
+        return F.scaled_dot_product_attention(packed, k, v, attn_mask=mask, scale=scale).reshape(b, hq, 1, d)
+    out = q.new_empty(b, hq, length, d)
+    offset = n - length
+    step = chunk_rows(n, hq, MAX_CHUNK_ELEMENTS)
+    for s in range(0, length, step):
+        e = min(length, s + step)
+        visible = offset + e
+        q_abs = torch.arange(s, e, device=q.device) + offset
+        future = torch.arange(visible, device=q.device)[None, :] > q_abs[:, None]
+        mask = torch.where(future, float("-inf"), bias[:, :, None, :visible])
+        out[:, :, s:e] = F.scaled_dot_product_attention(
+            q[:, :, s:e],
+            k[:, :, :visible],
+            v[:, :, :visible],
             attn_mask=mask,
             scale=scale,
             enable_gqa=rep > 1,

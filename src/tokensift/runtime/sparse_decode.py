@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from tokensift.runtime.block_sparse import one_thread
 from tokensift.runtime.rope import find_inv_freq
-from tokensift.runtime.scores import dense_attention
+from tokensift.runtime.scores import active_bias, dense_attention
 
 if TYPE_CHECKING:
     from tokensift.runtime.cache import TokenLayer
@@ -107,16 +107,21 @@ def attend(
     values: torch.Tensor,
     scale: float,
     valid: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One fused SDPA call of decode queries (B, H_q, 1, D) over gathered keys/values (B, G, m, D).
 
     With G KV heads the query heads of each group are packed as rows against their shared keys; with
-    G == H_q every head has its own. `valid` (B, G, m) masks padding slots. Returns (B, H_q, 1, D).
+    G == H_q every head has its own. `valid` (B, G, m) masks padding slots; `bias` (B, G, H_q/G, m)
+    is added to the logits. Returns (B, H_q, 1, D).
     """
     b, hq, _, d = query.shape
     g = keys.shape[1]
     q = query.reshape(b, g, hq // g, d)
     mask = None if valid is None else valid.unsqueeze(2)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+        mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, hq, 1, d)
 
@@ -129,10 +134,23 @@ def sparse_attention(
     scale: float,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of one decode query over the slots `index` (B, G, m) only: gather, then one SDPA."""
+    """Attention of one decode query over the slots `index` (B, G, m) only: gather, then one SDPA.
+
+    An active key bias (`scores.key_bias`) is gathered at the same slots.
+    """
     k, v = gather_kv(keys, values, index)
     assert v is not None
-    return attend(query, k, v, scale, valid)
+    columns = active_bias(keys.shape[2], query.shape[1])
+    bias = None
+    if columns is not None:
+        b, hq, n = columns.shape
+        g, m = index.shape[1], index.shape[2]
+        if g == hq:
+            bias = columns.gather(2, index).unsqueeze(2)
+        else:
+            rep = hq // g
+            bias = columns.reshape(b, g, rep, n).gather(3, index.unsqueeze(2).expand(b, g, rep, m))
+    return attend(query, k, v, scale, valid, bias)
 
 
 def grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""ZeroTuning: the logit bias equals the official post-softmax rescaling; gamma=1 is exactly dense."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+import tokensift
+from tokensift import NoOpWarning
+from tokensift.errors import TokensiftError
+from tokensift.methods import parse_method
+from tokensift.methods.zerotuning import ZeroTuning, parse_layers
+
+from .conftest import prompt_ids, tiny_model
+
+PROMPT, NEW = 48, 8
+
+
+def _reference_attention(table: dict[int, dict[int, float]]):
+    """Eager attention with the official ZeroTuning step: column 0 of the post-softmax weights of the
+    chosen heads times gamma, rows renormalised (FeijiangHan/ZeroTuning, `ZeroTuning_Attention`)."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        rep = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(rep, dim=1)
+        v = value.repeat_interleave(rep, dim=1)
+        logits = query @ k.transpose(-1, -2) * scaling
+        length, n = query.shape[2], k.shape[2]
+        future = torch.arange(n)[None, :] > torch.arange(n - length, n)[:, None]
+        weights = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+        row = table.get(module.layer_idx, {})
+        if row:
+            scale = torch.ones_like(weights)
+            for head, gamma in row.items():
+                scale[:, head, :, 0] = gamma
+            weights = weights * scale
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights @ v).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _reference_logits(model: tokensift.Model, ids: list[int], table, steps: int) -> list[torch.Tensor]:
+    """Greedy decoding by full recomputation with the reference attention: logits per new token."""
+    AttentionInterface.register("zt_reference", _reference_attention(table))
+    model.model.set_attn_implementation("zt_reference")
+    out, seq = [], list(ids)
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = model.model(torch.tensor([seq]), use_cache=False).logits[0, -1]
+                out.append(logits)
+                seq.append(int(logits.argmax()))
+    finally:
+        model.model.set_attn_implementation("tokensift")
+    return out
+
+
+def test_gamma_one_is_identical_to_dense(tiny: tokensift.Model) -> None:
+    ids = prompt_ids(PROMPT)
+    dense = tokensift.generate(tiny, ids, "dense", max_new_tokens=NEW, return_logits=True)
+    with pytest.warns(NoOpWarning, match="gamma = 1"):
+        out = tokensift.generate(tiny, ids, "zerotuning:gamma=1", max_new_tokens=NEW, return_logits=True)
+    assert out.token_ids == dense.token_ids
+    for a, b in zip(out.logits or [], dense.logits or [], strict=True):
+        assert torch.equal(a, b)
+    assert not out.stats.applied
+    assert out.stats.counters.get("biased_layer_forwards", 0) == 0
+
+
+@pytest.mark.parametrize(
+    "spec, table",
+    [
+        ("zerotuning:gamma=2.5", {0: dict.fromkeys(range(4), 2.5), 1: dict.fromkeys(range(4), 2.5)}),
+        ("zerotuning:gamma=0.4,layers=1,heads=0/3", {1: {0: 0.4, 3: 0.4}}),
+        ("zerotuning:gamma=0.3:1.7/1.1:0.5", {0: {3: 1.7}, 1: {1: 0.5}}),
+    ],
+)
+def test_bias_equals_official_rescaling(tiny: tokensift.Model, spec: str, table) -> None:
+    ids = prompt_ids(PROMPT)
+    out = tokensift.generate(tiny, ids, spec, max_new_tokens=NEW, return_logits=True)
+    ref = _reference_logits(tiny, ids, table, NEW)
+    for a, b in zip(out.logits or [], ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    dense = tokensift.generate(tiny, ids, "dense", max_new_tokens=NEW, return_logits=True)
+    assert not torch.allclose(out.logits[0], dense.logits[0])  # type: ignore[index]
+    assert out.stats.applied
+    # Every forward (prefill + NEW - 1 decode steps) of every biased layer.
+    assert out.stats.counters["biased_layer_forwards"] == len(table) * NEW
+
+
+def test_bias_through_colsum_and_gathered_kernels() -> None:
+    """H2O (exact column sums) and Quest (gathered decode) run the same biased attention."""
+    model = tiny_model("llama")
+    ids = prompt_ids(PROMPT)
+    table = {0: dict.fromkeys(range(4), 3.0), 1: dict.fromkeys(range(4), 3.0)}
+    ref = _reference_logits(model, ids, table, NEW)
+    for other in (f"h2o:budget={PROMPT + NEW}", "quest:budget=4096,page_size=16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoOpWarning)
+            out = tokensift.generate(
+                model, ids, f"zerotuning:gamma=3+{other}", max_new_tokens=NEW, return_logits=True
+            )
+        for a, b in zip(out.logits or [], ref, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert out.stats.counters["biased_layer_forwards"] == 2 * NEW
+        assert not any("logit bias" in n for n in out.stats.notes)
+
+
+def test_bias_follows_the_initial_token_and_reports_its_eviction() -> None:
+    model = tiny_model("llama")
+    ids = prompt_ids(PROMPT)
+    kept = tokensift.generate(
+        model, ids, "zerotuning:gamma=2+streaming_llm:budget=16,sinks=4", max_new_tokens=NEW
+    )
+    assert kept.stats.counters["biased_layer_forwards"] == 2 * NEW
+    assert "bias_target_missing_layer_forwards" not in kept.stats.counters
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        dropped = tokensift.generate(
+            model, ids, "zerotuning:gamma=2+streaming_llm:budget=16,sinks=0", max_new_tokens=NEW
+        )
+    # The prefill sees the initial token; after eviction every decode step finds it gone.
+    assert dropped.stats.counters["biased_layer_forwards"] == 2
+    assert dropped.stats.counters["bias_target_missing_layer_forwards"] == 2 * (NEW - 1)
+    assert any("no longer holds a biased token" in n for n in dropped.stats.notes)
+
+
+def test_spec_round_trip_and_layer_shorthands() -> None:
+    method = parse_method("zerotuning:gamma=0.3:1.5/2.1:0.5")
+    assert isinstance(method, ZeroTuning)
+    assert method.gamma == {0: {3: 1.5}, 2: {1: 0.5}}
+    assert parse_method(method.spec()) == method
+    assert parse_layers("early", 30) == list(range(10))
+    assert parse_layers("0-2/7", 30) == [0, 1, 2, 7]
+    table = ZeroTuning(gamma=2.0, layers="early", heads=[1]).table(6, 4)
+    assert table == {0: {1: 2.0}, 1: {1: 2.0}}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("zerotuning:gamma=0", "> 0"),
+        ("zerotuning:gamma=-1", "> 0"),
+        ("zerotuning:gamma=nan", "finite"),
+        ("zerotuning:gamma=1:2", "table like"),
+        ("zerotuning:layers=first", "all, early"),
+        ("zerotuning:heads=x", "all or like"),
+        ("zerotuning:gamma=2,profile=default", "either a profile"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors(spec: str, message: str) -> None:
+    with pytest.raises(TokensiftError, match=message):
+        method = parse_method(spec)
+        method.table(2, 4)
+
+
+def test_out_of_range_heads_fail_at_generation() -> None:
+    with pytest.raises(TokensiftError, match="head 9 does not exist"):
+        tokensift.generate(
+            tiny_model("llama"), prompt_ids(16), "zerotuning:gamma=2,heads=9", max_new_tokens=2
+        )
+
+
+def test_profile_artefact_applies_its_table(tmp_path) -> None:
+    from tokensift.calibration import save_artefact
+
+    model = tiny_model("llama")
+    path = save_artefact("zerotuning", model, {"table": [[1, 2, 2.0]]}, "test", tmp_path / "zt.json")
+    ids = prompt_ids(PROMPT)
+    by_profile = tokensift.generate(
+        model, ids, f"zerotuning:profile={path}", max_new_tokens=NEW, return_logits=True
+    )
+    by_table = tokensift.generate(
+        model, ids, "zerotuning:gamma=1.2:2.0", max_new_tokens=NEW, return_logits=True
+    )
+    for a, b in zip(by_profile.logits or [], by_table.logits or [], strict=True):
+        assert torch.equal(a, b)
+    assert by_profile.stats.counters["biased_layer_forwards"] == NEW
+    assert math.isclose(math.log(2.0), 0.6931471805599453)
