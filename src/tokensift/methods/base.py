@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -15,7 +13,7 @@ from tokensift.errors import TokensiftError
 if TYPE_CHECKING:
     import torch
 
-    from tokensift.runtime.cache import TokenCache, TokenLayer
+    from tokensift.runtime.cache import TokenLayer
     from tokensift.runtime.generate import Decoding
 
 Budget = int | float
@@ -55,14 +53,6 @@ def check_budget(value: Any, what: str = "budget") -> None:
         raise TokensiftError(f"{what} as a fraction of the prompt must lie in (0, 1], got {value}")
 
 
-def check_finite(method: Method) -> None:
-    """Every float parameter must be a finite number: NaN or inf would silently poison scores."""
-    for f in fields(method):
-        value = getattr(method, f.name) if f.init else None
-        if isinstance(value, float) and not math.isfinite(value):
-            raise TokensiftError(f"{method.name} {f.name} must be a finite number, got {value}")
-
-
 def resolve_budget(value: Budget, prompt_tokens: int) -> int:
     """Token count for a budget: ints as given, fractions of the prompt rounded (at least 1)."""
     check_budget(value)
@@ -79,34 +69,9 @@ class Method:
     hooks: ClassVar[frozenset[Hook]] = frozenset()
     paper: ClassVar[str] = ""
     repositions: ClassVar[bool] = False  # keys re-positioned inside the cache (G3-ii)
-    # Stats counters that measure how much the method changed the computation: it applied to a
-    # generation when one of them is positive. Each hook's base class names its own; a method whose
-    # effect is measured otherwise names its counters (and records them).
-    applied_by: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self) -> None:
-        check_finite(self)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own `__post_init__` runs after `check_finite`, so no method can skip it."""
-        super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
-        if own is not None and not getattr(own, "checks_finite", False):
-
-            @functools.wraps(own)
-            def post_init(self: Method) -> None:
-                check_finite(self)
-                own(self)
-
-            post_init.checks_finite = True  # type: ignore[attr-defined]
-            cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-
-    def no_op_reason(self, cache: TokenCache) -> str:
-        """The note a generation gets when none of the `applied_by` counters is positive."""
-        return f"{self.name} changed nothing: {' and '.join(self.applied_by)} stayed 0"
 
     def resolved_params(self) -> dict[str, Any]:
         return self.params()
@@ -130,7 +95,6 @@ class EvictionMethod(Method):
     """A method that decides which cached tokens each layer keeps (hook: evict)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.EVICT})
-    applied_by: ClassVar[tuple[str, ...]] = ("tokens_evicted",)
     needs_colsums: ClassVar[bool] = False  # wants attention column sums of every forward's queries
     one_shot: ClassVar[bool] = False  # compresses after the prompt only; decoding appends
 
@@ -151,12 +115,6 @@ class EvictionMethod(Method):
 
     def resolved_params(self) -> dict[str, Any]:
         return {**self.params(), "budget_tokens": self.budget_tokens}
-
-    def no_op_reason(self, cache: TokenCache) -> str:
-        return (
-            f"{self.name} evicted nothing: its budget of {self.budget_tokens} tokens covers all "
-            f"{cache.seen_tokens} tokens processed"
-        )
 
     @property
     def tokens(self) -> int:
@@ -220,7 +178,6 @@ class SparseDecodeMethod(Method):
     """Keeps the whole cache; each decode query attends to a subset it selects (hook: select)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.SELECT})
-    applied_by: ClassVar[tuple[str, ...]] = ("sparse_layer_steps",)  # decode layer-steps on a subset
 
     def decode_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -237,10 +194,6 @@ class SparsePrefillMethod(Method):
     """Makes the attention of multi-token forwards sparse; decoding is left to others (hook: prefill)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.PREFILL})
-    # Causal pairs no query attended to; the runtime meters every prefill forward through the
-    # block-sparse engine (`runtime.block_sparse.metered`), which counts them.
-    applied_by: ClassVar[tuple[str, ...]] = ("prefill_attention_pairs_skipped",)
-    metered: ClassVar[bool] = True  # False for stand-ins whose multi-token forwards are not prefills
 
     def prefill_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -254,9 +207,6 @@ class LoopMethod(Method):
     """Changes which tokens the model produces itself: drafting, routing (hook: loop)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.LOOP})
-    # Draft tokens the model accepted. Every loop method records `draft_tokens`, `accepted_tokens`,
-    # `rolled_back_tokens` and `forwards_saved` (model forwards plain decoding would have run more).
-    applied_by: ClassVar[tuple[str, ...]] = ("accepted_tokens",)
 
     def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
         """Produce tokens through `decoding.accept(...)` until `decoding.done`; `logits` are the
