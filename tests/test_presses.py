@@ -133,3 +133,21 @@ def test_token_budgets_and_ratios_both_work(spec: str) -> None:
     by_ratio = tokensift.generate(model, prompt_ids(128), spec.replace("=32", "=0.25"), max_new_tokens=4)
     assert by_tokens.stats.applied and by_ratio.stats.applied
     assert by_tokens.token_ids == by_ratio.token_ids  # 0.25 of 128 prompt tokens is 32
+
+
+def test_compression_ratio_maps_to_budgets_as_kvpress_writes_it() -> None:
+    from tokensift.commands import expand_compression_ratios
+    from tokensift.methods.spec import with_compression_ratio
+
+    assert with_compression_ratio("snapkv", 0.75).startswith("snapkv:budget=0.25,")
+    assert with_compression_ratio("adaptive(snapkv)", 0.875).startswith("adaptive(snapkv:budget=0.125,")
+    assert with_compression_ratio("dense", 0.5) == "dense"
+    composed = with_compression_ratio("knorm+quest:budget=64", 0.5)
+    assert composed.startswith("knorm:budget=0.5+quest:budget=64")
+    specs = expand_compression_ratios(["dense", "tova"], [0.25, 0.5])
+    assert specs == ["dense", "tova:budget=0.75,heads=each", "tova:budget=0.5,heads=each"]
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(TokensiftError, match="compression ratio"):
+            with_compression_ratio("snapkv", bad)
+    with pytest.raises(TokensiftError, match="names a budget and a compression ratio"):
+        with_compression_ratio("snapkv:budget=0.3", 0.5)

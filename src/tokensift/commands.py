@@ -34,7 +34,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="ask this after the prompt: the prompt is compressed alone, the question appended "
         "uncompressed (query-agnostic protocol)",
     )
+    p.add_argument(
+        "--compression-ratio",
+        type=float,
+        help="kvpress's convention: the fraction of the KV cache the eviction method removes "
+        "(0.75 = budget=0.25)",
+    )
     p.add_argument("--json", action="store_true", help="print text and stats as JSON")
+    p.add_argument(
+        "--context-parallel",
+        type=int,
+        metavar="P",
+        help="split the prompt over P ranks (launch: torchrun --nproc-per-node P -m tokensift generate ...)",
+    )
+    p.add_argument(
+        "--cp-schedule", choices=["ring", "tokenring"], default="tokenring", help="context-parallel prefill"
+    )
+    p.add_argument(
+        "--gather-after-prefill",
+        action="store_true",
+        help="context parallel: decode on a gathered cache, not split",
+    )
+    p.add_argument(
+        "--cp-timeout", type=float, default=120.0, help="seconds before a silent peer rank is an error"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="run tasks x methods x lengths; resumable")
@@ -46,6 +69,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--list-tasks", action="store_true", help="list the tasks and suites, then exit")
     p.add_argument("--methods", help="comma list of NAME[:key=value,...] (';' also separates)")
+    p.add_argument(
+        "--compression-ratio",
+        help="comma list of kvpress compression ratios (fraction removed): each eviction method runs "
+        "at budget 1 - ratio for every ratio given",
+    )
     p.add_argument("--lengths", help="comma list of prompt lengths in tokens: 1k,2k,4096")
     p.add_argument("--depths", help="comma list of needle depths in [0, 1] (default 0.1,0.5,0.9)")
     p.add_argument(
@@ -73,6 +101,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run the cells on Ray actors (needs tokensift[ray]): no ADDRESS starts a local instance, "
+        "'auto' or ray://HOST:PORT joins a cluster",
+    )
+    p.add_argument("--ray-workers", type=int, help="actors, each holding the model (default: all CPUs/GPUs)")
+    p.add_argument("--ray-cpus-per-worker", type=float, help="CPUs and torch threads per actor (default 1)")
+    p.add_argument(
+        "--ray-gpus-per-worker", type=float, help="GPUs per actor (default: 1 if the cluster has any)"
+    )
+    p.add_argument(
+        "--ray-max-retries", type=int, help="resubmissions of a cell whose worker died (default 2)"
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="rebuild summary.md, report.html and plots from DIR/results.jsonl")
@@ -126,16 +170,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise TokensiftError("give a prompt or --prompt-file, not both")
         if not args.prompt_file.is_file():
             raise TokensiftError(f"prompt file {args.prompt_file} does not exist")
-        prompt = args.prompt_file.read_text()
+        try:
+            prompt = args.prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TokensiftError(
+                f"prompt file {args.prompt_file} is not UTF-8 text (byte {exc.start}): convert it, "
+                f"e.g. `iconv -f latin1 -t utf-8 {args.prompt_file}`"
+            ) from None
     elif args.prompt == "-":
         prompt = sys.stdin.read()
     elif args.prompt is not None:
         prompt = args.prompt
     else:
         raise TokensiftError("no prompt: give one, --prompt-file FILE, or - to read stdin")
-    plan = Plan.of(args.method)  # parse before loading the model: bad specs fail fast
+    if not prompt.strip():
+        raise TokensiftError("empty prompt: give some text, --prompt-file FILE, or - to read stdin")
+    from tokensift.methods.spec import with_compression_ratio
+
+    spec = args.method
+    if args.compression_ratio is not None:
+        spec = with_compression_ratio(spec, args.compression_ratio)
+    plan = Plan.of(spec)  # parse before loading the model: bad specs fail fast
+    run: typing.Any = generate
+    if args.context_parallel is not None:  # every torchrun rank runs this; rank 0 prints
+        from tokensift.distributed.generate import runner_from_args
+
+        run = runner_from_args(args)
     model = load(args.model or DEFAULT_MODEL)
-    result = generate(
+    result = run(
         model,
         prompt,
         plan,
@@ -147,6 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raw=args.raw,
         question=args.question,
     )
+    if result is None:
+        return 0
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
         return 0
@@ -220,6 +284,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.tasks = split_tasks(args.tasks)
     if args.methods:
         config.methods = split_methods(args.methods)
+    if args.compression_ratio:
+        config.methods = expand_compression_ratios(
+            config.methods, parse_floats(args.compression_ratio, "compression ratios")
+        )
     if args.lengths:
         config.lengths = parse_lengths(args.lengths)
     if args.depths:
@@ -238,11 +306,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.share_prefill = False
     if args.dtype:
         config.dtype = args.dtype
-    rows = run_bench(config, args.out, progress=not args.no_progress)
+    if args.ray is not None:
+        from tokensift.bench.ray_executor import options_from_args, run_bench_ray
+
+        rows = run_bench_ray(config, args.out, options_from_args(args), progress=not args.no_progress)
+    elif any(v is not None for k, v in vars(args).items() if k.startswith("ray_")):
+        raise TokensiftError("--ray-workers, --ray-cpus-per-worker, ... only apply with --ray")
+    else:
+        rows = run_bench(config, args.out, progress=not args.no_progress)
     summary = write_report(args.out)
     print(summary_table(rows))
     print(f"\nwrote {args.out / 'results.jsonl'}, {summary}, {args.out / 'report.html'} (+ plots)")
     return 0
+
+
+def expand_compression_ratios(methods: list[str], ratios: list[float]) -> list[str]:
+    """Every method at every ratio; methods without an eviction hook (dense) once."""
+    from tokensift.methods.spec import with_compression_ratio
+
+    out: list[str] = []
+    for spec in methods:
+        for ratio in ratios:
+            resolved = with_compression_ratio(spec, ratio)
+            if resolved not in out:
+                out.append(resolved)
+    return out
 
 
 def split_tasks(text: str) -> list[str]:
@@ -280,8 +368,6 @@ def _list_tasks() -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from tokensift.bench.report import write_report
 
-    if not (args.dir / "results.jsonl").is_file():
-        raise TokensiftError(f"{args.dir} has no results.jsonl")
     path = write_report(args.dir)
     print(path.read_text())
     return 0

@@ -116,3 +116,37 @@ def convert(raw: str, annotation: Any, where: str) -> Any:
                 except TokensiftError:
                     continue
     raise TokensiftError(f"{where} cannot be set from the command line")
+
+
+def with_compression_ratio(spec: str, ratio: float) -> str:
+    """`spec` with every eviction method's budget set to keep `1 - ratio` of the prompt.
+
+    kvpress writes compression as the fraction removed (`compression_ratio=0.75` keeps a quarter);
+    this maps one to one onto our budgets, so `snapkv --compression-ratio 0.75` is
+    `snapkv:budget=0.25`. Methods without an eviction hook (dense, sparse decoding, loops) are left as
+    they are; a spec that also names a budget is refused rather than silently overridden.
+    """
+    from tokensift.methods.base import EvictionMethod
+
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio < 1.0:
+        raise TokensiftError(
+            f"compression ratio must lie in [0, 1) (the fraction of the KV cache removed), got {ratio!r}"
+        )
+    parse_methods(spec)  # the whole spec's syntax first
+    keep = round(1.0 - ratio, 10)
+    methods = []
+    for part in split_top_level(spec, "+"):
+        method = parse_method(part)
+        if isinstance(method, EvictionMethod):
+            if re.search(r"\bbudget\s*=", part):
+                raise TokensiftError(
+                    f"{part.strip()!r} names a budget and a compression ratio: give one of them "
+                    f"(compression ratio {ratio} means budget={keep:g})"
+                )
+            inner = getattr(method, "method", None)
+            if isinstance(inner, EvictionMethod):  # a wrapper takes its budget from the method it wraps
+                method = dataclasses.replace(method, method=dataclasses.replace(inner, budget=keep))
+            else:
+                method = dataclasses.replace(method, budget=keep)
+        methods.append(method)
+    return "+".join(m.spec() for m in methods)
