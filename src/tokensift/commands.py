@@ -12,6 +12,9 @@ from pathlib import Path
 
 from tokensift.errors import TokensiftError
 
+if typing.TYPE_CHECKING:
+    from tokensift.bench.config import BenchConfig
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help="list methods, their hook points, parameters and papers")
@@ -85,9 +88,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="base seed for task generation (default 0)")
     p.add_argument(
         "--protocol",
-        choices=["query-aware", "query-agnostic"],
+        choices=["query-aware", "query-agnostic", "both"],
         help="query-aware (default): methods compress the whole prompt; query-agnostic: the context "
-        "alone, with the question appended afterwards",
+        "alone, with the question appended afterwards; both: one after the other, into one results file",
     )
     p.add_argument(
         "--dtype",
@@ -261,9 +264,8 @@ def split_methods(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tokensift.bench.config import BenchConfig
+    from tokensift.bench.config import BenchConfig, protocols_of
     from tokensift.bench.report import summary_table, write_report
-    from tokensift.bench.runner import run_bench
     from tokensift.bench.suites import get_suite
 
     if args.list_tasks:
@@ -306,6 +308,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.share_prefill = False
     if args.dtype:
         config.dtype = args.dtype
+    rows = []
+    for protocol in protocols_of(config.protocol):
+        rows = run_protocol(dataclasses.replace(config, protocol=protocol), args)
+    summary = write_report(args.out)
+    print(summary_table(rows))
+    print(f"\nwrote {args.out / 'results.jsonl'}, {summary}, {args.out / 'report.html'} (+ plots)")
+    return 0
+
+
+def run_protocol(config: BenchConfig, args: argparse.Namespace) -> list[dict]:
+    """One bench run (locally or on Ray); returns every row of the results file."""
+    from tokensift.bench.runner import run_bench
+
     if args.ray is not None:
         from tokensift.bench.ray_executor import options_from_args, run_bench_ray
 
@@ -314,10 +329,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise TokensiftError("--ray-workers, --ray-cpus-per-worker, ... only apply with --ray")
     else:
         rows = run_bench(config, args.out, progress=not args.no_progress)
-    summary = write_report(args.out)
-    print(summary_table(rows))
-    print(f"\nwrote {args.out / 'results.jsonl'}, {summary}, {args.out / 'report.html'} (+ plots)")
-    return 0
+    return rows
 
 
 def expand_compression_ratios(methods: list[str], ratios: list[float]) -> list[str]:

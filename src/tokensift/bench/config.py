@@ -12,6 +12,11 @@ DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 PROTOCOLS = ("query-aware", "query-agnostic")
 
 
+def protocols_of(protocol: str) -> tuple[str, ...]:
+    """The protocols a run covers: "both" is the two in turn (kvpress's leaderboard runs both)."""
+    return PROTOCOLS if protocol == "both" else (protocol,)
+
+
 @dataclass
 class BenchConfig:
     """A bench grid. `samples` per (task, length), per depth for depth-swept tasks unless
@@ -40,8 +45,8 @@ class BenchConfig:
             raise TokensiftError(f"--samples must be >= 1, got {self.samples}")
         if self.depth_samples is not None and self.depth_samples < 1:
             raise TokensiftError(f"depth_samples must be >= 1, got {self.depth_samples}")
-        if self.protocol not in PROTOCOLS:
-            raise TokensiftError(f"unknown protocol {self.protocol!r}: use {' or '.join(PROTOCOLS)}")
+        if self.protocol not in (*PROTOCOLS, "both"):
+            raise TokensiftError(f"unknown protocol {self.protocol!r}: use {', '.join(PROTOCOLS)} or both")
         _dtype(self.dtype)
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:

@@ -12,6 +12,29 @@ BASELINES = ["dense", "streaming_llm:budget=0.25", "snapkv:budget=0.25", "h2o:bu
 # Ten needle depths, one sample each: the depth x length heatmap and ten samples per task and length.
 TEN_DEPTHS = [round(i / 9, 3) for i in range(10)]
 
+# kvpress's leaderboard protocol: compression ratios are the fraction of the KV cache removed.
+LEADERBOARD_RATIOS = (0.25, 0.5, 0.75, 0.875)
+LEADERBOARD_EVICTORS = (
+    "streaming_llm",
+    "h2o",
+    "keyformer",
+    "snapkv",
+    "compresskv",
+    "adaptive(snapkv)",
+    "adaptive(compresskv)",
+    "tova",
+    "knorm",
+    "pyramidkv",
+    "keydiff",
+)
+
+
+def _at_ratios(methods: tuple[str, ...], ratios: tuple[float, ...]) -> list[str]:
+    from tokensift.methods.spec import with_compression_ratio
+
+    return [with_compression_ratio(m, r) for m in methods for r in ratios]
+
+
 SUITES: dict[str, BenchConfig] = {
     # The quick look of `make demo`: passkey at three depths under four methods.
     "demo": BenchConfig(
@@ -34,6 +57,21 @@ SUITES: dict[str, BenchConfig] = {
         suite="ruler-lite",
         # bf16 halves prefill time on CPUs with AVX512-BF16/AMX (and GPUs), which keeps the suite under
         # 30 minutes on 2 cores; --dtype float32 overrides it.
+        dtype="bfloat16",
+    ),
+    # kvpress's leaderboard protocol on a model that retrieves: every offline RULER task at 4k, ten
+    # samples (ten depths for the needle tasks), every eviction method at the four ratios, both
+    # protocols, plus dense. Resumable; many hours on 2 CPU cores (see the README).
+    "leaderboard": BenchConfig(
+        tasks=list(RULER_TASKS),
+        methods=["dense", *_at_ratios(LEADERBOARD_EVICTORS, LEADERBOARD_RATIOS)],
+        lengths=[4096],
+        model="qwen2.5-coder-0.5b",
+        samples=10,
+        depths=list(TEN_DEPTHS),
+        depth_samples=1,
+        suite="leaderboard",
+        protocol="both",
         dtype="bfloat16",
     ),
     # Every task family at 1k, 2k and 4k under the four baseline methods. Hours on 2 CPU cores.

@@ -1,0 +1,55 @@
+"""The kvpress-protocol leaderboard suite: ratios as kvpress writes them, both protocols in one file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tokensift.bench.config import PROTOCOLS, BenchConfig, protocols_of
+from tokensift.bench.results import read_rows
+from tokensift.bench.runner import run_bench
+from tokensift.bench.suites import LEADERBOARD_EVICTORS, LEADERBOARD_RATIOS, get_suite
+from tokensift.bench.tasks import RULER_TASKS
+from tokensift.runtime.plan import Plan
+
+from .conftest import tiny_smol_model
+
+
+def test_leaderboard_suite_is_kvpress_protocol() -> None:
+    config = get_suite("leaderboard")
+    config.validate()
+    assert config.model == "qwen2.5-coder-0.5b" and config.lengths == [4096]
+    assert config.tasks == RULER_TASKS and config.samples_for(False) >= 10
+    assert protocols_of(config.protocol) == PROTOCOLS
+    assert config.methods[0] == "dense"
+    assert len(config.methods) == 1 + len(LEADERBOARD_EVICTORS) * len(LEADERBOARD_RATIOS)
+    for name in ("tova", "knorm", "pyramidkv", "keydiff", "adaptive"):
+        assert any(m.startswith(name) for m in config.methods)
+    kept = set()
+    for spec in config.methods[1:]:
+        method = Plan.of(spec).evict
+        assert method is not None, spec
+        kept.add(method.budget)
+    assert kept == {1 - r for r in LEADERBOARD_RATIOS}
+
+
+def test_both_protocols_share_one_results_file(tmp_path: Path) -> None:
+    model = tiny_smol_model()
+    config = BenchConfig(
+        tasks=["niah_single_1"],
+        methods=["dense", "knorm:budget=0.5"],
+        lengths=[256],
+        samples=1,
+        depths=[0.5],
+        protocol="both",
+    )
+    config.validate()
+    for protocol in protocols_of(config.protocol):
+        run_bench(dataclasses.replace(config, protocol=protocol), tmp_path, progress=False, model=model)
+    rows = read_rows(tmp_path / "results.jsonl")
+    assert sorted((r["protocol"], r["method_spec"].split(":")[0]) for r in rows) == sorted(
+        (p, m) for p in PROTOCOLS for m in ("dense", "knorm")
+    )
+    before = (tmp_path / "results.jsonl").read_bytes()
+    run_bench(dataclasses.replace(config, protocol="query-agnostic"), tmp_path, progress=False, model=model)
+    assert (tmp_path / "results.jsonl").read_bytes() == before  # resumes: nothing to add
