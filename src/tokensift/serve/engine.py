@@ -107,8 +107,8 @@ class KVPool:
     def check_fits_ever(self, nbytes: int, what: str) -> None:
         if nbytes > self.capacity:
             raise BadRequest(
-                f"{what} needs {nbytes / 2**20:.1f} MiB of KV cache but the server's pool holds "
-                f"{self.capacity / 2**20:.1f} MiB: shorten the prompt, lower max_tokens or choose a "
+                f"{what} needs {nbytes / 2**20:.2f} MiB of KV cache but the server's pool holds "
+                f"{self.capacity / 2**20:.2f} MiB: shorten the prompt, lower max_tokens or choose a "
                 "compressing tokensift.method",
                 param="tokensift.method",
             )
