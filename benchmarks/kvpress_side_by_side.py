@@ -1,0 +1,398 @@
+"""tokensift vs kvpress 0.5.5 on the same weights, the same token ids, the same ratios and protocols.
+
+Three steps, two virtual environments (kvpress pins transformers < 5.3; nothing of kvpress is ever
+imported by tokensift, and this script imports tokensift only in the steps that run in its venv):
+
+  .venv/bin/python benchmarks/kvpress_side_by_side.py prompts --out runs/kvpress/prompts.jsonl
+  .venv/bin/python benchmarks/kvpress_side_by_side.py run --side tokensift --prompts ... --out ...
+  .venv-kvpress/bin/python benchmarks/kvpress_side_by_side.py run --side kvpress --prompts ... --out ...
+  .venv/bin/python benchmarks/kvpress_side_by_side.py table runs/kvpress/*.jsonl --json results.json
+
+`make bench-kvpress` runs all of it. The prompts file carries the chat-templated token ids, split
+where the question starts, so both libraries see identical inputs; the kvpress side drives the model
+the way kvpress's own pipeline does (press as a context manager around the prefill forward, explicit
+positions afterwards). Per cell (press x ratio x protocol): accuracy (every expected answer string
+in the greedy output), prefill + compression seconds, process peak RSS (reset before each prompt
+through /proc/self/clear_refs), KV bytes held after the prefill. Hidden prompt sets: write a JSONL
+in the same format (see `prompts`) and pass it with --prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Press name -> (tokensift spec at a ratio, kvpress constructor source at a ratio). Parameters follow
+# kvpress 0.5.5's defaults so the two implement the same thing (window 64, kernel 5, avg pooling).
+PRESSES: dict[str, tuple[str, str]] = {
+    "dense": ("dense", ""),
+    "streaming_llm": ("streaming_llm:sinks=4", "StreamingLLMPress(compression_ratio={r}, n_sink=4)"),
+    "snapkv": (
+        "snapkv:window_size=64,kernel_size=5,pooling=avg",
+        "SnapKVPress(compression_ratio={r}, window_size=64, kernel_size=5)",
+    ),
+    "h2o": ("h2o", "ObservedAttentionPress(compression_ratio={r})"),
+    "adakv_snapkv": (
+        "adaptive(snapkv:window_size=64,kernel_size=5,pooling=avg):alpha=0.2",
+        "AdaKVPress(SnapKVPress(compression_ratio={r}, window_size=64, kernel_size=5), alpha_safeguard=0.2)",
+    ),
+    "tova": ("tova:heads=mean", "TOVAPress(compression_ratio={r})"),
+    "knorm": ("knorm", "KnormPress(compression_ratio={r})"),
+    "pyramidkv": (
+        "pyramidkv:window_size=64,kernel_size=5",
+        "PyramidKVPress(compression_ratio={r}, window_size=64, kernel_size=5, beta=20)",
+    ),
+}
+PROTOCOLS = ("query-aware", "query-agnostic")
+
+
+def fail(message: str) -> None:
+    print(f"kvpress_side_by_side: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# -- measurement helpers shared by both sides -------------------------------------------------------
+
+
+def reset_peak_rss() -> None:
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM (the peak resident set) to the current RSS
+
+
+def rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def score(prediction: str, answers: list[str]) -> float:
+    """RULER's string_match_all: the share of expected strings found in the output (case-insensitive)."""
+    text = prediction.lower()
+    return sum(a.lower() in text for a in answers) / len(answers)
+
+
+def read_prompts(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        fail(f"prompts file {path} does not exist: make it with the `prompts` step")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+            assert isinstance(row["context_ids"], list) and isinstance(row["question_ids"], list)
+            assert isinstance(row["answers"], list) and row["answers"]
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            fail(f"{path}:{i} is not a prompt row (context_ids, question_ids, answers, max_new_tokens)")
+        rows.append(row)
+    if not rows:
+        fail(f"{path} holds no prompts")
+    return rows
+
+
+def cells(presses: list[str], ratios: list[float]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for press in presses:
+        if press not in PRESSES:
+            fail(f"unknown press {press!r}: choose from {', '.join(PRESSES)}")
+        out += [(press, 0.0)] if press == "dense" else [(press, r) for r in ratios]
+    return out
+
+
+def done_keys(path: Path) -> set[tuple[str, float, str, int]]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError, KeyError):
+            row = json.loads(line)
+            keys.add((row["press"], row["ratio"], row["protocol"], row["prompt"]))
+    return keys
+
+
+def append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# -- step 1: prompts (tokensift venv) ----------------------------------------------------------------
+
+
+def make_prompts(args: argparse.Namespace) -> None:
+    from tokensift.bench.runner import token_counter
+    from tokensift.bench.tasks import get_task
+    from tokensift.models import load
+    from tokensift.runtime.generate import encode_split
+
+    model = load(args.model)
+    count = token_counter(model)
+    rows = []
+    for name in args.tasks.split(","):
+        task = get_task(name)
+        for sample in task.samples(count, args.length, args.samples, seed=args.seed):
+            answers = sample.answer if isinstance(sample.answer, list) else [sample.answer]
+            context, question = task.protocol_prompt(sample, "query-agnostic")
+            ctx_ids, q_ids = encode_split(model, context, question, answer_prefix=sample.answer_prefix)
+            rows.append(
+                {
+                    "prompt": len(rows),
+                    "task": name,
+                    "model": model.name,
+                    "model_dir": str(model.source),
+                    "context_ids": ctx_ids,
+                    "question_ids": q_ids,
+                    "answers": [str(a) for a in answers],
+                    "max_new_tokens": sample.max_new_tokens,
+                }
+            )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(args.out)
+    print(f"wrote {len(rows)} prompts to {args.out}")
+
+
+# -- step 2: one library over every cell ----------------------------------------------------------
+
+
+def run_tokensift(prompt: dict[str, Any], press: str, ratio: float, protocol: str, dtype: str) -> dict:
+    import tokensift
+    from tokensift.methods.spec import with_compression_ratio
+    from tokensift.models import load
+
+    model = load(prompt.get("model") or prompt["model_dir"], dtype=dtype)
+    spec = with_compression_ratio(PRESSES[press][0], ratio) if press != "dense" else "dense"
+    ctx, q = prompt["context_ids"], prompt["question_ids"]
+    aware = protocol == "query-aware"
+    out = tokensift.generate(
+        model,
+        ctx + q if aware else ctx,
+        spec,
+        question=None if aware else q,
+        max_new_tokens=prompt["max_new_tokens"],
+    )
+    return {
+        "prediction": out.text,
+        "prefill_seconds": out.stats.prefill_seconds,
+        "kv_bytes": out.stats.kv_bytes_final,
+        "kv_bytes_dense": out.stats.kv_bytes_dense,
+        "method": out.stats.method,
+    }
+
+
+_KV_MODELS: dict[str, Any] = {}
+
+
+def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str, dtype: str) -> dict:
+    import kvpress  # the presses live in its namespace
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+    eager = press == "h2o"  # kvpress's ObservedAttentionPress needs the attention matrices
+    key = f"{prompt['model_dir']}|{eager}"
+    if key not in _KV_MODELS:
+        _KV_MODELS.clear()  # one model in memory at a time
+        impl = "eager" if eager else "sdpa"
+        model = AutoModelForCausalLM.from_pretrained(
+            prompt["model_dir"], dtype=getattr(torch, dtype), attn_implementation=impl
+        ).eval()
+        _KV_MODELS[key] = (model, AutoTokenizer.from_pretrained(prompt["model_dir"]))
+    model, tok = _KV_MODELS[key]
+    source = PRESSES[press][1]
+    press_obj = eval(source.format(r=ratio), vars(kvpress)) if source else None
+    ctx = torch.tensor([prompt["context_ids"]])
+    q = torch.tensor([prompt["question_ids"]])
+    aware = protocol == "query-aware"
+    first = torch.cat([ctx, q], dim=1) if aware else ctx
+    cache = DynamicCache()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        with press_obj(model) if press_obj is not None else contextlib.nullcontext():
+            out = model(input_ids=first, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        position = first.shape[1]
+        if not aware:
+            positions = torch.arange(position, position + q.shape[1]).unsqueeze(0)
+            out = model(input_ids=q, past_key_values=cache, position_ids=positions, logits_to_keep=1)
+            position += q.shape[1]
+        prefill = time.perf_counter() - t0
+        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        eos = {tok.eos_token_id, *(getattr(model.generation_config, "eos_token_id", None) or [])}
+        tokens: list[int] = []
+        for step in range(prompt["max_new_tokens"]):
+            token = int(out.logits[0, -1].argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            if step + 1 == prompt["max_new_tokens"]:
+                break
+            out = model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=cache,
+                position_ids=torch.tensor([[position]]),
+            )
+            position += 1
+    per_token = kv_bytes / max(1, cache.get_seq_length())
+    return {
+        "prediction": tok.decode(tokens, skip_special_tokens=True),
+        "prefill_seconds": prefill,
+        "kv_bytes": kv_bytes,
+        "kv_bytes_dense": per_token * first.shape[1] if press == "dense" else None,
+        "method": source.format(r=ratio) if source else "dense",
+    }
+
+
+def run_side(args: argparse.Namespace) -> None:
+    import torch
+
+    prompts = read_prompts(args.prompts)
+    if args.limit:
+        prompts = prompts[: args.limit]
+    grid = cells(args.presses.split(","), [float(r) for r in args.ratios.split(",")])
+    protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
+    runner = run_tokensift if args.side == "tokensift" else run_kvpress
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys(args.out)
+    if not done:  # warm up once: the first forward pays one-off allocations and kernel choice
+        runner({**prompts[0], "max_new_tokens": 1}, "dense", 0.0, "query-aware", args.dtype)
+    for protocol in protocols:
+        for press, ratio in grid:
+            for prompt in prompts:
+                if (press, ratio, protocol, prompt["prompt"]) in done:
+                    continue
+                reset_peak_rss()
+                before = rss_mib("VmRSS")
+                result = runner(prompt, press, ratio, protocol, args.dtype)
+                row = {
+                    "side": args.side,
+                    "press": press,
+                    "ratio": ratio,
+                    "protocol": protocol,
+                    "prompt": prompt["prompt"],
+                    "task": prompt["task"],
+                    "prompt_tokens": len(prompt["context_ids"]) + len(prompt["question_ids"]),
+                    "score": score(result["prediction"], prompt["answers"]),
+                    "peak_rss_mib": rss_mib("VmHWM"),
+                    "rss_before_mib": before,
+                    "threads": torch.get_num_threads(),
+                    "dtype": args.dtype,
+                    **result,
+                }
+                append(args.out, row)
+                print(
+                    f"{args.side} {protocol} {press}@{ratio} #{prompt['prompt']}: score {row['score']:.2f}, "
+                    f"prefill {row['prefill_seconds']:.2f}s, peak {row['peak_rss_mib']:.0f} MiB",
+                    flush=True,
+                )
+
+
+# -- step 3: the table -------------------------------------------------------------------------------
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return v, v, v
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
+
+
+def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    import random
+
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(reps))
+    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+
+
+def make_table(args: argparse.Namespace) -> None:
+    rows = []
+    for path in args.results:
+        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["protocol"], row["press"], row["ratio"], row["side"]), []).append(row)
+    summary = []
+    for (protocol, press, ratio, side), cell in sorted(groups.items()):
+        scores = [r["score"] for r in cell]
+        lo, hi = bootstrap_ci(scores)
+        summary.append(
+            {
+                "protocol": protocol,
+                "press": press,
+                "ratio": ratio,
+                "side": side,
+                "n": len(cell),
+                "accuracy": statistics.fmean(scores),
+                "ci95": [lo, hi],
+                "prefill_seconds_q1_median_q3": quartiles([r["prefill_seconds"] for r in cell]),
+                "peak_rss_mib_max": max(r["peak_rss_mib"] for r in cell),
+                "peak_over_start_mib_median": statistics.median(
+                    r["peak_rss_mib"] - r["rss_before_mib"] for r in cell
+                ),
+                "kv_mib_median": statistics.median(r["kv_bytes"] for r in cell) / 2**20,
+            }
+        )
+    lines = [
+        "| protocol | press | ratio | library | n | accuracy [95% CI] | prefill s (median, IQR) | "
+        "peak RSS MiB | peak above start MiB | KV MiB held |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        q1, med, q3 = s["prefill_seconds_q1_median_q3"]
+        lines.append(
+            f"| {s['protocol']} | {s['press']} | {s['ratio']} | {s['side']} | {s['n']} | "
+            f"{s['accuracy']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | {med:.2f} ({q1:.2f}-{q3:.2f}) | "
+            f"{s['peak_rss_mib_max']:.0f} | {s['peak_over_start_mib_median']:.0f} | "
+            f"{s['kv_mib_median']:.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cells": summary, "rows": rows}, indent=1))
+        args.json.with_suffix(".md").write_text(table + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("prompts", help="make the shared prompt set (tokensift venv)")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--tasks", default="niah_single_1,niah_single_2,niah_multikey_1")
+    p.add_argument("--length", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("run", help="run one library over the grid (resumable)")
+    p.add_argument("--side", choices=["tokensift", "kvpress"], required=True)
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--presses", default=",".join(PRESSES))
+    p.add_argument("--ratios", default="0.25,0.5,0.75,0.875")
+    p.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("table", help="merge both sides' rows into one table")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.step == "prompts":
+        make_prompts(args)
+    elif args.step == "run":
+        run_side(args)
+    else:
+        make_table(args)
+
+
+if __name__ == "__main__":
+    main()

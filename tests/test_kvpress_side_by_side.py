@@ -1,0 +1,94 @@
+"""benchmarks/kvpress_side_by_side.py end to end on a tiny random model saved to disk.
+
+The tokensift side always runs; the kvpress side runs where `make bench-kvpress` has built
+.venv-kvpress (kvpress 0.5.5 pins transformers < 5.3, so it never shares our venv).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import tiny_smol_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "kvpress_side_by_side.py"
+KVPRESS_PYTHON = ROOT / ".venv-kvpress" / "bin" / "python"
+KVPRESS_READY = ROOT / ".venv-kvpress" / ".installed"  # written by `make bench-kvpress` once installed
+
+
+def _run(python: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(python), str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("kvpress")
+    model = tiny_smol_model()
+    model.model.save_pretrained(work / "model")
+    model.tokenizer.save_pretrained(work / "model")
+    out = work / "prompts.jsonl"
+    done = _run(
+        sys.executable, "prompts", "--model", str(work / "model"), "--tasks", "niah_single_1",
+        "--length", "300", "--samples", "2", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_tokensift_side_and_table(prompts: Path) -> None:
+    rows = prompts.with_name("tokensift.jsonl")
+    args = ["run", "--prompts", str(prompts), "--presses", "dense,knorm,tova", "--ratios", "0.5"]
+    done = _run(sys.executable, *args, "--side", "tokensift", "--out", str(rows))
+    assert done.returncode == 0, done.stderr
+    written = [json.loads(line) for line in rows.read_text().splitlines()]
+    # 2 prompts x (dense + 2 presses at one ratio) x 2 protocols
+    assert len(written) == 2 * 3 * 2
+    by = {(r["press"], r["protocol"], r["prompt"]): r for r in written}
+    for key, row in by.items():
+        assert row["peak_rss_mib"] >= row["rss_before_mib"] > 0
+        if key[0] != "dense":
+            dense = by[("dense", key[1], key[2])]
+            assert row["kv_bytes"] < 0.7 * dense["kv_bytes"]  # half the prompt removed, memory too
+    # Resuming runs nothing new.
+    again = _run(sys.executable, *args, "--side", "tokensift", "--out", str(rows))
+    assert again.returncode == 0 and len(rows.read_text().splitlines()) == len(written)
+    table = _run(sys.executable, "table", str(rows), "--json", str(prompts.with_name("t.json")))
+    assert table.returncode == 0, table.stderr
+    cells = json.loads(prompts.with_name("t.json").read_text())["cells"]
+    assert {c["press"] for c in cells} == {"dense", "knorm", "tova"}
+
+
+def test_bad_prompt_file_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"context_ids": [1, 2]}\n')
+    done = _run(
+        sys.executable, "run", "--side", "tokensift", "--prompts", str(bad), "--out", str(tmp_path / "o")
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "p.jsonl:1 is not a prompt row" in done.stderr
+
+
+@pytest.mark.skipif(not KVPRESS_READY.exists(), reason="kvpress venv absent: `make bench-kvpress` builds it")
+def test_kvpress_side_matches_dense_exactly(prompts: Path) -> None:
+    """Same weights, same token ids: dense greedy output must agree between the two libraries, and the
+    presses both have must hold the same KV bytes."""
+    ours, theirs = prompts.with_name("o.jsonl"), prompts.with_name("k.jsonl")
+    args = ["run", "--prompts", str(prompts), "--presses", "dense,knorm,streaming_llm", "--ratios", "0.5"]
+    for python, side, out in ((sys.executable, "tokensift", ours), (KVPRESS_PYTHON, "kvpress", theirs)):
+        done = _run(python, *args, "--side", side, "--out", str(out))
+        assert done.returncode == 0, done.stderr[-2000:]
+    a = {(r["press"], r["protocol"], r["prompt"]): r for r in map(json.loads, ours.read_text().splitlines())}
+    b = {
+        (r["press"], r["protocol"], r["prompt"]): r for r in map(json.loads, theirs.read_text().splitlines())
+    }
+    assert a.keys() == b.keys()
+    for key in a:
+        if key[0] == "dense":
+            assert a[key]["prediction"] == b[key]["prediction"], key
+        if key[0] == "knorm" and key[1] == "query-aware":
+            assert a[key]["kv_bytes"] == b[key]["kv_bytes"], key
