@@ -157,14 +157,15 @@ class TokenLayer(CacheLayerMixin):
     def bias_columns(self, targets: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """Additive logit columns (B, H_q, n) that put bias[h, p] on the slot holding original position
         targets[p] in query head h's KV head, wherever eviction left it; and whether every KV head
-        still holds every target (an evicted target simply gets no bias)."""
+        still holds every target (an evicted target simply gets no bias). `bias` may also be
+        (B, H_q, P): one bias per batch row."""
         pos = self.positions
         b, g, n = pos.shape
-        hq, p = bias.shape
+        hq, p = bias.shape[-2:]
         hit = pos.unsqueeze(-1) == targets.to(pos.device)  # (B, H_kv, n, P)
         complete = bool(hit.any(dim=2).all())
-        grouped = bias.to(device=pos.device, dtype=torch.float32).reshape(g, hq // g, p)
-        columns = torch.einsum("bgnp,grp->bgrn", hit.float(), grouped)
+        grouped = bias.to(device=pos.device, dtype=torch.float32).expand(b, hq, p).reshape(b, g, hq // g, p)
+        columns = torch.einsum("bgnp,bgrp->bgrn", hit.float(), grouped)
         return columns.reshape(b, hq, n), complete
 
     def nbytes(self) -> tuple[int, int]:

@@ -21,6 +21,8 @@ from tokensift.bench.tasks.perplexity import Perplexity
 from tokensift.bench.tasks.ruler_niah import RULER_NIAH
 from tokensift.bench.tasks.ruler_vt import VariableTracking
 from tokensift.bench.tasks.ruler_words import CommonWords, FrequentWords
+from tokensift.bench.tasks.sentiment import Sentiment
+from tokensift.bench.tasks.topic import Topic
 from tokensift.errors import TokensiftError
 
 TASKS: dict[str, Callable[..., Task]] = {
@@ -39,6 +41,8 @@ TASKS: dict[str, Callable[..., Task]] = {
     "ib_kv_retrieval": IbKvRetrieval,
     "ib_math_find": IbMathFind,
     "passage_count": PassageCount,
+    "sentiment": Sentiment,
+    "topic": Topic,
 }
 RULER_TASKS = [cls.name for cls in RULER_NIAH] + ["vt", "cwe", "fwe"]
 # Repetitive, agent-like workloads whose output re-uses the prompt (for the generation-loop methods:
