@@ -7,7 +7,8 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,19 @@ from tokensift.runtime.plan import Plan
 from tokensift.runtime.shared_prefill import SharedPrefill, shareable
 
 PRESETS: dict[str, BenchConfig] = SUITES  # the older name of the suites
-__all__ = ["DEFAULT_DEPTHS", "PRESETS", "BenchConfig", "environment", "run_bench", "token_counter"]
+LOCAL: dict[str, Any] = {"name": "local"}  # the executor stamp of rows computed in this process
+__all__ = [
+    "DEFAULT_DEPTHS",
+    "PRESETS",
+    "BenchConfig",
+    "BenchRun",
+    "Cell",
+    "environment",
+    "prepare_run",
+    "run_bench",
+    "run_cell",
+    "token_counter",
+]
 
 
 def token_counter(model: Model):
@@ -70,20 +83,100 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def run_bench(
-    config: BenchConfig, out: Path, progress: bool = True, model: Model | None = None
-) -> list[dict[str, Any]]:
-    """Run every missing row of the grid, appending to out/results.jsonl; returns all rows.
+@dataclass
+class Cell:
+    """One sample and the plans still to run on it: the unit of work of every executor.
 
-    `model` overrides loading `config.model` (e.g. an in-memory model wrapped with `tokensift.wrap`).
+    A cell's plans whose prefill is exact share one prefill (see `run_cell`), so handing whole cells
+    to workers keeps the shared-prefill saving when the grid is distributed.
     """
+
+    order: int  # position in the grid's round-robin order
+    task: Task
+    sample: Sample
+    labels: list[str]
+
+    def describe(self) -> str:
+        depth = "" if self.sample.depth is None else f" depth {self.sample.depth}"
+        return f"{self.task.name} {self.sample.length}{depth} #{self.sample.index}"
+
+
+@dataclass
+class BenchRun:
+    """A prepared run: the rows already in `out/results.jsonl`, the cells still missing, and the one
+    writer that appends (fsynced, never twice for a key) whatever executor computes them."""
+
+    config: BenchConfig
+    out: Path
+    model: Model
+    plans: dict[str, Plan]
+    rows: list[dict[str, Any]]
+    done: set[tuple[Any, ...]]
+    cells: list[Cell]
+
+    @property
+    def results(self) -> Path:
+        return self.out / "results.jsonl"
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def pending(self) -> int:
+        return sum(len(cell.labels) for cell in self.cells)
+
+    def key(self, cell: Cell, label: str) -> tuple[Any, ...]:
+        s = cell.sample
+        spec = self.plans[label].spec
+        c = self.config
+        return (
+            self.model.name,
+            cell.task.name,
+            spec,
+            s.length,
+            s.depth,
+            s.index,
+            c.seed,
+            c.protocol,
+            self.dtype,
+        )
+
+    def record(self, row: dict[str, Any], executor: dict[str, Any]) -> bool:
+        """Append one row stamped with its executor; False (and nothing written) if its key is done."""
+        key = row_key(row)
+        if key in self.done:
+            return False
+        row = {**row, "executor": executor}
+        append_row(self.results, row)
+        self.rows.append(row)
+        self.done.add(key)
+        if row.get("error"):
+            tqdm.write(f"{row['task']} {row['length']} {row['method']}: {row['error']}")
+        return True
+
+    def error_rows(self, cell: Cell, message: str) -> list[dict[str, Any]]:
+        """The rows of a cell that could not run (what run_cell records for a refused sample)."""
+        result = {"prediction": "", "score": None, "error": message}
+        return [
+            _row(self.model, self.config, cell, label, self.plans[label], result, 0.0)
+            for label in cell.labels
+        ]
+
+
+def prepare_run(
+    config: BenchConfig,
+    out: Path,
+    model: Model | None = None,
+    executor: dict[str, Any] = LOCAL,
+    progress: bool = True,
+) -> BenchRun:
+    """Validate, read what `out` already holds, load the model and build the missing cells."""
     config.validate()
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    rows = read_rows(results, repair=True)
+    rows = read_rows(out / "results.jsonl", repair=True)
     done = {row_key(r) for r in rows}
     model = model or load(config.model, dtype=config.dtype)
-    dtype = str(model.dtype).removeprefix("torch.")
     tasks = [get_task(name) for name in config.tasks]
     for task in tasks:
         for length in _lengths(task, config):
@@ -91,96 +184,101 @@ def run_bench(
                 raise TokensiftError(
                     f"length {length} does not fit {model.name}'s context of {model.context_length}"
                 )
-    _write_meta(out, config, model)
-
-    plans = {m: Plan.of(m) for m in config.methods}
+    _write_meta(out, config, model, executor)
+    run = BenchRun(config, out, model, {m: Plan.of(m) for m in config.methods}, rows, done, [])
     count = token_counter(model)
     grid = [(task, length) for task in tasks for length in _lengths(task, config)]
-    ranked: list[tuple[int, Task, Sample, str]] = []
+    ranked: list[tuple[int, Cell]] = []
     building = tqdm(grid, desc="build", unit="cell", disable=not progress, dynamic_ncols=True)
     for task, length in building:
         building.set_postfix_str(f"{task.name} {length}", refresh=False)
         n = config.samples_for(task.uses_depth)
         for rank, sample in enumerate(task.samples(count, length, n, config.seed, config.depths)):
-            for label, plan in plans.items():
-                key = (
-                    model.name,
-                    task.name,
-                    plan.spec,
-                    sample.length,
-                    sample.depth,
-                    sample.index,
-                    config.seed,
-                    config.protocol,
-                    dtype,
-                )
-                if key not in done:
-                    ranked.append((rank, task, sample, label))
+            cell = Cell(0, task, sample, [])
+            cell.labels = [label for label in run.plans if run.key(cell, label) not in done]
+            if cell.labels:
+                ranked.append((rank, cell))
     # Round-robin over the grid: a run stopped early still covers every task, length and method.
-    jobs = [(task, sample, label) for _, task, sample, label in sorted(ranked, key=lambda job: job[0])]
-    sharing = _SharedPrefills(model, config, plans, jobs)
-    bar = tqdm(jobs, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
-    for task, sample, label in bar:
-        bar.set_postfix_str(f"{task.name} {sample.length} {label}", refresh=False)
+    run.cells = [cell for _, cell in sorted(ranked, key=lambda item: item[0])]
+    for order, cell in enumerate(run.cells):
+        cell.order = order
+    return run
+
+
+def run_cell(
+    model: Model, config: BenchConfig, cell: Cell, plans: dict[str, Plan]
+) -> Iterator[dict[str, Any]]:
+    """Run one cell's plans on its sample, yielding one row per plan (without an executor stamp).
+
+    The cell's plans whose prefill is exact share one prefill when more than one of them runs (see
+    shared_prefill). A method that refuses the sample (a TokensiftError, e.g. a budget below its
+    window on a short prompt) fails that row only: recorded as an error row, never retried.
+    """
+    task, sample = cell.task, cell.sample
+    sharing = config.share_prefill and task.generative
+    users = [label for label in cell.labels if sharing and shareable(plans[label])]
+    shared: SharedPrefill | None = None
+    for label in cell.labels:
         t0 = time.perf_counter()
         try:
-            shared = sharing.get(task, sample, label)
-            result = task.evaluate(model, plans[label], sample, config.protocol, shared)
+            if len(users) > 1 and label in users and shared is None:
+                text, question = task.protocol_prompt(sample, config.protocol)
+                ids = encode_split(model, text, question, answer_prefix=sample.answer_prefix)[0]
+                shared = SharedPrefill.run(model, ids)
+            use = shared if label in users and len(users) > 1 else None
+            result = task.evaluate(model, plans[label], sample, config.protocol, use)
         except TokensiftError as exc:
-            # A method that refuses a sample (e.g. a budget below its window on a short CharBench prompt)
-            # fails that run only: recorded, reported, never retried, and the grid goes on.
-            tqdm.write(f"{task.name} {sample.length} {label}: {exc}")
             result = {"prediction": "", "score": None, "error": str(exc)}
-        row = {
-            "model": model.name,
-            "task": task.name,
-            "metric": task.metric,
-            # Reports group by this label, so the protocol shows wherever the method does.
-            "method": label if config.protocol == "query-aware" else f"{label} [query-agnostic]",
-            "method_spec": plans[label].spec,
-            "protocol": config.protocol,
-            "dtype": dtype,
-            "length": sample.length,
-            "depth": sample.depth,
-            "index": sample.index,
-            "seed": config.seed,
-            "answer": sample.answer,
-            "meta": sample.meta,
-            **{k: v for k, v in result.items() if k != "method"},
-            "method_resolved": result.get("method"),
-            "wall_seconds": time.perf_counter() - t0,
-        }
-        append_row(results, row)
-        rows.append(row)
-    return rows
+        yield _row(model, config, cell, label, plans[label], result, time.perf_counter() - t0)
 
 
-class _SharedPrefills:
-    """One prefill per sample for all of its pending plans whose prefill is exact (see shared_prefill).
+def _row(
+    model: Model,
+    config: BenchConfig,
+    cell: Cell,
+    label: str,
+    plan: Plan,
+    result: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    sample = cell.sample
+    return {
+        "model": model.name,
+        "task": cell.task.name,
+        "metric": cell.task.metric,
+        # Reports group by this label, so the protocol shows wherever the method does.
+        "method": label if config.protocol == "query-aware" else f"{label} [query-agnostic]",
+        "method_spec": plan.spec,
+        "protocol": config.protocol,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "length": sample.length,
+        "depth": sample.depth,
+        "index": sample.index,
+        "seed": config.seed,
+        "answer": sample.answer,
+        "meta": sample.meta,
+        **{k: v for k, v in result.items() if k != "method"},
+        "method_resolved": result.get("method"),
+        "wall_seconds": seconds,
+    }
 
-    Jobs of one sample are adjacent, so only the current sample's prefill is kept.
+
+def run_bench(
+    config: BenchConfig, out: Path, progress: bool = True, model: Model | None = None
+) -> list[dict[str, Any]]:
+    """Run every missing row of the grid in this process, appending to out/results.jsonl; returns all
+    rows. `model` overrides loading `config.model` (e.g. an in-memory model wrapped with
+    `tokensift.wrap`). `tokensift.bench.ray_executor.run_bench_ray` runs the same cells on Ray.
     """
-
-    def __init__(self, model: Model, config: BenchConfig, plans: dict[str, Plan], jobs: list) -> None:
-        self.model, self.protocol = model, config.protocol
-        self.enabled = config.share_prefill
-        self.shareable = {label: shareable(plan) for label, plan in plans.items()}
-        self.users: dict[int, int] = {}
-        for task, sample, label in jobs:
-            if task.generative and self.shareable[label]:
-                self.users[id(sample)] = self.users.get(id(sample), 0) + 1
-        self.current: tuple[int, SharedPrefill] | None = None
-
-    def get(self, task: Task, sample: Sample, label: str) -> SharedPrefill | None:
-        if not (
-            self.enabled and task.generative and self.shareable[label] and self.users.get(id(sample), 0) > 1
-        ):
-            return None
-        if self.current is None or self.current[0] != id(sample):
-            text, question = task.protocol_prompt(sample, self.protocol)
-            ids = encode_split(self.model, text, question, answer_prefix=sample.answer_prefix)[0]
-            self.current = (id(sample), SharedPrefill.run(self.model, ids))
-        return self.current[1]
+    run = prepare_run(config, out, model, LOCAL, progress)
+    bar = tqdm(total=run.pending, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    for cell in run.cells:
+        bar.set_postfix_str(cell.describe(), refresh=False)
+        for row in run_cell(run.model, config, cell, run.plans):
+            run.record(row, LOCAL)
+            bar.update()
+    bar.close()
+    return run.rows
 
 
 def _lengths(task: Task, config: BenchConfig) -> list[int]:
@@ -192,11 +290,13 @@ def _in_tokens(task: Task) -> bool:
     return not task.length_free and getattr(task, "unit", "tokens") == "tokens"
 
 
-def _write_meta(out: Path, config: BenchConfig, model: Model) -> None:
+def _write_meta(out: Path, config: BenchConfig, model: Model, executor: dict[str, Any]) -> None:
     path = out / "meta.json"
     meta = json.loads(path.read_text()) if path.exists() else {"runs": []}
     meta["model"] = model.describe()
-    meta["runs"].append({"config": asdict(config), "environment": environment(), "started": time.time()})
+    meta["runs"].append(
+        {"config": asdict(config), "environment": environment(), "executor": executor, "started": time.time()}
+    )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(meta, indent=1))
     tmp.replace(path)
