@@ -10,11 +10,15 @@ Two phases, both resumable (rerun the same command after a kill):
    by the plans that compress only after it, so the sweep costs a few prefills per sample, not one per
    cell. Query-aware: the method compresses the prompt with its question; query-agnostic: the
    context alone, question appended afterwards (every budget in `--agnostic-budgets`).
-2. Cost. Each (method, budget) runs one passkey sample through its own real prefill in a fresh
-   process, so the prefill time (compression included) and the process peak RSS are its own
-   (`OUT/cost.json`).
+2. Cost. Each (protocol, method, budget) runs one passkey sample through its own real prefill in a
+   fresh process, under that protocol (query-agnostic: the context is prefilled and compressed
+   alone, the question appended after), `--repeats` times after a warm-up, so the prefill time
+   (compression included) and the process peak RSS (first run) are its own (`OUT/cost.json`).
 
-All ratios are against dense measured in the same run.
+All ratios are against dense measured in the same run; a speed-up is dense time / method time,
+per repeat (paired by repeat index, the processes running one after another), reported as median
+[interquartile range] (tokensift.bench.timing). `--cost-only --quality-from FILE` measures the cost
+of the given protocols only and takes the accuracy cells from an earlier results file.
 """
 
 from __future__ import annotations
@@ -55,26 +59,33 @@ def cost_worker(args: argparse.Namespace) -> None:
     model = tokensift.load(args.model)
     task = get_task("passkey")
     (sample,) = task.samples(token_counter(model), args.length, 1, seed=0, depths=[0.5])
+    prompt, question = task.protocol_prompt(sample, args.protocol)
     # A short warm-up faults in the (memory-mapped) weights; then reset the process's peak-RSS mark
     # (Linux) so the figure is this generation's, not the model load's.
     tokensift.generate(model, "Hello", "dense", max_new_tokens=1)
     Path("/proc/self/clear_refs").write_text("5")
     loaded = _status_kib("VmRSS") * 1024
-    out = tokensift.generate(
-        model,
-        sample.prompt,
-        args.spec,
-        max_new_tokens=sample.max_new_tokens,
-        answer_prefix=sample.answer_prefix,
-    )
-    peak_rss = _status_kib("VmHWM") * 1024
+    seconds = []
+    for i in range(args.repeats):
+        out = tokensift.generate(
+            model,
+            prompt,
+            args.spec,
+            question=question,
+            max_new_tokens=sample.max_new_tokens,
+            answer_prefix=sample.answer_prefix,
+        )
+        seconds.append(out.stats.prefill_seconds)
+        if i == 0:
+            peak_rss = _status_kib("VmHWM") * 1024
     print(
         json.dumps(
             {
-                "prefill_seconds": out.stats.prefill_seconds,
+                "prefill_seconds": seconds,
                 "kv_bytes_peak": out.stats.kv_bytes_peak,
                 "peak_rss": peak_rss,
                 "rss_after_load": loaded,
+                "protocol": args.protocol,
             }
         )
     )
@@ -85,23 +96,29 @@ def _status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def cost(args: argparse.Namespace, specs: list[str]) -> dict[str, dict]:
+def cost_key(protocol: str, spec: str) -> str:
+    """Key of a cost cell in cost.json: the spec, prefixed by the protocol unless query-aware."""
+    return spec if protocol == "query-aware" else f"{protocol}|{spec}"
+
+
+def cost(args: argparse.Namespace, protocol: str, specs: list[str]) -> dict[str, dict]:
+    """Cost cells of one protocol, keyed by spec (resumable through OUT/cost.json)."""
     path = args.out / "cost.json"
     done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
     for spec in specs:
-        if spec in done:
+        if cost_key(protocol, spec) in done:
             continue
         cmd = [sys.executable, __file__, "--cost-worker", "--spec", spec, "--model", args.model]
-        cmd += ["--length", str(args.length)]
+        cmd += ["--length", str(args.length), "--protocol", protocol, "--repeats", str(args.repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"{spec} failed:\n{proc.stderr[-2000:]}")
-        done[spec] = json.loads(proc.stdout.strip().splitlines()[-1])
+        done[cost_key(protocol, spec)] = json.loads(proc.stdout.strip().splitlines()[-1])
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(done, indent=1))
         tmp.replace(path)
-        print(f"cost: {spec} done", file=sys.stderr)
-    return done
+        print(f"cost: {protocol} {spec} done", file=sys.stderr)
+    return {spec: done[cost_key(protocol, spec)] for spec in specs}
 
 
 def quality(args: argparse.Namespace, model, protocol: str, specs: list[str]) -> dict[str, dict]:
@@ -149,12 +166,21 @@ def main() -> None:
     parser.add_argument("--protocols", default="query-aware,query-agnostic")
     parser.add_argument("--agnostic-budgets", default="256", help="budgets also run query-agnostic")
     parser.add_argument("--out", type=Path, default=Path("runs/eviction"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed prefills per cost process")
+    parser.add_argument("--cost-only", action="store_true", help="skip the accuracy phase")
+    parser.add_argument("--quality-from", type=Path, help="results.json whose accuracy cells to reuse")
     parser.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--protocol", default="query-aware", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cost_worker:
         cost_worker(args)
         return
+    from tokensift.bench.timing import check_repeats
+
+    check_repeats(args.repeats)
+    if args.cost_only and args.quality_from is None:
+        raise SystemExit("--cost-only needs --quality-from FILE (the accuracy cells to show)")
 
     import tokensift
 
@@ -165,31 +191,39 @@ def main() -> None:
     }
     protocols = args.protocols.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
-    model = tokensift.load(args.model)
-    cells = {}
-    for protocol in protocols:
-        specs = [spec_for(m, b) for b in budgets[protocol] for m in args.methods]
-        cells[protocol] = quality(args, model, protocol, specs)
-    del model
-    all_specs = ["dense", *[spec_for(m, b) for b in budgets["query-aware"] for m in args.methods]]
-    costs = cost(args, all_specs)
-    (args.out / "results.json").write_text(json.dumps({"quality": cells, "cost": costs}, indent=1))
+    if args.cost_only:
+        earlier = json.loads(args.quality_from.read_text())["quality"]
+        cells = {p: earlier[p] for p in protocols}
+    else:
+        model = tokensift.load(args.model)
+        cells = {}
+        for protocol in protocols:
+            specs = [spec_for(m, b) for b in budgets[protocol] for m in args.methods]
+            cells[protocol] = quality(args, model, protocol, specs)
+        del model
+    costs = {
+        p: cost(args, p, ["dense", *[spec_for(m, b) for b in budgets[p] for m in args.methods]])
+        for p in protocols
+    }
+    (args.out / "results.json").write_text(
+        json.dumps({"quality": cells, "cost": costs, "repeats": args.repeats}, indent=1)
+    )
 
     print(
         f"model {args.model}, {args.length}-token prompts, {args.depths} depths x {len(TASKS)} tasks per "
-        f"cell; cost columns from one passkey sample per cell in its own process; "
-        f"{time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s"
+        f"cell; cost columns from one passkey sample per cell in its own process under the protocol, "
+        f"{args.repeats} timed prefills each; {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s"
     )
     for protocol in protocols:
         print(f"\n### {protocol}\n")
-        print(table(cells[protocol], costs, args.methods, budgets[protocol]))
+        print(table(cells[protocol], costs[protocol], args.methods, budgets[protocol]))
 
 
 def table(cells: dict[str, dict], costs: dict[str, dict], methods: list[str], budgets: list[int]) -> str:
     dense, dense_cost = cells["dense"], costs["dense"]
     lines = [
         "| method | budget | passkey | niah_single | KV / dense "
-        "| prefill+compress vs dense | peak RSS MiB (over loaded model) |",
+        "| prefill+compress speed-up (dense / method) | peak RSS MiB (over loaded model) |",
         "|---|---|---|---|---|---|---|",
         f"| dense | - | {dense['acc']['passkey']:.2f} | {dense['acc']['niah_single']:.2f} | 1.000 | 1.00x "
         f"| {_rss(dense_cost)} |",
@@ -202,13 +236,23 @@ def table(cells: dict[str, dict], costs: dict[str, dict], methods: list[str], bu
         for method, spec in specs.items():
             r, c = cells[spec], costs.get(spec)
             name = method.replace(":budget={b}", "") + (" **best**" if method == best else "")
-            timing = f"{c['prefill_seconds'] / dense_cost['prefill_seconds']:.2f}x" if c else "-"
+            timing = _speedup(dense_cost, c) if c else "-"
             rss = _rss(c) if c else "-"
             lines.append(
                 f"| {name} | {budget} | {r['acc']['passkey']:.2f} | {r['acc']['niah_single']:.2f} | "
                 f"{r['kv'] / dense['kv']:.3f} | {timing} | {rss} |"
             )
     return "\n".join(lines)
+
+
+def _speedup(dense: dict, method: dict) -> str:
+    """Dense prefill time / method prefill time: median [IQR] over repeats (one run: that ratio)."""
+    from tokensift.bench.timing import speedup
+
+    base, mine = dense["prefill_seconds"], method["prefill_seconds"]
+    if not isinstance(base, list):  # cost files from before the repeats
+        return f"{base / mine:.2f}x (1 run)"
+    return speedup(base, mine).format(2, "x")
 
 
 def _rss(c: dict) -> str:

@@ -4,13 +4,14 @@
 
 Part 1 (each of --models): plain greedy, suffix_decoding and prompt_lookup on the repetitive
 workloads of tokensift.bench.tasks.loop_workloads (outputs re-use the prompt) and on open-ended chat
-prompts. Decode tokens/s is (new tokens - 1) / decode seconds, the median over --repeats interleaved
-runs (plain, method, plain, ...); the drafting methods are lossless, so each row also checks that
+prompts. Decode tokens/s is (new tokens - 1) / decode seconds, the median over --repeats (default 5)
+interleaved runs (plain, method, plain, ...); the drafting methods are lossless, so each row also checks that
 their tokens equal plain greedy's. Global suffix trees are cleared before every generation: drafts
 come from the request's own prompt and output only. Because other processes share the cores, each
 ratio is also given in CPU time of this process (decode CPU seconds: the generation's minus a
-prefill-only run's), which is what the decode would take on a dedicated core; wall-clock ratios are
-medians of paired runs.
+prefill-only run's), which is what the decode would take on a dedicated core. Speed-ups (plain time /
+method time) are paired per repeat and reported as median [IQR] over all pairs of a workload
+(tokensift.bench.timing).
 
 Part 2 (--pair LARGE:SMALL, models sharing a tokenizer): the large model alone, the small model
 alone, bild and entropy_routing at their default thresholds: tokens/s relative to the large model
@@ -40,6 +41,7 @@ import torch
 import tokensift
 from tokensift.bench.runner import token_counter
 from tokensift.bench.tasks.loop_workloads import OPEN_ENDED_PROMPTS, WORKLOADS
+from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats
 from tokensift.speculative import clear_global_caches
 
 DRAFTERS = ["suffix_decoding", "prompt_lookup"]  # --drafters replaces this list
@@ -65,12 +67,20 @@ class Runs:
     def tps(self) -> float:
         return (len(self.tokens) - 1) / statistics.median(self.seconds)
 
-    def vs(self, base: Runs) -> tuple[float, float]:
-        """(wall-clock, CPU-time) speed ratio to `base`: medians over paired repeats, per token."""
+    def vs(self, base: Runs) -> tuple[list[float], list[float]]:
+        """(wall-clock, CPU-time) speed-ups over `base` (its time / this time, per token), one per
+        paired repeat."""
         per = (len(self.tokens) - 1) / max(1, len(base.tokens) - 1)
-        wall = statistics.median(b / s for b, s in zip(base.seconds, self.seconds, strict=True)) * per
-        cpu = statistics.median(b / s for b, s in zip(base.cpu, self.cpu, strict=True)) * per
+        wall = [per * b / s for b, s in zip(base.seconds, self.seconds, strict=True)]
+        cpu = [per * b / s for b, s in zip(base.cpu, self.cpu, strict=True)]
         return wall, cpu
+
+
+def pooled(rows: list[dict[str, Runs]], key: str, base: str) -> tuple[Spread, Spread]:
+    """Wall and CPU speed-ups of `key` over `base`: median [IQR] over every paired repeat of every
+    prompt of a group."""
+    pairs = [rows_[key].vs(rows_[base]) for rows_ in rows]
+    return Spread.of(w for wall, _ in pairs for w in wall), Spread.of(c for _, cpu in pairs for c in cpu)
 
 
 def prompts(
@@ -130,15 +140,15 @@ def by_group(items: list[Prompt], results: list[dict[str, Runs]]) -> dict[str, l
     return groups
 
 
-def geo(values: list[float]) -> float:
-    return statistics.geometric_mean(values) if values else float("nan")
+def _fmt(spread: dict[str, float]) -> str:
+    return Spread(spread["median"], spread["q1"], spread["q3"], spread["n"]).format(2, "x")
 
 
 def drafting_table(model: str, items: list[Prompt], results: list[dict[str, Runs]]) -> list[dict[str, Any]]:
     """Print the drafting table; returns its rows."""
     print(
-        f"\n#### {model}: drafting vs plain greedy (decode tok/s wall-clock; speed ratios wall / CPU "
-        "time, geometric means over prompts)\n"
+        f"\n#### {model}: drafting vs plain greedy (decode tok/s wall-clock; speed-ups = plain time / "
+        "method time, wall / CPU, median [IQR] over every paired repeat of the group's prompts)\n"
     )
     head = "| workload | prompts | plain tok/s |"
     rule = "|---|---|---|"
@@ -162,8 +172,8 @@ def drafting_table(model: str, items: list[Prompt], results: list[dict[str, Runs
         for d in DRAFTERS:
             stats = {
                 "tokens_per_second": statistics.mean(r[d].tps for r in rows),
-                "speedup_wall": geo([r[d].vs(r["None"])[0] for r in rows]),
-                "speedup_cpu": geo([r[d].vs(r["None"])[1] for r in rows]),
+                "speedup_wall": pooled(rows, d, "None")[0].as_dict(),
+                "speedup_cpu": pooled(rows, d, "None")[1].as_dict(),
                 "tokens_per_step": statistics.mean(
                     r[d].counters.get("loop_tokens_per_step", 1.0) for r in rows
                 ),
@@ -174,8 +184,8 @@ def drafting_table(model: str, items: list[Prompt], results: list[dict[str, Runs
             }
             entry["methods"][d] = stats
             line += (
-                f" {stats['tokens_per_second']:.1f} | {stats['speedup_wall']:.2f}x / "
-                f"{stats['speedup_cpu']:.2f}x | {stats['tokens_per_step']:.2f} | "
+                f" {stats['tokens_per_second']:.1f} | {_fmt(stats['speedup_wall'])} / "
+                f"{_fmt(stats['speedup_cpu'])} | {stats['tokens_per_step']:.2f} | "
                 f"{stats['acceptance_rate']:.2f} | {stats['identical']}/{len(rows)} |"
             )
         line += f" {entry['score']:.2f} |" if scores else " - |"
@@ -216,8 +226,8 @@ def pair_table(
                 "method": key,
                 "prompts": len(rows),
                 "tokens_per_second": statistics.mean(r[key].tps for r in rows),
-                "speedup_wall": geo([r[key].vs(r["large"])[0] for r in rows]),
-                "speedup_cpu": geo([r[key].vs(r["large"])[1] for r in rows]),
+                "speedup_wall": pooled(rows, key, "large")[0].as_dict(),
+                "speedup_cpu": pooled(rows, key, "large")[1].as_dict(),
                 "agreement": statistics.mean(agreement(r[key].tokens, r["large"].tokens) for r in rows),
                 "identical": sum(r[key].tokens == r["large"].tokens for r in rows),
                 "share": share,
@@ -226,7 +236,7 @@ def pair_table(
             table.append(entry)
             print(
                 f"| {group} | {label} | {entry['tokens_per_second']:.2f} | "
-                f"{entry['speedup_wall']:.2f}x / {entry['speedup_cpu']:.2f}x | "
+                f"{_fmt(entry['speedup_wall'])} / {_fmt(entry['speedup_cpu'])} | "
                 f"{entry['agreement']:.2f} | {entry['identical']}/{len(rows)} | {share_text} | "
                 + (f"{entry['score']:.2f} |" if scores else "- |")
             )
@@ -268,11 +278,12 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=4, help="open-ended prompts")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--pair-new-tokens", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_repeats_argument(parser)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/generation_loops.json"))
     args = parser.parse_args()
     DRAFTERS[:] = args.drafters
+    check_repeats(args.repeats)
     torch.set_num_threads(args.threads)
     print(
         f"generation loops, {args.length}-token workload prompts, up to {args.new_tokens} new tokens, "
@@ -318,7 +329,7 @@ def main() -> None:
         for i, prompt in enumerate(items):
             row = {k: Runs() for k in ["large", "small", bild, routing]}
             prefill, small_prefill = prefill_cpu(large, prompt), prefill_cpu(small, prompt)
-            for _ in range(max(1, args.repeats - 1)):
+            for _ in range(args.repeats):
                 run(large, prompt, None, args.pair_new_tokens, row["large"], prefill)
                 run(small, prompt, None, args.pair_new_tokens, row["small"], small_prefill)
                 run(large, prompt, bild, args.pair_new_tokens, row[bild], prefill)

@@ -3,14 +3,15 @@
     python benchmarks/kv_memory_and_speed.py [--model smollm2-135m] [--length 4096] [--new-tokens 64]
 
 The prompt is a passkey haystack of `--length` tokens (chat template included). Each method runs
-`--repeats` times after one warm-up generation; times are medians. KV bytes are the peak bytes of
+`--repeats` times (default 5, methods interleaved in each round) after one warm-up generation; times
+are medians with the interquartile range, and speed-ups (dense time / method time) are paired per
+round (tokensift.bench.timing). KV bytes are the peak bytes of
 K/V tensors the cache actually held (storage, not views).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -18,24 +19,22 @@ import torch
 import tokensift
 from tokensift.bench.runner import token_counter
 from tokensift.bench.tasks import get_task
+from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats, speedup
 
 METHODS = ["dense", "streaming_llm:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25"]
 
 
 def measure(
-    model: tokensift.Model, prompt: str, method: str, new_tokens: int, repeats: int
-) -> dict[str, float]:
-    runs = [
-        tokensift.generate(model, prompt, method, max_new_tokens=new_tokens, ignore_eos=True).stats
-        for _ in range(repeats)
-    ]
-    s = runs[0]
-    return {
-        "kv_bytes": s.kv_bytes_peak,
-        "kv_dense": s.kv_bytes_dense,
-        "prefill_tps": s.prompt_tokens / statistics.median(r.prefill_seconds for r in runs),
-        "decode_tps": statistics.median(r.decode_tokens_per_second for r in runs),
-    }
+    model: tokensift.Model, prompt: str, methods: list[str], new_tokens: int, repeats: int
+) -> dict[str, list]:
+    """Every method's generation stats, `repeats` rounds with the methods interleaved in each."""
+    runs: dict[str, list] = {m: [] for m in methods}
+    for _ in range(repeats):
+        for method in methods:
+            runs[method].append(
+                tokensift.generate(model, prompt, method, max_new_tokens=new_tokens, ignore_eos=True).stats
+            )
+    return runs
 
 
 def main() -> None:
@@ -43,10 +42,11 @@ def main() -> None:
     parser.add_argument("--model", default=tokensift.DEFAULT_MODEL)
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_repeats_argument(parser)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     args = parser.parse_args()
 
+    check_repeats(args.repeats)
     model = tokensift.load(args.model)
     task = get_task("passkey")
     prompt = task.samples(token_counter(model), args.length, 1, seed=0, depths=[0.5])[0].prompt
@@ -55,18 +55,26 @@ def main() -> None:
         f"model {model.name}, prompt {args.length} tokens, {args.new_tokens} new tokens, "
         f"torch threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
-    results = {m: measure(model, prompt, m, args.new_tokens, args.repeats) for m in args.methods}
-    base = results[args.methods[0]]
+    runs = measure(model, prompt, args.methods, args.new_tokens, args.repeats)
+    base = runs[args.methods[0]]
+    print(f"\nspeed-up = {args.methods[0]} time / method time: median [IQR] of {args.repeats} paired repeats")
     print(
-        f"\n| method | KV MiB | KV / dense | prefill tok/s | prefill vs {args.methods[0]} "
-        f"| decode tok/s | decode vs {args.methods[0]} |"
+        "\n| method | KV MiB | KV / dense | prefill tok/s | prefill speed-up | decode tok/s "
+        "| decode speed-up |"
     )
     print("|---|---|---|---|---|---|---|")
-    for method, r in results.items():
+    for method, rs in runs.items():
+        s0 = rs[0]
+        prefill = speedup([r.prefill_seconds for r in base], [r.prefill_seconds for r in rs])
+        # Fixed new tokens (EOS ignored): the decode time ratio is the tokens/s ratio.
+        decode = speedup(
+            [1 / r.decode_tokens_per_second for r in base], [1 / r.decode_tokens_per_second for r in rs]
+        )
+        prefill_tps = Spread.of(s0.prompt_tokens / r.prefill_seconds for r in rs).median
+        decode_tps = Spread.of(r.decode_tokens_per_second for r in rs).median
         print(
-            f"| {method} | {r['kv_bytes'] / 2**20:.1f} | {r['kv_bytes'] / base['kv_bytes']:.3f} | "
-            f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / base['prefill_tps']:.2f}x | "
-            f"{r['decode_tps']:.1f} | {r['decode_tps'] / base['decode_tps']:.2f}x |"
+            f"| {method} | {s0.kv_bytes_peak / 2**20:.1f} | {s0.kv_bytes_peak / base[0].kv_bytes_peak:.3f} | "
+            f"{prefill_tps:.0f} | {prefill.format(2, 'x')} | {decode_tps:.1f} | {decode.format(2, 'x')} |"
         )
 
 

@@ -5,10 +5,14 @@
     python benchmarks/sparse_prefill.py kernel --lengths 16384 65536   # GPU: the Triton kernel
 
 `speed` times the prefill (one forward of a passkey prompt of each length, chat template included)
-for dense SDPA and every method, interleaved in each repeat so load drifts hit all alike, and prints
-medians, the ratio to dense, the share of (row, key) attention pairs computed, and the seconds spent
-inside the attention function (so the rest of the model, the Amdahl bound, is visible), then the
-crossover: the shortest measured length from which a method beats dense at every longer one.
+for dense SDPA and every method, interleaved in each of `--repeats` (>= 5 for a claim) so load
+drifts hit all alike, and prints medians with the interquartile range, the speed-up (dense time /
+method time, paired per repeat, its median and IQR), the share of (row, key) attention pairs
+computed, and the seconds spent inside the attention function (so the rest of the model, the Amdahl
+bound, is visible), then the crossover: the shortest measured length from which a method's lower
+quartile beats dense at every longer one, and which methods meet `--target` at the longest length
+(lower quartile of the speed-up, tokensift.bench.timing). Every method runs with `dense_tail` 0 (its
+paper's pattern alone) and 64 (the last 64 queries attend densely).
 `quality` runs passkey and niah_single (depths 10/50/90%) and perplexity on Austen windows (scored in
 2048-token forwards, so the prefill patterns apply) through the same methods and prints each score
 next to dense's. Every row, the summaries and the command lines go to `--out` (one JSON document);
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import warnings
@@ -30,7 +35,16 @@ from typing import Any
 
 import torch
 
-METHODS = ["dense", "a_shape", "minference", "dhsa"]
+METHODS = [
+    "dense",
+    "a_shape",
+    "a_shape:dense_tail=64",
+    "minference",
+    "minference:dense_tail=64",
+    "dhsa",
+    "dhsa:dense_tail=64",
+]
+TARGET = 1.5  # prefill speed-up at the longest length (lower quartile)
 
 
 class AttentionClock:
@@ -79,16 +93,19 @@ def speed(args: argparse.Namespace, model: Any) -> None:
     import tokensift
     from tokensift.bench.runner import token_counter
     from tokensift.bench.tasks import get_task
+    from tokensift.bench.timing import Spread, speedup
 
     task = get_task("passkey")
     count = token_counter(model)
     print(
         f"model {model.name}, torch threads {torch.get_num_threads()}, repeats {args.repeats} "
-        f"(medians), {time.strftime('%Y-%m-%d %H:%M')}"
+        f"(medians [IQR]), load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
-    print("\n| length | method | prefill s | vs dense | attention s | rest s | pairs computed |")
+    print(
+        "\n| length | method | prefill s | speed-up (dense/method) | attention s | rest s | pairs computed |"
+    )
     print("|---|---|---|---|---|---|---|")
-    speedups: dict[str, list[tuple[int, float]]] = {}
+    speedups: dict[str, list[tuple[int, Spread]]] = {}
     for length in args.lengths:
         prompt = task.samples(count, length, 1, seed=0, depths=[0.5])[0].prompt
         tokensift.generate(model, prompt[: len(prompt) // 4], "dense", max_new_tokens=1)  # warm-up
@@ -96,37 +113,51 @@ def speed(args: argparse.Namespace, model: Any) -> None:
         for _ in range(args.repeats):
             for method in args.methods:  # interleaved: drift in machine load hits every method
                 runs[method].append(prefill(model, prompt, method))
-        base = statistics.median(r["prefill"] for r in runs[args.methods[0]])
+        base = [r["prefill"] for r in runs[args.methods[0]]]
         for method, rs in runs.items():
-            p = statistics.median(r["prefill"] for r in rs)
-            a = statistics.median(r["attention"] for r in rs)
+            p = Spread.of(r["prefill"] for r in rs)
+            a = Spread.of(r["attention"] for r in rs)
+            ratio = speedup(base, [r["prefill"] for r in rs])
             row = {
                 "kind": "speed",
                 "model": model.name,
                 "length": length,
                 "tokens": rs[0]["tokens"],
                 "method": method,
-                "prefill_seconds": p,
-                "attention_seconds": a,
-                "speedup_vs_dense": base / p,
+                "prefill_seconds": p.median,
+                "attention_seconds": a.median,
+                "speedup_vs_dense": ratio.median,
+                "spread": {"prefill_seconds": p.as_dict(), "speedup_vs_dense": ratio.as_dict()},
                 "density": rs[0]["density"],
                 "runs": rs,
             }
             _append(args.out, row)
-            speedups.setdefault(method, []).append((length, base / p))
+            speedups.setdefault(method, []).append((length, ratio))
             print(
-                f"| {rs[0]['tokens']} | {method} | {p:.2f} | {base / p:.2f}x | {a:.2f} | {p - a:.2f} | "
-                f"{rs[0]['density']:.3f} |",
+                f"| {rs[0]['tokens']} | {method} | {p.format()} | {ratio.format(2, 'x')} | {a.median:.2f} | "
+                f"{p.median - a.median:.2f} | {rs[0]['density']:.3f} |",
                 flush=True,
             )
     summary = {}
+    longest = max(args.lengths)
     for method, points in speedups.items():
         if method == args.methods[0]:
             continue
-        faster = [length for length, _ in points if all(r > 1.0 for m, r in points if m >= length)]
-        summary[method] = {"speedups": dict(points), "crossover": min(faster) if faster else None}
+        # Faster only where the lower quartile of the paired speed-up exceeds 1.
+        faster = [n for n, _ in points if all(r.q1 > 1.0 for m, r in points if m >= n)]
+        last = dict(points)[longest]
+        summary[method] = {
+            "speedups": {n: r.as_dict() for n, r in points},
+            "crossover": min(faster) if faster else None,
+            "target": TARGET,
+            "target_met": last.meets(TARGET),
+        }
         where = f"from {min(faster)} tokens on" if faster else "at none of the measured lengths"
-        print(f"{method}: faster than {args.methods[0]} {where}")
+        verdict = "meets" if last.meets(TARGET) else "misses"
+        print(
+            f"{method}: faster than {args.methods[0]} {where}; at {longest} {verdict} {TARGET}x "
+            f"(lower quartile {last.q1:.2f}x)"
+        )
     _append(args.out, {"kind": "speed_summary", "model": model.name, "summary": summary})
 
 
@@ -189,8 +220,13 @@ def table(args: argparse.Namespace) -> None:
     """The README table from a results file: speed (last run per model and length) and quality."""
     rows = _rows(args.out)
     speed_rows = {(r["model"], r["length"], r["method"]): r for r in rows if r["kind"] == "speed"}
-    methods = [m for m in METHODS if any(k[2] == m for k in speed_rows)]
-    print("| model | tokens | dense prefill s | " + " | ".join(f"{m} (x dense)" for m in methods[1:]) + " |")
+    methods = list(dict.fromkeys(k[2] for k in speed_rows))
+    methods = ["dense", *(m for m in methods if m != "dense")]
+    print(
+        "| model | tokens | dense prefill s | "
+        + " | ".join(f"{m} (speed-up [IQR])" for m in methods[1:])
+        + " |"
+    )
     print("|---|---|---|" + "---|" * (len(methods) - 1))
     for model, length in sorted({k[:2] for k in speed_rows}, key=lambda k: (k[0] != "smollm2-135m", k)):
         base = speed_rows.get((model, length, methods[0]))
@@ -199,9 +235,7 @@ def table(args: argparse.Namespace) -> None:
         cells = []
         for m in methods[1:]:
             r = speed_rows.get((model, length, m))
-            cells.append(
-                f"{r['speedup_vs_dense']:.2f}x (density {r['density']:.2f})" if r is not None else "-"
-            )
+            cells.append(f"{_ratio(r)} (density {r['density']:.2f})" if r is not None else "-")
         print(f"| {model} | {base['tokens']} | {base['prefill_seconds']:.1f} | " + " | ".join(cells) + " |")
     quality_rows = [r for r in rows if r["kind"] == "quality"]
     if not quality_rows:
@@ -210,7 +244,8 @@ def table(args: argparse.Namespace) -> None:
     for r in quality_rows:
         _, task, _, _, _, method = r["key"]
         scores.setdefault((task, method), []).append(float(r["score"]))
-    qmethods = [m for m in METHODS if any(k[1] == m for k in scores)]
+    qmethods = list(dict.fromkeys(k[1] for k in scores))
+    qmethods = ["dense", *(m for m in qmethods if m != "dense")]
     print("\n| task (samples) | " + " | ".join(qmethods) + " |")
     print("|---|" + "---|" * len(qmethods))
     for task in dict.fromkeys(k[0] for k in scores):
@@ -221,6 +256,16 @@ def table(args: argparse.Namespace) -> None:
             cells.append(f"{mean:.2f}" if task == "perplexity" else f"{100 * mean:.0f}%")
         count = len(scores.get((task, qmethods[0]), []))
         print(f"| {task} ({count}) | " + " | ".join(cells) + " |")
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    """A row's speed-up with its IQR (rows from before the repeats were kept show the median)."""
+    from tokensift.bench.timing import Spread
+
+    spread = row.get("spread", {}).get("speedup_vs_dense")
+    if spread is None:
+        return f"{row['speedup_vs_dense']:.2f}x (1 repeat)"
+    return Spread(spread["median"], spread["q1"], spread["q3"], spread["n"]).format(2, "x")
 
 
 def load_engine() -> Any:
@@ -384,7 +429,9 @@ def main() -> None:
         p.add_argument("--methods", nargs="+", default=METHODS, help="the first is the baseline")
         p.add_argument("--out", type=Path, help="JSON file to add rows to (and resume from)")
     sub.choices["speed"].add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 8192])
-    sub.choices["speed"].add_argument("--repeats", type=int, default=2)
+    sub.choices["speed"].add_argument(
+        "--repeats", type=int, default=5, help="timed repeats, methods interleaved (claims need >= 5)"
+    )
     sub.choices["quality"].add_argument("--length", type=int, default=8192)
     sub.choices["quality"].add_argument("--samples", type=int, default=2, help="per depth for depth tasks")
     sub.choices["quality"].add_argument(
@@ -414,6 +461,10 @@ def main() -> None:
         return
     import tokensift
 
+    if args.command == "speed":
+        from tokensift.bench.timing import check_repeats
+
+        check_repeats(args.repeats)
     model = tokensift.load(args.model)
     _record_command(args.out)
     (speed if args.command == "speed" else quality)(args, model)
