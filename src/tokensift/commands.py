@@ -43,6 +43,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="kvpress's convention: the fraction of the KV cache the eviction method removes "
         "(0.75 = budget=0.25)",
     )
+    p.add_argument(
+        "--passages-file",
+        type=Path,
+        help='JSONL of passages (a string or {"text": ...} per line) that make the context; a context '
+        "method (crag) chooses among them; the prompt, if given, is an instruction before them",
+    )
     p.add_argument("--json", action="store_true", help="print text and stats as JSON")
     p.add_argument(
         "--context-parallel",
@@ -184,9 +190,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt = sys.stdin.read()
     elif args.prompt is not None:
         prompt = args.prompt
+    elif args.passages_file is not None:
+        prompt = None
     else:
         raise TokensiftError("no prompt: give one, --prompt-file FILE, or - to read stdin")
-    if not prompt.strip():
+    passages = read_passages(args.passages_file) if args.passages_file is not None else None
+    if passages is None and not prompt.strip():
         raise TokensiftError("empty prompt: give some text, --prompt-file FILE, or - to read stdin")
     from tokensift.methods.spec import with_compression_ratio
 
@@ -211,6 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         raw=args.raw,
         question=args.question,
+        **({"passages": passages} if passages is not None else {}),
     )
     if result is None:
         return 0
@@ -226,6 +236,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def read_passages(path: Path) -> list[str]:
+    """Passages from a JSONL file: each line a JSON string or an object with a "text" field."""
+    if not path.is_file():
+        raise TokensiftError(f"passages file {path} does not exist")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TokensiftError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str) or not text.strip():
+            raise TokensiftError(f'{path}:{number}: expected a string or {{"text": "..."}} with some text')
+        out.append(text)
+    if not out:
+        raise TokensiftError(f"passages file {path} holds no passages")
+    return out
 
 
 def parse_lengths(text: str) -> list[int]:

@@ -18,6 +18,7 @@ from tokensift.bench.tasks.niah_single import NiahSingle
 from tokensift.bench.tasks.passage_count import PassageCount
 from tokensift.bench.tasks.passkey import Passkey
 from tokensift.bench.tasks.perplexity import Perplexity
+from tokensift.bench.tasks.reviews import Reviews
 from tokensift.bench.tasks.ruler_niah import RULER_NIAH
 from tokensift.bench.tasks.ruler_vt import VariableTracking
 from tokensift.bench.tasks.ruler_words import CommonWords, FrequentWords
@@ -43,6 +44,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "passage_count": PassageCount,
     "sentiment": Sentiment,
     "topic": Topic,
+    "reviews": Reviews,
 }
 RULER_TASKS = [cls.name for cls in RULER_NIAH] + ["vt", "cwe", "fwe"]
 # Repetitive, agent-like workloads whose output re-uses the prompt (for the generation-loop methods:
