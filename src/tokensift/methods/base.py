@@ -228,7 +228,8 @@ class BiasMethod(Method):
 
     def key_bias(self, layer: TokenLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions (P,), bias (H_q, P)): the original absolute positions of the biased keys and the
-        additive logit bias of every query head on each; None leaves this layer's attention exact."""
+        additive logit bias of every query head on each (or (B, H_q, P), one per batch row); None
+        leaves this layer's attention exact."""
         raise NotImplementedError
 
 
@@ -240,6 +241,9 @@ class ContextMethod(Method):
     # Passages left out of the prompt (the runtime also records `passages_in` and `passages_kept`).
     applied_by: ClassVar[tuple[str, ...]] = ("passages_dropped",)
 
-    def select_passages(self, passages: list[str], question: str | None, seed: int) -> list[int]:
-        """Indices of the passages to keep, in their original order."""
+    def select_passages(
+        self, passages: list[str], question: str | None, seed: int
+    ) -> tuple[list[tuple[int, str]], dict[str, float]]:
+        """The passages to keep as (index, text to send) in ascending index order (the text may
+        annotate the passage), and counters for the stats."""
         raise NotImplementedError

@@ -245,7 +245,7 @@ def decode_plain(decoding: Decoding, logits: torch.Tensor) -> None:
 
 def generate(
     model: Model | str,
-    prompt: Prompt,
+    prompt: Prompt | None = None,
     method: MethodSpec = None,
     *,
     max_new_tokens: int = 64,
@@ -260,6 +260,7 @@ def generate(
     question: str | None = None,
     shared: SharedPrefill | None = None,
     on_token: Callable[[Decoding, int, torch.Tensor | None], str | None] | None = None,
+    passages: Sequence[str] | None = None,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
@@ -269,7 +270,9 @@ def generate(
     `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements). `shared` is a prefill
     of the same prompt run once for several plans (see `shared_prefill`); its time is counted in
     `prefill_seconds`, plus this plan's own compression. `on_token` sees every committed token
-    and may end the generation by returning a stop reason (see `Decoding.on_token`).
+    and may end the generation by returning a stop reason (see `Decoding.on_token`). `passages`
+    (many short texts) make the context: the plan's context method (CRAG) keeps some of them before
+    tokenization, and `prompt`, if given, is an instruction put before them.
     """
     if isinstance(model, str):
         model = load(model)
@@ -278,6 +281,7 @@ def generate(
     if temperature < 0 or not 0 < top_p <= 1:
         raise TokensiftError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     plan = Plan.of(method)
+    prompt, context_counters = _context(plan, prompt, passages, question, seed)
     if question is not None and not question.strip():
         raise TokensiftError("question is empty")
     ids, question_ids = encode_split(model, prompt, question, raw=raw, answer_prefix=answer_prefix)
@@ -288,6 +292,8 @@ def generate(
     with torch.inference_mode():
         cache = TokenCache(model, plan, prompt_tokens=len(ids))
         cache.shared["max_new_tokens"] = max_new_tokens
+        for name, value in context_counters.items():
+            cache.count(name, value)
         decoding = Decoding(
             model,
             cache,
@@ -342,6 +348,23 @@ def generate(
     return Generation(
         text=text, token_ids=new, stats=stats, logits=decoding.step_logits if return_logits else None
     )
+
+
+def _context(
+    plan: Plan, prompt: Prompt | None, passages: Sequence[str] | None, question: Any, seed: int
+) -> tuple[Prompt, dict[str, float]]:
+    """The prompt, built from `passages` by the plan's context method when passages are given."""
+    if passages is None:
+        if prompt is None:
+            raise TokensiftError("no prompt: give a prompt or passages")
+        if plan.context is not None:
+            raise TokensiftError(f"{plan.context.name} selects passages: pass passages (--passages-file)")
+        return prompt, {}
+    if prompt is not None and not isinstance(prompt, str):
+        raise TokensiftError("with passages, the prompt is an optional text instruction put before them")
+    from tokensift.runtime.context import build_context
+
+    return build_context(plan, passages, prompt, question if isinstance(question, str) else None, seed)
 
 
 def collect_stats(
