@@ -169,12 +169,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed prefills per cost process")
     parser.add_argument("--cost-only", action="store_true", help="skip the accuracy phase")
     parser.add_argument("--quality-from", type=Path, help="results.json whose accuracy cells to reuse")
+    parser.add_argument("--render", type=Path, help="print the tables of a saved results.json and exit")
     parser.add_argument("--cost-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     parser.add_argument("--protocol", default="query-aware", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cost_worker:
         cost_worker(args)
+        return
+    if args.render:
+        render(json.loads(args.render.read_text()), args.methods)
         return
     from tokensift.bench.timing import check_repeats
 
@@ -219,14 +223,26 @@ def main() -> None:
         print(table(cells[protocol], costs[protocol], args.methods, budgets[protocol]))
 
 
+def render(saved: dict, methods: list[str]) -> None:
+    """The tables of a results.json. Files from before the per-protocol cost phase hold one flat
+    cost dict, measured query-aware: other protocols then show no cost."""
+    for protocol, cells in saved["quality"].items():
+        costs = saved.get("cost", {})
+        if "dense" in costs:  # the old flat layout
+            costs = {"query-aware": costs}
+        budgets = sorted({int(s.rsplit("budget=", 1)[1].rstrip(")")) for s in cells if "budget=" in s})
+        print(f"\n### {protocol}\n")
+        print(table(cells, costs.get(protocol, {}), methods, budgets))
+
+
 def table(cells: dict[str, dict], costs: dict[str, dict], methods: list[str], budgets: list[int]) -> str:
-    dense, dense_cost = cells["dense"], costs["dense"]
+    dense, dense_cost = cells["dense"], costs.get("dense")
     lines = [
         "| method | budget | passkey | niah_single | KV / dense "
         "| prefill+compress speed-up (dense / method) | peak RSS MiB (over loaded model) |",
         "|---|---|---|---|---|---|---|",
-        f"| dense | - | {dense['acc']['passkey']:.2f} | {dense['acc']['niah_single']:.2f} | 1.000 | 1.00x "
-        f"| {_rss(dense_cost)} |",
+        f"| dense | - | {dense['acc']['passkey']:.2f} | {dense['acc']['niah_single']:.2f} | 1.000 | "
+        + (f"1.00x | {_rss(dense_cost)} |" if dense_cost else "- | - |"),
     ]
     for budget in budgets:
         specs = {m: spec_for(m, budget) for m in methods}
@@ -236,7 +252,7 @@ def table(cells: dict[str, dict], costs: dict[str, dict], methods: list[str], bu
         for method, spec in specs.items():
             r, c = cells[spec], costs.get(spec)
             name = method.replace(":budget={b}", "") + (" **best**" if method == best else "")
-            timing = _speedup(dense_cost, c) if c else "-"
+            timing = _speedup(dense_cost, c) if c and dense_cost else "-"
             rss = _rss(c) if c else "-"
             lines.append(
                 f"| {name} | {budget} | {r['acc']['passkey']:.2f} | {r['acc']['niah_single']:.2f} | "
