@@ -62,6 +62,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             text = HELP.get(f.name, "")
             p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="serve replicas with Ray Serve (needs tokensift[ray]): no ADDRESS starts a local Ray "
+        "instance, 'auto' or ray://HOST:PORT joins a cluster",
+    )
+    p.add_argument("--replicas", type=int, help="Ray Serve replicas, each with its own model and KV pool")
     p.set_defaults(func=run)
 
 
@@ -92,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise TokensiftError(f"--method: {exc}") from None
 
+    if getattr(args, "ray", None) is not None:
+        from tokensift.serve.ray_serve import serve_on_ray
+
+        return serve_on_ray(config, args.ray or None, args.replicas or 1)
+    if getattr(args, "replicas", None) is not None:
+        raise TokensiftError("--replicas needs --ray")
     import uvicorn
 
     from tokensift.serve.app import create_app

@@ -58,16 +58,22 @@ class EosGuard:
         self.entropies = deque(maxlen=self.window)
         self._eos_index = torch.tensor(sorted(set(self.eos)), dtype=torch.long)
 
-    def observe(self, logits: torch.Tensor) -> None:
+    def observe(self, logits: torch.Tensor) -> tuple[float, float]:
+        """(EOS probability, entropy in nats) of one step's next-token distribution."""
         logp = torch.log_softmax(logits.float().reshape(-1), dim=-1)
-        self.eos_probs.append(float(logp[self._eos_index].exp().sum()) if len(self._eos_index) else 0.0)
-        self.entropies.append(float(-(logp.exp() * logp).sum()))
-        self.steps_seen += 1
+        p_eos = float(logp[self._eos_index].exp().sum()) if len(self._eos_index) else 0.0
+        return p_eos, float(-(logp.exp() * logp).sum())
 
     def step(self, tokens: Sequence[int], logits: torch.Tensor | None) -> bool:
         if logits is None:  # a loop method committed a drafted token: nothing to observe
             return False
-        self.observe(logits)
+        return self.push(tokens, *self.observe(logits))
+
+    def push(self, tokens: Sequence[int], p_eos: float, entropy: float) -> bool:
+        """Record one step (also used to replay recorded traces) and decide."""
+        self.eos_probs.append(p_eos)
+        self.entropies.append(entropy)
+        self.steps_seen += 1
         if len(tokens) < self.after or len(self.eos_probs) < self.window:
             return False
         if max(self.eos_probs) >= self.floor:
