@@ -44,10 +44,23 @@ def _load() -> tuple[Any, Any]:
     return tokenizer, model
 
 
+_SEEN: dict[str, torch.Tensor] = {}  # text -> vector: repeated passages are embedded once
+_SEEN_MAX = 20000
+
+
 def embed(texts: Sequence[str], batch: int = 64) -> torch.Tensor:
     """(len(texts), 384) float32 unit vectors."""
     if not texts:
         return torch.zeros(0, 384)
+    new = [t for t in dict.fromkeys(texts) if t not in _SEEN]
+    if new:
+        if len(_SEEN) + len(new) > _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN.update(zip(new, _encode(new, batch), strict=True))
+    return torch.stack([_SEEN[t] for t in texts])
+
+
+def _encode(texts: list[str], batch: int) -> torch.Tensor:
     tokenizer, model = _load()
     out = []
     with torch.inference_mode():

@@ -53,6 +53,7 @@ PRAISE = {
 }
 OPENERS = ("", "", "Honestly, ", "Overall, ", "Sadly, ", "To be fair, ", "In short, ")
 INTRO = "Here are customer reviews of a tablet."
+ANSWER_PREFIX = "Most of the complaints are about the"
 QUESTION = (
     "Which aspect do most of the reviews complain about? "
     "Answer with one word: battery, screen, sound, price or delivery."
@@ -128,6 +129,7 @@ class Reviews(Task):
             prompt=f"{context}\n\n{QUESTION}",
             answer=answer,
             max_new_tokens=4,
+            answer_prefix=ANSWER_PREFIX,
             context=context,
             question=QUESTION,
             meta={"passages": passages, "intro": INTRO, "complaints": counts, "items": self.items},
