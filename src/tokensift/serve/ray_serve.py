@@ -70,10 +70,10 @@ def serve_on_ray(config: ServeConfig, address: str | None, replicas: int) -> int
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM tears down like Ctrl-C: replicas, Serve, then Ray
 
-    signal.signal(signal.SIGTERM, stop)
     started = connect(address)
     try:
         url = deploy(config, replicas)
+        signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs its own handler
         print(f"tokensift serve: {config.model_name} on {url}/v1 ({replicas} Ray Serve replicas)", flush=True)
         while True:
             time.sleep(3600)
