@@ -28,6 +28,7 @@ import tokensift
 from tests.conftest import prompt_ids, tiny_model
 from tokensift.distributed import generate_context_parallel
 from tokensift.distributed.blocks import attend_block, merge
+from tokensift.distributed.costmodel import Shape, bytes_per_rank, layer_seconds
 from tokensift.distributed.partition import rank_length, rank_positions, visible_rows
 from tokensift.errors import TokensiftError
 
@@ -109,14 +110,18 @@ def test_matches_single_process(world: int, tmp_path: Path) -> None:
             assert err <= 1e-5, f"{label}: max |logit difference| {err:.2e}"
             stats = got["stats"]
             counters = stats["counters"]
-            kv_peaks = [counters[f"cp_rank{r}_kv_bytes_peak"] for r in range(world)]
+            kv_peaks = [counters[f"cp_rank{r}_kv_bytes_prefill"] for r in range(world)]
             dense_prompt = n * model.kv_bytes_per_token
             if method == "dense":
                 # Each rank held its own slice of the prompt's KV: its share of n, not n.
                 for r in range(world):
                     assert kv_peaks[r] == rank_length(n, world, r) * model.kv_bytes_per_token, label
                 assert sum(kv_peaks) == dense_prompt, label
-                assert counters[f"cp_rank{rank}_bytes_sent"] > 0, label
+            # The messages the schedule sent are exactly those the communication model counts.
+            shape = Shape(4, 2, 16, 4)  # the tiny model: 4 query heads, 2 KV heads, head_dim 16, fp32
+            predicted = bytes_per_rank(n, world, shape, schedule)
+            for r in range(world):
+                assert counters[f"cp_rank{r}_p2p_bytes"] == predicted[r] * model.num_layers, label
             else:
                 assert stats["tokens_evicted"] == ref.stats.tokens_evicted, label
                 assert stats["applied"], label
@@ -241,3 +246,21 @@ def test_torchrun_generate(tmp_path: Path) -> None:
     assert got["token_ids"] == want["token_ids"]
     assert got["stats"]["counters"]["cp_ranks"] == 2
     assert got["stats"]["kv_bytes_peak"] < want["stats"]["kv_bytes_peak"]
+
+
+def test_cost_model() -> None:
+    """Ring sends K/V one way; TokenRing sends queries one way and results the other, on separate
+    links. On slow links at many ranks TokenRing wins with MHA (its per-link bytes are about half of
+    ring's), and loses with 4:1 GQA (queries and results outweigh the shared K/V)."""
+    mha, gqa = Shape(32, 32, 128, 2), Shape(32, 8, 128, 2)
+    n = 1 << 17
+
+    def ms(shape: Shape, parts: int, schedule: str, bandwidth: float) -> float:
+        return layer_seconds(n, parts, shape, schedule, 400e12, bandwidth)["seconds"] * 1e3
+
+    assert ms(mha, 8, "tokenring", 25e9) < 0.7 * ms(mha, 8, "ring", 25e9)
+    assert ms(gqa, 64, "ring", 25e9) < 0.7 * ms(gqa, 64, "tokenring", 25e9)
+    # Few ranks on fast links: compute-bound, both schedules within a few percent of compute alone.
+    fast = layer_seconds(n, 2, mha, "ring", 400e12, 400e9)
+    assert fast["exposed_comm_seconds"] == 0
+    assert layer_seconds(n, 2, mha, "tokenring", 400e12, 400e9)["seconds"] < 1.05 * fast["seconds"]

@@ -61,13 +61,14 @@ class Comm:
 
     rank: int = field(default_factory=lambda: dist.get_rank())
     world: int = field(default_factory=lambda: dist.get_world_size())
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # everything: point-to-point messages and this rank's share of collectives
+    p2p_bytes: int = 0  # point-to-point messages only (the schedules' traffic)
     messages: int = 0
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
 
     def reset(self) -> None:
-        self.bytes_sent = self.messages = 0
+        self.bytes_sent = self.p2p_bytes = self.messages = 0
         self.wait_seconds = self.compute_seconds = 0.0
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T:
@@ -83,6 +84,7 @@ class Comm:
     def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> Any:
         tensor = tensor.contiguous()
         self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.p2p_bytes += tensor.numel() * tensor.element_size()
         self.messages += 1
         return self._guard("send", lambda: dist.isend(tensor, dst, tag=tag))
 

@@ -37,15 +37,6 @@ from tokensift.runtime.generate import (
 )
 from tokensift.runtime.plan import Plan
 
-RANK_FIGURES = (
-    "kv_bytes_peak",
-    "bytes_sent",
-    "wait_seconds",
-    "compute_seconds",
-    "prefill_seconds",
-    "max_rss_bytes",
-)
-
 
 @dataclass
 class ShardDecoding(Decoding):
@@ -125,10 +116,17 @@ def generate_context_parallel(
                 logits_to_keep=1,
                 **{_cache_kwarg(hf): cache},
             )
+            # This rank's prefill traffic (attention, eviction) before the logits are shared.
+            prefill_comm = {
+                "kv_bytes_prefill": cache.kv_bytes,
+                "bytes_sent": comm.bytes_sent,
+                "p2p_bytes": comm.p2p_bytes,
+                "wait_seconds": comm.wait_seconds,
+                "compute_seconds": comm.compute_seconds,
+            }
             logits = out.logits[0, -1].float().contiguous()
             logits = comm.broadcast(logits, owner_of(len(ids) - 1, len(ids), parallel))
             cache.end_prefill()
-            prefill_comm = (comm.bytes_sent, comm.wait_seconds, comm.compute_seconds)
             decode_cache: Any = cache
             if gather_after_prefill:
                 decode_cache = cache.gathered(model)
@@ -186,29 +184,23 @@ def generate_context_parallel(
 
 
 def _rank_figures(
-    comm: Comm, cache: shard_cache.ShardCache, prefill_seconds: float, prefill_comm: tuple[int, float, float]
+    comm: Comm, cache: shard_cache.ShardCache, prefill_seconds: float, prefill_comm: dict[str, float]
 ) -> dict[str, float]:
     """Every rank's prefill figures and the global eviction count, gathered (identical on all ranks)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mine = torch.tensor(
-        [
-            cache.kv_bytes_peak,
-            prefill_comm[0],
-            prefill_comm[1],
-            prefill_comm[2],
-            prefill_seconds,
-            rss,
-            sum(layer.evicted for layer in cache.layers),
-        ],
-        dtype=torch.float64,
-    )
-    every = comm.all_gather(mine)
+    mine = {
+        "kv_bytes_peak": cache.kv_bytes_peak,
+        **prefill_comm,
+        "prefill_seconds": prefill_seconds,
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "evicted": sum(layer.evicted for layer in cache.layers),
+    }
+    every = comm.all_gather(torch.tensor(list(mine.values()), dtype=torch.float64))
     cache.global_evicted = round(sum(float(t[-1]) for t in every))
-    out: dict[str, float] = {}
-    for r, t in enumerate(every):
-        for name, value in zip(RANK_FIGURES, t.tolist(), strict=False):
-            out[f"cp_rank{r}_{name}"] = value
-    return out
+    return {
+        f"cp_rank{r}_{name}": value
+        for r, t in enumerate(every)
+        for name, value in zip(mine, t.tolist(), strict=True)
+    }
 
 
 def runner_from_args(args: Any) -> Callable[..., Generation | None]:
