@@ -46,6 +46,7 @@ def attend_block(
     b, hq, length, d = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
     rep = hq // kv_heads
+    q_pos, k_pos = q_pos.to(q.device), k_pos.to(q.device)
     qg = q.reshape(b, kv_heads, rep, length, d)
     kt = k.unsqueeze(2).transpose(-1, -2)
     vg = v.unsqueeze(2)

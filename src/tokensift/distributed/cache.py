@@ -113,7 +113,7 @@ class ShardCache(TokenCache):
                 evict_prompt(self, layer, query, lse, scale)
             return out
         if layer.n == 0:
-            k_pos = torch.empty(*query.shape[:1], layer.k.shape[1], 0, dtype=torch.long)
+            k_pos = torch.empty(query.shape[0], layer.k.shape[1], 0, dtype=torch.long, device=query.device)
         else:
             k_pos = layer.positions
         return replicated_attention(self.comm, query, layer.k, layer.v, self.forward_positions, k_pos, scale)

@@ -49,6 +49,8 @@ def init_group(parallel: int, timeout_seconds: float) -> None:
     check_launch(parallel)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds))
         except (RuntimeError, ValueError) as exc:
@@ -66,6 +68,14 @@ class Comm:
     messages: int = 0
     wait_seconds: float = 0.0
     compute_seconds: float = 0.0
+    # Where collectives run: NCCL needs CUDA tensors, gloo takes CPU ones (callers' tensors are moved).
+    device: torch.device = field(
+        default_factory=lambda: (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend() == "nccl"
+            else torch.device("cpu")
+        )
+    )
 
     def reset(self) -> None:
         self.bytes_sent = self.p2p_bytes = self.messages = 0
@@ -98,14 +108,15 @@ class Comm:
         self.wait_seconds += time.perf_counter() - t0
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's tensor (same shape everywhere), in rank order."""
-        tensor = tensor.contiguous()
+        """Every rank's tensor (same shape everywhere), in rank order, on the tensor's device."""
+        home = tensor.device
+        tensor = tensor.to(self.device).contiguous()
         out = [torch.empty_like(tensor) for _ in range(self.world)]
         self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world - 1)
         t0 = time.perf_counter()
         self._guard("all_gather", lambda: dist.all_gather(out, tensor))
         self.wait_seconds += time.perf_counter() - t0
-        return out
+        return [t.to(home) for t in out]
 
     def all_gather_padded(self, tensor: torch.Tensor, dim: int, lengths: Sequence[int]) -> list[torch.Tensor]:
         """All ranks' tensors that differ only in size along `dim` (sizes known to every rank)."""
@@ -116,12 +127,14 @@ class Comm:
         return [t.narrow(dim, 0, n) for t, n in zip(self.all_gather(padded), lengths, strict=True)]
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """`src`'s tensor on every rank (returned on the tensor's device)."""
         if self.rank == src:
             self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world - 1)
+        buffer = tensor.to(self.device).contiguous()
         t0 = time.perf_counter()
-        self._guard("broadcast", lambda: dist.broadcast(tensor, src))
+        self._guard("broadcast", lambda: dist.broadcast(buffer, src))
         self.wait_seconds += time.perf_counter() - t0
-        return tensor
+        return buffer.to(tensor.device)
 
     def barrier(self) -> None:
         self._guard("barrier", dist.barrier)

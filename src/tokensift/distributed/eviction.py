@@ -55,7 +55,7 @@ def evict_prompt(
     if n <= budget:
         return
     parts = comm.world
-    positions = [rank_positions(n, parts, r) for r in range(parts)]
+    positions = [rank_positions(n, parts, r).to(query.device) for r in range(parts)]
     # The window's queries with their final LSE, from whichever ranks hold the last w positions.
     window_rows = [int((p >= n - w).sum()) for p in positions]
     mine = positions[comm.rank] >= n - w
@@ -83,7 +83,7 @@ def evict_prompt(
         total[..., pos] = part
     scores = pool_scores(total[..., : n - w], method.kernel_size, method.pooling)
     scores = torch.cat([scores, scores.new_full((b, kv_heads, w), float("inf"))], dim=-1)
-    kept = torch.zeros(b, kv_heads, n, dtype=torch.bool)
+    kept = torch.zeros(b, kv_heads, n, dtype=torch.bool, device=query.device)
     kept.scatter_(-1, top_tokens(scores, budget), True)
     keep_slots(cache, layer, kept[..., local_pos])
 
@@ -107,7 +107,7 @@ def keep_slots(cache: ShardCache, layer: ShardLayer, mask: torch.Tensor) -> None
         layer.pos[..., :widest] = layer.pos[..., :widest].gather(-1, slots)
         layer.version += 1
     assert layer.pos is not None
-    padding = torch.arange(widest)[None, None, :] >= counts[..., None]
+    padding = torch.arange(widest, device=counts.device)[None, None, :] >= counts[..., None]
     layer.pos[..., :widest][padding] = PAD_POSITION
     layer.evicted += widest - float(counts.float().mean())
     pads = int(padding.sum())

@@ -219,6 +219,8 @@ def runner_from_args(args: Any) -> Callable[..., Generation | None]:
             timeout_seconds=args.cp_timeout,
             **kwargs,
         )
-        return result if torch.distributed.get_rank() == 0 else None
+        rank = torch.distributed.get_rank()
+        torch.distributed.destroy_process_group()  # the command is done with the group
+        return result if rank == 0 else None
 
     return run
