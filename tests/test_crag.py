@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 import tokensift
-from tokensift import embeddings
+from tokensift import NoOpWarning, embeddings
 from tokensift.bench.tasks import get_task
 from tokensift.errors import TokensiftError
-from tokensift.methods import parse_method
+from tokensift.methods import REGISTRY, Hook, parse_method
 from tokensift.methods.crag import CRAG, kmeans, silhouette
 from tokensift.runtime.context import build_context
 from tokensift.runtime.plan import Plan
+
+from .conftest import tiny_model
 
 TOPICS = ("battery", "screen", "price")
 
@@ -158,3 +161,49 @@ def test_crag_on_the_real_model_and_embeddings(tmp_path, capsys) -> None:
     assert code == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert stats["counters"]["passages_kept"] == 4
+
+
+# -- composition matrix: CRAG before every token-level method ------------------------------------------
+SPECS = {
+    "adaptive": "adaptive(snapkv:budget=40,window_size=8)",
+    "decoding": "decoding(h2o:budget=40)",
+    "snapkv": "snapkv:budget=40,window_size=8",
+    "pyramidkv": "pyramidkv:budget=40,window_size=8",
+    "zerotuning": "zerotuning:gamma=2",
+}
+OTHERS = sorted(name for name, cls in REGISTRY.items() if cls.hooks and Hook.CONTEXT not in cls.hooks)
+
+
+def char_model() -> tokensift.Model:
+    """The tiny Llama with a character-level tokenizer (ids = ASCII codes), so text prompts work."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "\n": 10, **{chr(i): i for i in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    return tokensift.wrap(tiny_model("llama", layers=4).model, tokenizer=fast, name="tiny-chars")
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_crag_composes_with_every_method(name: str, monkeypatch) -> None:
+    """CRAG then any method = that method on the prompt CRAG built: identical tokens and logits."""
+    monkeypatch.setattr(embeddings, "embed", fake_embed)
+    model, texts, spec = char_model(), passages(9), SPECS.get(name, name)
+    reduced, _ = build_context(Plan.of("crag:clusters=3"), texts, "Reviews:", None, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoOpWarning)
+        try:
+            alone = tokensift.generate(model, reduced, spec, max_new_tokens=4, raw=True, return_logits=True)
+        except TokensiftError as exc:
+            pytest.skip(f"{name} does not run on the tiny model alone: {exc}")
+        both = tokensift.generate(
+            model, "Reviews:", f"crag:clusters=3+{spec}", passages=texts, max_new_tokens=4, raw=True,
+            return_logits=True,
+        )  # fmt: skip
+    assert both.stats.counters["passages_kept"] == 3 and both.stats.counters["passages_dropped"] == 6
+    assert both.stats.prompt_tokens == alone.stats.prompt_tokens
+    assert both.token_ids == alone.token_ids
+    for a, b in zip(both.logits or [], alone.logits or [], strict=True):
+        assert torch.equal(a, b)
