@@ -231,7 +231,8 @@ def test_torchrun_generate(tmp_path: Path) -> None:
     prompt.write_text(" ".join(words))
     torchrun = Path(sys.executable).with_name("torchrun")
     common = ["--model", str(tmp_path / "model"), "--prompt-file", str(prompt), "--raw", "--json"]
-    common += ["--max-new-tokens", "8"]
+    # The question is appended after the split prefill: a multi-token forward over the split cache.
+    common += ["--max-new-tokens", "8", "--question", "w7 w9 w11"]
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "tokensift", "generate"]
     cmd += ["--context-parallel", "2", "--cp-schedule", "tokenring", *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -245,6 +246,7 @@ def test_torchrun_generate(tmp_path: Path) -> None:
     want = json.loads(single.stdout)
     assert got["token_ids"] == want["token_ids"]
     assert got["stats"]["counters"]["cp_ranks"] == 2
+    assert got["stats"]["counters"]["question_tokens"] == want["stats"]["counters"]["question_tokens"] > 0
     assert got["stats"]["kv_bytes_peak"] < want["stats"]["kv_bytes_peak"]
 
 

@@ -132,16 +132,16 @@ def generate_context_parallel(
                 decode_cache = cache.gathered(model)
                 tokensift_attention.install(hf)
             decoding = ShardDecoding(
-                model,
-                decode_cache,
-                max_new_tokens,
-                temperature,
-                top_p,
-                torch.Generator().manual_seed(seed),
-                eos_ids(model),
-                [s for s in stop if s],
-                ignore_eos,
-                return_logits,
+                model=model,
+                cache=decode_cache,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                generator=torch.Generator().manual_seed(seed),
+                eos=eos_ids(model),
+                stops=[s for s in stop if s],
+                ignore_eos=ignore_eos,
+                return_logits=return_logits,
                 prompt=ids + question_ids,
                 comm=comm,
             )
