@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         parse_plan(config.method, None)
     except Exception as exc:
-        raise TokensiftError(f"--method: {exc}") from None
+        raise TokensiftError(f"--method: {str(exc).removeprefix('tokensift.method: ')}") from None
 
     if getattr(args, "ray", None) is not None:
         from tokensift.serve.ray_serve import serve_on_ray
