@@ -136,6 +136,20 @@ def plot(result: dict[str, Any], docs: Path) -> None:
     fig.savefig(docs / "crag_accuracy.png", dpi=120)
 
 
+def table(result: dict[str, Any]) -> str:
+    """The README table: mean prompt tokens and accuracy per item count and condition."""
+    items = sorted({s["items"] for s in result["summary"]})
+    head = "| condition | " + " | ".join(f"{n} reviews: tokens / acc." for n in items) + " |"
+    lines = [head, "|---" * (len(items) + 1) + "|"]
+    for condition in CONDITIONS:
+        cells = []
+        for n in items:
+            s = next(x for x in result["summary"] if x["items"] == n and x["condition"] == condition)
+            cells.append(f"{s['prompt_tokens']:.0f} / {s['accuracy']:.2f}")
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -144,7 +158,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     start = time.time()
     result = run(args)
     result["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

@@ -95,6 +95,38 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
+def acc(entry: dict[str, Any]) -> str:
+    return f"{entry['accuracy']:.3f} [{entry['ci95'][0]:.2f}, {entry['ci95'][1]:.2f}]"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The README table: accuracy (95% CI) per model, task and plan, and the paired difference."""
+    lines = [
+        "| model | task (test split) | n | dense | zerotuning (calibrated) | difference (95% CI) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["models"]:
+        for task, e in row["classification"].items():
+            d, z = e["dense"], e["zerotuning (calibrated)"]
+            lines.append(
+                f"| {row['model']} | {task} | {e['n']} | {acc(d)} | {acc(z)} "
+                f"| {z['delta_vs_dense']:+.3f} [{z['delta_ci95'][0]:+.2f}, {z['delta_ci95'][1]:+.2f}] |"
+            )
+    lines += [
+        "",
+        "| model | profile (γ, heads) | passkey dense / zt | perplexity dense / zt |",
+        "|---|---|---|---|",
+    ]
+    for row in result["models"]:
+        p, k, q = row["profile"], row["passkey"], row["perplexity"]
+        lines.append(
+            f"| {row['model']} | γ={p['gamma']}, {len(p['table'])} heads ({p['objective']}) "
+            f"| {k['dense']:.2f} / {k['zerotuning (calibrated)']:.2f} (n={k['n']}, {k['length']} tok) "
+            f"| {q['dense']:.3f} / {q['zerotuning (calibrated)']:.3f} ({q['length']} tok) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m,qwen2.5-coder-0.5b")
@@ -107,7 +139,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--merge", action="store_true", help="keep other models' rows already in --out")
+    parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return
     args.tasks = args.tasks.split(",")
     start = time.time()
     rows = [run_model(m, args) for m in args.models.split(",")]
