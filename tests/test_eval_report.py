@@ -169,6 +169,25 @@ def _chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium (apt-get install chromium)"
 )
+def test_no_op_rows_say_why(tmp_path: Path) -> None:
+    """A row whose method changed nothing is marked with the reason the runs recorded."""
+    note = "a_shape changed nothing: prefill_attention_pairs_skipped stayed 0"
+    rows = [_row("vt", "dense", 2048, None, i, 0.8) for i in range(2)]
+    for method, idle in (("a_shape", [True, True]), ("minference", [True, False])):
+        for i, off in enumerate(idle):
+            row = _row("vt", method, 2048, None, i, 0.8)
+            row.update(applied=not off, notes=[note.replace("a_shape", method)] if off else [])
+            rows.append(row)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "meta.json").write_text(json.dumps(fixture_meta()))
+    summary = write_report(tmp_path).read_text()
+    assert f"| vt | a_shape ({'no-op: ' + note}) | 2k | 2 |" in summary
+    assert "| vt | 2k | minference (no-op in 1 of 2 runs: minference changed nothing" in summary
+    assert "| vt | dense | 2k |" in summary  # applied rows carry no mark
+    page = (tmp_path / "report.html").read_text()
+    assert "a_shape (no-op: a_shape changed nothing" in page
+
+
 def test_report_renders_in_headless_chromium(
     report_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

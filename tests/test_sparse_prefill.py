@@ -90,10 +90,14 @@ def test_engine_matches_masked_reference(shared: bool, offset: int) -> None:
         bsa.Groups.per_kv_head(hkv, hq // hkv) if shared else bsa.Groups.per_query_head(torch.arange(hq), 2)
     )
     out = torch.zeros(b, hq, length, d)
-    pairs = bsa.sparse_attention(q, k, v, 0.3, past, groups, out, block_size=bs, start_row=start)
-    ref = reference(q, k, v, 0.3, engine_mask(past, length, n, start, bs, hq))
+    with bsa.counting() as meter:
+        pairs = bsa.sparse_attention(q, k, v, 0.3, past, groups, out, block_size=bs, start_row=start)
+    allowed = engine_mask(past, length, n, start, bs, hq)
+    ref = reference(q, k, v, 0.3, allowed)
     torch.testing.assert_close(out[:, :, start:], ref[:, :, start:], atol=1e-5, rtol=1e-5)
-    assert pairs == b * hq * len(firsts) * bs * (5 + bs)
+    assert pairs == meter.computed == b * hq * len(firsts) * bs * (5 + bs)
+    causal = torch.ones(length, n, dtype=torch.bool).tril(offset)
+    assert meter.skipped == int((causal[start:] & ~allowed[:, :, start:]).sum()) > 0
 
 
 def test_engine_with_every_past_key_is_dense() -> None:
@@ -104,7 +108,11 @@ def test_engine_with_every_past_key_is_dense() -> None:
     past = torch.where(torch.arange(n) < firsts[:, None], torch.arange(n), n)  # all earlier keys
     past = past.sort(dim=-1).values[None, None]
     out = torch.empty_like(q)
-    bsa.sparse_attention(q, k, v, 0.35, past, bsa.Groups.per_kv_head(hkv, 2), out, block_size=bs, start_row=0)
+    with bsa.counting() as meter:
+        bsa.sparse_attention(
+            q, k, v, 0.35, past, bsa.Groups.per_kv_head(hkv, 2), out, block_size=bs, start_row=0
+        )
+    assert meter.skipped == 0 and meter.computed > 0
     dense = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=0.35, enable_gqa=True
     )
@@ -138,11 +146,16 @@ def test_a_shape_attention_is_exactly_the_mask(block_size: int) -> None:
     method = AShape(sinks=2, local=3, block_size=block_size)
     layer = fake_layer(model, method)
     q, k, v = torch.randn(1, 4, 30, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
-    out = method.prefill_attention(layer, q, k, v, 0.25)
+    with bsa.metered(layer.cache, q, 30):
+        out = method.prefill_attention(layer, q, k, v, 0.25)
     mask = a_shape_mask(30, 2, 3).expand(1, 4, 30, 30)
     torch.testing.assert_close(out, reference(q, k, v, 0.25, mask), atol=1e-5, rtol=1e-5)
     counters = layer.cache.counters
-    assert counters["prefill_attention_pairs"] < counters["prefill_attention_pairs_dense"]
+    dense = 4 * 30 * 31 // 2
+    assert counters["prefill_attention_pairs_dense"] == dense
+    assert counters["prefill_attention_pairs_skipped"] == dense - int(mask.sum())  # exactly the mask's gaps
+    assert counters["prefill_attention_pairs"] < dense
+    assert counters["prefill_density"] == counters["prefill_attention_pairs"] / dense
 
 
 def test_a_shape_full_budget_is_dense() -> None:
@@ -451,7 +464,8 @@ def test_minference_heads_follow_their_patterns(tmp_path) -> None:
     torch.manual_seed(7)
     n = 120
     q, k, v = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
-    out = method.prefill_attention(layer, q, k, v, 0.25)
+    with bsa.counting() as meter:
+        out = method.prefill_attention(layer, q, k, v, 0.25)
     plans = method.layer_plan(q, k, 0.25, method.patterns(layer))
     allowed = torch.ones(1, 4, n, n, dtype=torch.bool).tril()  # rows before a plan's start: dense
     covered = set()
@@ -466,6 +480,7 @@ def test_minference_heads_follow_their_patterns(tmp_path) -> None:
     assert covered == {0, 1, 2, 3}
     allowed[:, :, n - 12 :] = torch.ones(12, n, dtype=torch.bool).tril(n - 12)  # the dense tail
     torch.testing.assert_close(out, reference(q, k, v, 0.25, allowed), atol=1e-5, rtol=1e-5)
+    assert meter.skipped == int((~allowed).sum()) - 4 * n * (n - 1) // 2  # the gaps below the diagonal
 
 
 def test_predictor_is_the_reference_window_attention() -> None:

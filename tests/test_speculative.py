@@ -77,9 +77,9 @@ def test_drafting_is_plain_greedy(tiny: tokensift.Model, spec: str) -> None:
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
         c = out.stats.counters
         assert c["loop_committed"] == NEW - 1  # the first token comes from the prefill
-        assert c["loop_steps"] + c["loop_accepted"] == NEW - 1
-        accepted += c["loop_accepted"]
-        rejected += c["loop_drafted"] - c["loop_accepted"]
+        assert c["loop_steps"] + c["accepted_tokens"] == NEW - 1
+        accepted += c["accepted_tokens"]
+        rejected += c["draft_tokens"] - c["accepted_tokens"]
     assert accepted > 20 and rejected > 0  # both branches of verification ran
 
 
@@ -117,7 +117,7 @@ def test_no_drafts_is_reported() -> None:
     model = tiny_model("llama")
     with pytest.warns(NoOpWarning, match="proposed no draft tokens"):
         out = _greedy(model, repetitive_prompt(0), "suffix_decoding:max_spec_factor=0")
-    assert out.stats.counters["loop_drafted"] == 0
+    assert out.stats.counters["draft_tokens"] == 0
     assert out.stats.counters["loop_steps"] == NEW - 1
 
 
@@ -239,7 +239,7 @@ def test_snapkv_composition_is_snapkv() -> None:
         both = _greedy(model, ids, spec + "+suffix_decoding")
         assert both.token_ids == alone.token_ids
         assert both.stats.tokens_evicted == alone.stats.tokens_evicted > 0
-        assert both.stats.counters["loop_accepted"] > 0
+        assert both.stats.counters["accepted_tokens"] > 0
         assert not any("shorter than window_size" in n for n in both.stats.notes)
 
 
@@ -252,8 +252,8 @@ def test_rollback_respects_eviction(evictor: str) -> None:
     spec, plain_plan = Plan.of(evictor + "+suffix_decoding"), Plan.of(evictor)
     decoding, cache = _run(model, ids, spec)
     assert (
-        cache.counters["loop_accepted"] > 0
-        and cache.counters["loop_drafted"] > cache.counters["loop_accepted"]
+        cache.counters["accepted_tokens"] > 0
+        and cache.counters["draft_tokens"] > cache.counters["accepted_tokens"]
     )
     tokens, per_step = decoding.tokens, cache.shared["loop_step_tokens"]
     assert sum(per_step) == len(tokens) - 1
@@ -292,6 +292,7 @@ class TopKeys(SparseDecodeMethod):
         scores = (query.reshape(b, hkv, hq // hkv, d) @ keys.transpose(-1, -2)).mean(2)
         index = scores.topk(self.keep, dim=-1).indices.sort(dim=-1).values[..., None].expand(-1, -1, -1, d)
         layer.cache.count("tokens_attended", self.keep)  # type: ignore[attr-defined]
+        layer.cache.count("sparse_layer_steps")  # type: ignore[attr-defined]
         return dense_attention(query, keys.gather(2, index), values.gather(2, index), scale)
 
 
@@ -321,22 +322,25 @@ def test_sparse_decode_composition(label: str, spec: str, exact: bool) -> None:
     """Each draft query gets the sparse method's own decode attention over the keys (and the view of
     the cache) it would have had if decoded alone: greedy output equals the sparse method's own."""
     model = tiny_model("llama", layers=4)
-    try:
-        select = Plan((TopKeys(),)) if not spec else Plan.of(spec)
-    except TokensiftError as exc:  # another engineer's method changed its parameters
-        pytest.skip(f"{spec}: {exc}")
+    select = Plan((TopKeys(),)) if not spec else Plan.of(spec)  # a spec that no longer parses fails
     accepted, differs = 0, False
     for ids in PROMPTS[:3]:
         clear_global_caches()
         alone = _greedy(model, ids, select)
         both = _greedy(model, ids, Plan((*copy.deepcopy(select.methods), SuffixDecoding())))
         assert len(both.token_ids) == NEW
+        # The sparse method attended to a subset, alone and under verification.
+        assert (
+            alone.stats.counters["sparse_layer_steps"] > 0 and both.stats.counters["sparse_layer_steps"] > 0
+        )
         if exact:
             assert both.token_ids == alone.token_ids
-        accepted += both.stats.counters["loop_accepted"]
+        accepted += both.stats.counters["accepted_tokens"]
         differs |= alone.token_ids != _greedy(model, ids).token_ids
     assert accepted > 0
-    assert differs or not exact  # the method really changed attention somewhere
+    if exact:
+        # Matching the method alone is only a test if the method's output is not dense's.
+        assert differs, f"{label} gave dense's tokens on every prompt: the equality above proves nothing"
 
 
 def test_method_specs_and_errors() -> None:

@@ -51,4 +51,4 @@ def test_snapkv_with_suffix_decoding_is_snapkv(smollm2: tokensift.Model) -> None
     both = tokensift.generate(smollm2, sample.prompt, spec + "+suffix_decoding", max_new_tokens=NEW)
     assert both.token_ids == alone.token_ids
     assert both.stats.tokens_evicted == alone.stats.tokens_evicted > 0
-    assert both.stats.counters["loop_accepted"] > 0
+    assert both.stats.counters["accepted_tokens"] > 0

@@ -12,6 +12,7 @@ from tokensift.bench.report import (
     accuracy_table,
     aggregate,
     charbench_table,
+    flag,
     fmt_interval,
     fmt_len,
     fmt_pct,
@@ -123,7 +124,7 @@ def write_html(
             [
                 (e["task"], ""),
                 (fmt_len(e["length"]), ""),
-                (e["method"] + ("" if e["applied"] else " (no-op)"), ""),
+                (e["method"] + flag(e), ""),
                 (str(e["n"]), ""),
                 (fmt_score(e["metric"], e["score"]), ""),
                 (fmt_interval(e["ci"]) if scale else "-", ""),

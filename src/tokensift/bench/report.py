@@ -67,9 +67,26 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "decode_tps": _mean([r.get("decode_tokens_per_second") for r in group]),
                 "applied": all(r.get("applied", True) for r in group),
                 "notes": sorted({n for r in group for n in r.get("notes", [])}),
+                "no_op": no_op(group),
             }
         )
     return out
+
+
+def flag(entry: dict[str, Any]) -> str:
+    """What follows the method's name in a table row: why it changed nothing, if it did not."""
+    return f" ({entry['no_op']})" if entry["no_op"] else ""
+
+
+def no_op(group: list[dict[str, Any]]) -> str:
+    """Why rows of a group did not apply their method ("" when every row did): the share of rows and
+    their notes, so a table row says why it is marked."""
+    idle = [r for r in group if not r.get("applied", True)]
+    if not idle:
+        return ""
+    share = "" if len(idle) == len(group) else f" in {len(idle)} of {len(group)} runs"
+    reasons = "; ".join(sorted({n for r in idle for n in r.get("notes", [])})) or "no note recorded"
+    return f"no-op{share}: {reasons}"
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -79,9 +96,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     ]
     for a in aggregate(rows):
         score = f"{100 * a['score']:.1f}%" if a["metric"] == "accuracy" else f"ppl {a['score']:.2f}"
-        flag = "" if a["applied"] else " (no-op)"
         lines.append(
-            f"| {a['task']} | {a['method']}{flag} | {fmt_len(a['length'])} | {a['n']} | {score} | "
+            f"| {a['task']} | {a['method']}{flag(a)} | {fmt_len(a['length'])} | {a['n']} | {score} | "
             f"{a['kv_ratio']:.3f} | {a['kv_mib']:.1f} | {a['prefill_seconds']:.2f} | {a['decode_tps']:.1f} |"
         )
     return "\n".join(lines)
@@ -198,7 +214,7 @@ def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
         delta = "-" if e["delta"] is None else (f"{100 * e['delta']:+.1f}" if scale else f"{e['delta']:+.2f}")
         dci = fmt_interval(e["delta_ci"]) if scale and e["delta_ci"] else "-"
         lines.append(
-            f"| {e['task']} | {fmt_len(e['length'])} | {e['method']} | {e['n']} | "
+            f"| {e['task']} | {fmt_len(e['length'])} | {e['method']}{flag(e)} | {e['n']} | "
             f"{fmt_score(e['metric'], e['score'])} | {ci} | {delta} | {dci} |"
         )
     return "\n".join(lines)
@@ -313,7 +329,7 @@ def write_report(directory: Path) -> Path:
     ]
     parts += [f"- `{name}`: {text}" for name, text in task_sources(rows).items()] + [""]
     if notes:
-        parts += ["Notes (methods that could not apply are marked no-op):", ""]
+        parts += ["Notes (rows whose method changed nothing are marked no-op, with the reason):", ""]
         parts += [f"- {n}" for n in notes] + [""]
     parts += [f"![{p.stem}]({p.name})" for p in heatmaps + pareto + per_task]
     path = directory / "summary.md"

@@ -91,15 +91,15 @@ class AShape(SparsePrefillMethod):
                 f"a_shape: every row of a {length}-token forward over {n} keys lies within sinks "
                 f"{self.sinks} + local {self.local} or the dense tail {self.dense_tail}; attention ran dense"
             )
-            bsa.record(layer.cache, query, n, bsa.dense_rows(query, keys, values, scale, out, length))
+            bsa.dense_rows(query, keys, values, scale, out, length)
             return out
-        pairs = bsa.dense_rows(query, keys, values, scale, out, start)
+        bsa.dense_rows(query, keys, values, scale, out, start)
         blocks = bsa.blocks_before(stop, start, self.block_size)  # the dense tail's rows are not computed
         firsts = bsa.block_starts(length, n, start, self.block_size)[:blocks]
         with bsa.one_thread():
             past = a_shape_past(firsts.to(query.device), self.sinks, self.local, n)[None, None]
         kv_heads = keys.shape[1]
-        pairs += bsa.sparse_attention(
+        bsa.sparse_attention(
             query,
             keys,
             values,
@@ -112,6 +112,5 @@ class AShape(SparsePrefillMethod):
             row_mask=a_shape_row_mask(self.sinks, self.local, self.block_size),
             window=(self.sinks, self.local),
         )
-        pairs += bsa.dense_tail(query, keys, values, scale, out, length - stop)
-        bsa.record(layer.cache, query, n, pairs)
+        bsa.dense_tail(query, keys, values, scale, out, length - stop)
         return out

@@ -13,7 +13,7 @@ from tokensift.errors import TokensiftError
 if TYPE_CHECKING:
     import torch
 
-    from tokensift.runtime.cache import TokenLayer
+    from tokensift.runtime.cache import TokenCache, TokenLayer
     from tokensift.runtime.generate import Decoding
 
 Budget = int | float
@@ -69,9 +69,17 @@ class Method:
     hooks: ClassVar[frozenset[Hook]] = frozenset()
     paper: ClassVar[str] = ""
     repositions: ClassVar[bool] = False  # keys re-positioned inside the cache (G3-ii)
+    # Stats counters that measure how much the method changed the computation: it applied to a
+    # generation when one of them is positive. Each hook's base class names its own; a method whose
+    # effect is measured otherwise names its counters (and records them).
+    applied_by: ClassVar[tuple[str, ...]] = ()
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def no_op_reason(self, cache: TokenCache) -> str:
+        """The note a generation gets when none of the `applied_by` counters is positive."""
+        return f"{self.name} changed nothing: {' and '.join(self.applied_by)} stayed 0"
 
     def resolved_params(self) -> dict[str, Any]:
         return self.params()
@@ -95,6 +103,7 @@ class EvictionMethod(Method):
     """A method that decides which cached tokens each layer keeps (hook: evict)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.EVICT})
+    applied_by: ClassVar[tuple[str, ...]] = ("tokens_evicted",)
     needs_colsums: ClassVar[bool] = False  # wants attention column sums of every forward's queries
     one_shot: ClassVar[bool] = False  # compresses after the prompt only; decoding appends
 
@@ -115,6 +124,12 @@ class EvictionMethod(Method):
 
     def resolved_params(self) -> dict[str, Any]:
         return {**self.params(), "budget_tokens": self.budget_tokens}
+
+    def no_op_reason(self, cache: TokenCache) -> str:
+        return (
+            f"{self.name} evicted nothing: its budget of {self.budget_tokens} tokens covers all "
+            f"{cache.seen_tokens} tokens processed"
+        )
 
     @property
     def tokens(self) -> int:
@@ -178,6 +193,7 @@ class SparseDecodeMethod(Method):
     """Keeps the whole cache; each decode query attends to a subset it selects (hook: select)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.SELECT})
+    applied_by: ClassVar[tuple[str, ...]] = ("sparse_layer_steps",)  # decode layer-steps on a subset
 
     def decode_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -194,6 +210,10 @@ class SparsePrefillMethod(Method):
     """Makes the attention of multi-token forwards sparse; decoding is left to others (hook: prefill)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.PREFILL})
+    # Causal pairs no query attended to; the runtime meters every prefill forward through the
+    # block-sparse engine (`runtime.block_sparse.metered`), which counts them.
+    applied_by: ClassVar[tuple[str, ...]] = ("prefill_attention_pairs_skipped",)
+    metered: ClassVar[bool] = True  # False for stand-ins whose multi-token forwards are not prefills
 
     def prefill_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
@@ -207,6 +227,9 @@ class LoopMethod(Method):
     """Changes which tokens the model produces itself: drafting, routing (hook: loop)."""
 
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.LOOP})
+    # Draft tokens the model accepted. Every loop method records `draft_tokens`, `accepted_tokens`,
+    # `rolled_back_tokens` and `forwards_saved` (model forwards plain decoding would have run more).
+    applied_by: ClassVar[tuple[str, ...]] = ("accepted_tokens",)
 
     def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
         """Produce tokens through `decoding.accept(...)` until `decoding.done`; `logits` are the

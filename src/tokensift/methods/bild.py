@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -11,7 +11,7 @@ from tokensift.errors import TokensiftError
 from tokensift.methods.base import LoopMethod, register
 from tokensift.models import Model
 from tokensift.speculative.pair import Follower, small_model
-from tokensift.speculative.verify import Verifier
+from tokensift.speculative.verify import Verifier, record_loop
 
 if TYPE_CHECKING:
     from tokensift.runtime.generate import Decoding
@@ -54,6 +54,7 @@ class BiLD(LoopMethod):
     """
 
     name = "bild"
+    applied_by: ClassVar[tuple[str, ...]] = ("small_model_tokens",)
     paper = "Kim et al., Speculative Decoding with Big Little Decoder, NeurIPS 2023"
 
     small: str = "qwen2.5-coder-0.5b"
@@ -89,6 +90,7 @@ class BiLD(LoopMethod):
         token = decoding.sample(logits)  # the large model's prefill writes the first token
         seq.append(token)
         counts = dict.fromkeys(["large_forwards", "small_tokens", "fallbacks", "rollbacks"], 0)
+        drafted = 0  # small tokens the large model checked
         try:
             if decoding.accept(token, logits):
                 return
@@ -112,6 +114,7 @@ class BiLD(LoopMethod):
                 # Large mode: one forward over [last committed token, *pending].
                 rows = large.forward(seq[len(seq) - len(pending) - 1 :])
                 counts["large_forwards"] += 1
+                drafted += len(pending)
                 keep = self.rollback_point(rows, pending)
                 if keep < len(pending):
                     counts["rollbacks"] += 1
@@ -131,6 +134,18 @@ class BiLD(LoopMethod):
                 cache.count(f"bild_{name}", value)
             cache.count("bild_small_forwards", small.forwards)
             cache.count("bild_small_share", counts["small_tokens"] / max(1, len(decoding.tokens)))
+            record_loop(
+                cache,
+                drafted=drafted,
+                accepted=counts["small_tokens"],
+                forwards_saved=len(decoding.tokens) - 1 - counts["large_forwards"],
+                small_model_tokens=counts["small_tokens"],
+            )
+            if not counts["small_tokens"]:
+                cache.note(
+                    f"bild: the large model wrote all {len(decoding.tokens)} tokens (the small model "
+                    f"fell back {counts['fallbacks']} times; {drafted} of its tokens were checked, none kept)"
+                )
 
     def rollback_point(self, rows: torch.Tensor, pending: list[int]) -> int:
         """How many pending small tokens survive: the index of the first one whose cross-entropy under

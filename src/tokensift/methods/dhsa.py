@@ -364,7 +364,7 @@ class DHSA(SparsePrefillMethod):
             layer.cache.note(
                 f"dhsa: budget {budget} covers the {n} keys of a {length}-token forward; attention ran dense"
             )
-            bsa.record(layer.cache, query, n, bsa.dense_rows(query, keys, values, scale, out, length))
+            bsa.dense_rows(query, keys, values, scale, out, length)
             return out
         boundaries = self.boundaries(layer, keys)
         with bsa.one_thread():
@@ -379,8 +379,8 @@ class DHSA(SparsePrefillMethod):
                 local=self.local,
             )[:, :, : -(-(stop - start) // self.block_size)]  # blocks holding rows before the dense tail
         kv_heads = keys.shape[1]
-        pairs = bsa.dense_rows(query, keys, values, scale, out, start)
-        pairs += bsa.sparse_attention(
+        bsa.dense_rows(query, keys, values, scale, out, start)
+        bsa.sparse_attention(
             query,
             keys,
             values,
@@ -392,6 +392,5 @@ class DHSA(SparsePrefillMethod):
             start_row=start,
         )
         # The instruction rows attend to every key.
-        pairs += bsa.dense_tail(query, keys, values, scale, out, length - stop)
-        bsa.record(layer.cache, query, n, pairs)
+        bsa.dense_tail(query, keys, values, scale, out, length - stop)
         return out

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tokensift.errors import TokensiftError
 from tokensift.methods.base import LoopMethod, register
 from tokensift.models import Model
 from tokensift.speculative.pair import Follower, entropy, small_model
-from tokensift.speculative.verify import Verifier
+from tokensift.speculative.verify import Verifier, record_loop
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +43,7 @@ class EntropyRouting(LoopMethod):
     """
 
     name = "entropy_routing"
+    applied_by: ClassVar[tuple[str, ...]] = ("small_model_tokens",)
     paper = "Fu et al., R2R: Small-Large Model Token Routing, NeurIPS 2025 (entropy baseline)"
 
     small: str = "qwen2.5-coder-0.5b"
@@ -66,7 +67,7 @@ class EntropyRouting(LoopMethod):
         large = Verifier(decoding)
         seq = list(decoding.prompt)
         large_seen = len(seq)  # the large model has the prompt; its prefill logits predict the next token
-        routed = 0
+        routed = catch_ups = 0  # tokens the large model wrote; its forwards after the prefill
         try:
             while True:
                 chosen = small.step(seq)
@@ -75,6 +76,7 @@ class EntropyRouting(LoopMethod):
                         ids = seq[large_seen:]
                         logits = large.forward(ids)[-1]
                         large.keep(len(ids))
+                        catch_ups += 1
                         large_seen = len(seq)
                     chosen = logits
                     routed += 1
@@ -86,3 +88,16 @@ class EntropyRouting(LoopMethod):
             cache.count("routing_large_tokens", routed)
             cache.count("routing_small_forwards", small.forwards)
             cache.count("routing_share", routed / max(1, len(decoding.tokens)))
+            written = len(decoding.tokens)
+            record_loop(
+                cache,
+                drafted=0,
+                accepted=0,
+                forwards_saved=written - 1 - catch_ups,
+                small_model_tokens=written - routed,
+            )
+            if routed == written:
+                cache.note(
+                    f"entropy_routing: the large model wrote all {written} tokens (the small model's "
+                    f"entropy reached threshold {self.threshold} at every one)"
+                )

@@ -19,6 +19,7 @@ from tokensift.methods.base import (
     register,
     resolve_budget,
 )
+from tokensift.runtime import block_sparse as bsa
 from tokensift.runtime.scores import dense_attention
 from tokensift.runtime.sparse_decode import (
     Stopwatch,
@@ -134,6 +135,7 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
 
     name = "hip"
     hooks: ClassVar[frozenset[Hook]] = frozenset({Hook.SELECT, Hook.PREFILL})
+    applied_by: ClassVar[tuple[str, ...]] = ("sparse_layer_steps", "prefill_attention_pairs_skipped")
     paper = (
         "Lee et al., A Training-Free Sub-quadratic Cost Transformer Model Serving Framework with "
         "Hierarchically Pruned Attention, ICLR 2025"
@@ -236,13 +238,15 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:
         n = keys.shape[2]
-        if not self.sparse_prefill or layer.index < self.dense_layers:
-            return dense_attention(query, keys, values, scale)
-        if n <= self.budget_tokens:  # type: ignore[operator]
+        dense = not self.sparse_prefill or layer.index < self.dense_layers
+        if not dense and n <= self.budget_tokens:  # type: ignore[operator]
             layer.cache.note(
                 f"hip: a {query.shape[2]}-token forward fit its budget of {self.budget_tokens} tokens; it "
                 "attended densely"
             )
+            dense = True
+        if dense:
+            bsa.count_pairs(query.shape[0] * query.shape[1] * bsa.causal_pairs(query.shape[2], n))
             return dense_attention(query, keys, values, scale)
         watch = Stopwatch(query.device)
         out, iterations = self.block_sparse(query, keys, values, scale)
@@ -304,5 +308,10 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
             out[:, :, s:e] = F.scaled_dot_product_attention(
                 q[:, :, s:e], k_sel, v_sel, attn_mask=mask, scale=scale
             )
+            # Padded rows repeat the last query: only real rows count.
+            real = (torch.arange(s * bq, e * bq, device=device) < length).view(1, 1, r, 1, bq)
+            shown = int((mask.view(b, kv, r, rep, bq, width) & real[..., None]).sum())
+            causal = b * hq * bsa.causal_pairs(length, n, s * bq, min(length, e * bq))
+            bsa.count_pairs(b * kv * r * rep * bq * width, causal - shown)
         out = out.view(b, kv, nblocks, rep, bq, d).transpose(2, 3).reshape(b, hq, nblocks * bq, d)
         return out[:, :, :length], most

@@ -299,7 +299,7 @@ class MInference(SparsePrefillMethod):
                 f"minference: a {length}-token forward is shorter than last_q {self.last_q}; "
                 "attention ran dense"
             )
-            bsa.record(layer.cache, query, n, bsa.dense_rows(query, keys, values, scale, out, length))
+            bsa.dense_rows(query, keys, values, scale, out, length)
             return out
         stop = length - min(self.dense_tail, length)  # rows from `stop` on attend densely
         with bsa.one_thread():
@@ -313,24 +313,23 @@ class MInference(SparsePrefillMethod):
                 f"minference: every head's pattern covers the rows of a {length}-token forward over {n} "
                 f"keys outside the dense tail {self.dense_tail}; attention ran dense"
             )
-            bsa.record(layer.cache, query, n, bsa.dense_rows(query, keys, values, scale, out, length))
+            bsa.dense_rows(query, keys, values, scale, out, length)
             return out
         sparse_heads = {h for _, heads, _, _ in plans for h in heads.tolist()}
         dense_heads = [h for h in range(query.shape[1]) if h not in sparse_heads]
-        pairs = 0
         if dense_heads:
             layer.cache.note(
                 f"minference: some heads' patterns cover all {n} keys of a {length}-token forward; "
                 "those heads ran dense"
             )
-            pairs += bsa.dense_rows(
+            bsa.dense_rows(
                 query, keys, values, scale, out, length, torch.tensor(dense_heads, device=query.device)
             )
         kv = bsa.key_values(keys, values)
         for first, heads, past, window in plans:
             # Rows before the group's first sparse block see few keys: exact attention.
-            pairs += bsa.dense_rows(query, keys, values, scale, out, first, heads)
-            pairs += bsa.sparse_attention(
+            bsa.dense_rows(query, keys, values, scale, out, first, heads)
+            bsa.sparse_attention(
                 query,
                 keys,
                 values,
@@ -345,8 +344,7 @@ class MInference(SparsePrefillMethod):
                 kv=kv,
             )
         # All heads (the dense heads' rows come out the same): cheaper than gathering a subset's keys.
-        pairs += bsa.dense_tail(query, keys, values, scale, out, length - stop)
-        bsa.record(layer.cache, query, n, pairs)
+        bsa.dense_tail(query, keys, values, scale, out, length - stop)
         return out
 
     def layer_plan(

@@ -8,6 +8,7 @@ attention, then the method's cache update (eviction). Models are never patched: 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from tokensift.errors import TokensiftError
+from tokensift.runtime import block_sparse
 from tokensift.runtime.cache import PENDING, TokenLayer
 from tokensift.runtime.scores import KeyBias, attention_with_colsums, dense_attention, key_bias
 
@@ -126,7 +128,12 @@ def run_layer(
     if evict is not None and evict.needs_colsums:
         out, colsum = attention_with_colsums(query, key, value, scale, score_fn=evict.column_scores(layer))
     elif query.shape[2] > 1 and plan.prefill is not None:
-        out = plan.prefill.prefill_attention(layer, query, key, value, scale)
+        # Count the (row, key) pairs the method computed and skipped, against dense causal attention.
+        meter = (
+            block_sparse.metered(layer.cache, query, key.shape[2]) if plan.prefill.metered else nullcontext()
+        )
+        with meter:
+            out = plan.prefill.prefill_attention(layer, query, key, value, scale)
     elif query.shape[2] == 1 and plan.select is not None:
         out = plan.select.decode_attention(layer, query, key, value, scale)
     else:

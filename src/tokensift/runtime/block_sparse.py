@@ -24,6 +24,7 @@ import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -148,13 +149,20 @@ def sparse_attention(
     least itself. Returns the (row, key) pairs computed, padding included. On CUDA with Triton
     installed and TOKENSIFT_TRITON=1 the Triton kernel runs instead; it takes the A-shape mask as
     `window` (sinks, local). `kv`: `key_values(k, v)` when several calls share a layer's keys.
+    Under `metered`, adds the pairs computed and the causal pairs left out.
     """
+    if METER.get() is not None:
+        shown = row_mask if row_mask is not None else _plain_mask(block_size, past.shape[-1])
+        skipped = skipped_rows(past, shown, k.shape[2], q.shape[2], start_row, block_size)
+        g, rep = groups.heads.shape
+        skipped = skipped.expand(q.shape[0], g, -1).repeat_interleave(rep, dim=1)
+        mark_rows(q, groups.heads.flatten(), slice(start_row, start_row + skipped.shape[-1]), skipped)
     # The kernel is opt-in: it matches the engine in Triton's CPU interpreter (tests) but has not run
     # on a real GPU yet, and it knows no custom row mask other than the A-shape window.
     opted_in = os.environ.get("TOKENSIFT_TRITON") == "1" and (row_mask is None or window is not None)
     if q.is_cuda and opted_in and triton_usable(q, block_size):
         sinks, local = window if window is not None else (None, None)
-        return triton_sparse_attention(
+        computed = triton_sparse_attention(
             q,
             k,
             v,
@@ -167,6 +175,7 @@ def sparse_attention(
             sinks=sinks,
             window=local,
         )
+        return count_pairs(computed)
     b, _, length, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g, rep = groups.heads.shape
@@ -232,7 +241,7 @@ def sparse_attention(
             out[:, h0 : h0 + g, start_row:stop_row] = rows
         else:
             out[:, heads, start_row:stop_row] = rows
-        return b * g * nq * block_size * width
+        return count_pairs(b * g * nq * block_size * width)
 
     full_blocks = (stop_row - start_row) // block_size  # a partial last block is padded on its own
     for bi in range(b):
@@ -259,7 +268,7 @@ def sparse_attention(
                     out[bi, g0 : g0 + rep, r0:r1].view(rep, j1 - j0, block_size, d).copy_(res.transpose(0, 1))
                 else:
                     out[bi, group, r0:r1] = res.transpose(0, 1).reshape(rep, -1, d)[:, : r1 - r0]
-    return b * g * nq * rep * block_size * width
+    return count_pairs(b * g * nq * rep * block_size * width)
 
 
 def key_values(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -305,7 +314,8 @@ def dense_rows(
             q[:, heads, :stop], k[:, kv, :visible], v[:, kv, :visible], scale
         )
         count = len(heads)
-    return q.shape[0] * count * causal_pairs(length, n, 0, stop)
+    mark_rows(q, heads, slice(0, stop))
+    return count_pairs(q.shape[0] * count * causal_pairs(length, n, 0, stop))
 
 
 def dense_tail(
@@ -332,7 +342,8 @@ def dense_tail(
         tail = q[:, heads, length - rows :]
         out[:, heads, length - rows :] = dense_attention(tail, k[:, kv], v[:, kv], scale)
         count = len(heads)
-    return q.shape[0] * count * causal_pairs(length, n, length - rows, length)
+    mark_rows(q, heads, slice(length - rows, length))
+    return count_pairs(q.shape[0] * count * causal_pairs(length, n, length - rows, length))
 
 
 def blocks_before(stop: int, start_row: int, block_size: int) -> int:
@@ -340,10 +351,96 @@ def blocks_before(stop: int, start_row: int, block_size: int) -> int:
     return max(0, -(-(stop - start_row) // block_size))
 
 
-def record(cache: TokenCache, q: torch.Tensor, n: int, pairs: int) -> None:
-    """Counters every sparse-prefill method reports: (row, key) pairs computed and what dense computes."""
-    cache.count("prefill_attention_pairs", pairs)
+# --- what a prefill forward computed ---------------------------------------------------------------
+# The runtime meters each layer's sparse-prefill forward (`metered`); the functions of this module
+# add what they compute, so every method built on them reports its work without counting it itself.
+
+
+@dataclass
+class PairMeter:
+    """(row, key) pairs of one layer's prefill forward."""
+
+    computed: int = 0  # pairs evaluated, padding slots included
+    reported: int = 0  # skipped pairs reported through `count_pairs` (methods attending on their own)
+    rows: torch.Tensor | None = None  # (B, H_q, L): causal pairs each row left out, as last written
+
+    @property
+    def skipped(self) -> int:
+        """Pairs dense causal attention evaluates that no query attended to."""
+        return self.reported + (0 if self.rows is None else int(self.rows.sum()))
+
+    def mark(
+        self, q: torch.Tensor, heads: torch.Tensor | None, rows: slice, skipped: torch.Tensor | int
+    ) -> None:
+        """Rows `rows` of `heads` (None: all) of the forward were (re)computed, leaving out `skipped`
+        pairs each: a row written twice (a sparse block the dense tail overwrites) counts once."""
+        if self.rows is None:
+            self.rows = torch.zeros(q.shape[:3], dtype=torch.long, device=q.device)
+        self.rows[:, slice(None) if heads is None else heads, rows] = skipped
+
+
+METER: ContextVar[PairMeter | None] = ContextVar("tokensift_prefill_pairs", default=None)
+
+
+def count_pairs(computed: int, skipped: int = 0) -> int:
+    """Add to the pairs of the forward being metered (nothing when none is); returns `computed`.
+    Methods that attend without this module's functions report their pairs here."""
+    meter = METER.get()
+    if meter is not None:
+        meter.computed += computed
+        meter.reported += skipped
+    return computed
+
+
+def mark_rows(
+    q: torch.Tensor, heads: torch.Tensor | None, rows: slice, skipped: torch.Tensor | int = 0
+) -> None:
+    """`PairMeter.mark` on the forward being metered, if any."""
+    meter = METER.get()
+    if meter is not None:
+        meter.mark(q, heads, rows, skipped)
+
+
+@contextmanager
+def counting() -> Iterator[PairMeter]:
+    """Collect the pairs this module's functions compute inside the block."""
+    meter = PairMeter()
+    token = METER.set(meter)
+    try:
+        yield meter
+    finally:
+        METER.reset(token)
+
+
+@contextmanager
+def metered(cache: TokenCache, q: torch.Tensor, n: int) -> Iterator[PairMeter]:
+    """Meter one layer's sparse-prefill forward of the L queries in `q` over `n` keys. Afterwards the
+    cache counts `prefill_attention_pairs` (computed), `prefill_attention_pairs_dense` (what dense
+    causal attention computes) and `prefill_attention_pairs_skipped`, and holds `prefill_density`
+    (computed / dense over the generation so far)."""
+    with counting() as meter:
+        yield meter
+    cache.count("prefill_attention_pairs", meter.computed)
     cache.count("prefill_attention_pairs_dense", q.shape[0] * q.shape[1] * causal_pairs(q.shape[2], n))
+    cache.count("prefill_attention_pairs_skipped", meter.skipped)
+    c = cache.counters
+    c["prefill_density"] = c["prefill_attention_pairs"] / max(1, c["prefill_attention_pairs_dense"])
+
+
+def skipped_rows(
+    past: torch.Tensor, row_mask: torch.Tensor, n: int, length: int, start_row: int, block_size: int
+) -> torch.Tensor:
+    """Causal pairs each row of `sparse_attention`'s blocks leaves out: (B or 1, G or 1, rows) for rows
+    [start_row, start_row + nq * block_size) of the forward, cut at its end. Past keys are distinct
+    and before their block, so every (row, real key) pair the masks show is a causal pair."""
+    nq, m = past.shape[-2:]
+    stop_row = min(length, start_row + nq * block_size)
+    shown = torch.isfinite(row_mask).to(device=past.device, dtype=torch.float32)
+    real = (past < n).float()
+    attended = real @ shown[:, :m].T + shown[:, m:].sum(-1)  # (B, G, nq, block_size)
+    attended = attended.flatten(-2)[..., : stop_row - start_row].round().long()
+    causal = n - length + 1 + torch.arange(start_row, stop_row, device=past.device)
+    return causal - attended
 
 
 # --- Triton kernel (GPUs; optional) -----------------------------------------------------------------

@@ -39,7 +39,7 @@ class GenerationStats:
     aux_bytes_peak: int
     tokens_held: float  # mean over layers at the end
     tokens_evicted: int  # summed over layers
-    applied: bool
+    applied: bool  # every method changed the computation (its `applied_by` counters); notes say why not
     stop_reason: str
     notes: list[str] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
@@ -378,14 +378,14 @@ def collect_stats(
     stop_reason: str,
 ) -> GenerationStats:
     notes = list(cache.notes)
-    evict = cache.plan.evict
-    # A plan applied if it evicted or if some decode step attended to a selected subset only.
-    applied = plan.is_dense or cache.evicted > 0 or cache.counters.get("sparse_layer_steps", 0) > 0
-    if evict is not None and cache.evicted == 0:
-        notes.append(
-            f"{evict.name} evicted nothing: its budget of {evict.budget_tokens} tokens covers all "
-            f"{cache.seen_tokens} tokens processed"
-        )
+    # Each method names the counters that measure what it changed (its hook's, by default); a plan
+    # applied when every method's measure is positive. Dense has none to measure.
+    measures = {**cache.counters, "tokens_evicted": cache.evicted}
+    idle = [
+        m for m in cache.plan.methods if m.applied_by and max(measures.get(c, 0) for c in m.applied_by) <= 0
+    ]
+    notes += [m.no_op_reason(cache) for m in idle]
+    applied = not idle
     for note in notes:
         warnings.warn(note, NoOpWarning, stacklevel=3)
     held = cache.tokens_held

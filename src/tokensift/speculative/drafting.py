@@ -71,6 +71,13 @@ def draft_loop(decoding: Decoding, logits: torch.Tensor, drafter: Drafter, name:
             decoding.cache.note(
                 f"{name} {why}: all {stats.steps} steps decoded one token each, as plain decoding does"
             )
+        elif stats.drafted and not stats.accepted:
+            decoding.cache.note(
+                f"{name}: the model accepted none of the {stats.drafted} draft tokens; every step "
+                "decoded one token, as plain decoding does"
+            )
+        elif not stats.steps:
+            decoding.cache.note(f"{name}: the prefill wrote the only token; no decode step to draft for")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -74,6 +74,8 @@ class PerQueryDecode(SparsePrefillMethod):
     attention over the keys visible to it, with the layer looking as it did at that decode step
     (live tokens, tokens seen) and its own view of the cache's shared state, so selections one layer
     hands to the next (TidalDecode) stay per query."""
+
+    metered: ClassVar[bool] = False  # decode steps, counted by the sparse-decode method
 
     select: SparseDecodeMethod | None = None
     views: list[dict[str, Any]] = field(default_factory=list, repr=False)
@@ -204,9 +206,28 @@ def accept_draft(
     return out
 
 
+def record_loop(
+    cache: TokenCache,
+    *,
+    drafted: int,
+    accepted: int,
+    forwards_saved: int,
+    small_model_tokens: int | None = None,
+) -> None:
+    """The counters every loop method reports: draft tokens proposed, accepted and rolled back, model
+    forwards saved against plain decoding and, for a small-large pair, tokens the small model wrote."""
+    cache.count("draft_tokens", drafted)
+    cache.count("accepted_tokens", accepted)
+    cache.count("rolled_back_tokens", drafted - accepted)
+    cache.count("forwards_saved", forwards_saved)
+    if small_model_tokens is not None:
+        cache.count("small_model_tokens", small_model_tokens)
+
+
 @dataclass
 class LoopStats:
-    """Per-generation counters of a draft-and-verify loop, written to `cache.count` under `loop_*`."""
+    """Per-generation counters of a draft-and-verify loop: the `record_loop` counters, the rest under
+    `loop_*`."""
 
     steps: int = 0  # target forwards after the prefill
     drafted: int = 0  # draft tokens verified
@@ -217,8 +238,13 @@ class LoopStats:
     verify_seconds: float = 0.0  # spent in target forwards, acceptance and rollback
 
     def record(self, cache: TokenCache, seconds: float) -> None:
+        # Plain decoding runs one forward per committed token; the loop ran `steps`.
+        record_loop(
+            cache, drafted=self.drafted, accepted=self.accepted, forwards_saved=self.committed - self.steps
+        )
         for name, value in dataclasses.asdict(self).items():
-            cache.count(f"loop_{name}", value)
+            if name not in ("drafted", "accepted"):
+                cache.count(f"loop_{name}", value)
         if self.steps:
             cache.count("loop_tokens_per_step", self.committed / self.steps)
         if self.drafted:
