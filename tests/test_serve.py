@@ -215,6 +215,13 @@ MALFORMED: list[tuple[str, object]] = [
     ("wrong model", {"prompt": "x", "model": "gpt-4"}),
     ("context overflow", {"prompt": [5] * 1900, "max_tokens": 200}),
     ("body too big", {"prompt": "x" * 300_000}),
+    ("seed too big", {"prompt": "x", "seed": 10**30}),
+    ("NaN constant", b'{"prompt": "x", "temperature": NaN}'),
+    ("nested too deeply", b"[" * 100_000),
+    ("lone surrogate", b'{"prompt": "\\ud800"}'),
+    ("stop too long", {"prompt": "x", "stop": ["a" * 5000]}),
+    ("snapkv budget under its window", {"prompt": "x " * 200, "tokensift": {"method": "snapkv:budget=1"}}),
+    ("sparse with exact scores", {"prompt": "x", "tokensift": {"method": "h2o+quest"}}),
 ]
 MALFORMED_CHAT: list[tuple[str, object]] = [
     ("no messages", {"messages": []}),
@@ -223,6 +230,8 @@ MALFORMED_CHAT: list[tuple[str, object]] = [
     ("tools", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}),
     ("logprobs", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 3}),
     ("assistant last", {"messages": [{"role": "assistant", "content": "hi"}]}),
+    ("lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+    ("image part", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}),
     (
         "both caps differ",
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "max_completion_tokens": 4},
@@ -245,6 +254,8 @@ def test_malformed_requests_get_4xx_with_a_reason(server: str, path: str, name: 
 
 
 def test_pool_is_empty_after_the_malformed_and_method_runs(server: str) -> None:
+    body = {"prompt": LONG, "max_tokens": 2, "tokensift": {"method": "snapkv:budget=0.25"}}
+    assert httpx.post(f"{server}/v1/completions", json=body, timeout=60).status_code == 200
     health = wait_idle(server)
     assert health["status"] == "ok"
     metrics = httpx.get(f"{server}/metrics").text

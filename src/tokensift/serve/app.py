@@ -106,12 +106,18 @@ async def read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise BadRequest(f"request body exceeds the limit of {limit} bytes")
     try:
-        data = json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(bytes(body), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise BadRequest(f"body is not valid JSON: {one_line(str(exc))}") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
@@ -132,6 +138,20 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         state.metrics.reject(exc.status, "busy" if exc.status == 429 else "invalid")
         return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: answered in the OpenAI error shape, counted, and the worker lives on.
+        state.metrics.reject(500, type(exc).__name__)
+        body = {
+            "error": {
+                "message": one_line(f"{type(exc).__name__}: {exc}"),
+                "type": "server_error",
+                "param": None,
+                "code": 500,
+            }
+        }
+        return JSONResponse(body, status_code=500)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -495,7 +515,12 @@ def prompt_of(
             f"chat template refused the messages: {one_line(str(exc))}", param="messages"
         ) from None
     if question is None:
-        return list(tok(text, add_special_tokens=False)["input_ids"]), "", True
+        try:
+            return list(tok(text, add_special_tokens=False)["input_ids"]), "", True
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(
+                f"messages could not be tokenized: {one_line(str(exc))}", param="messages"
+            ) from None
     at = text.rindex(question)
     return text[:at], text[at + len(question) :], True
 

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 StrictModel = ConfigDict(extra="forbid", strict=True)
+MAX_STOP_CHARS = 256
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
@@ -50,7 +51,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     logit_bias: dict[str, float] | None = None
@@ -142,8 +143,8 @@ def check_common(req: _Common, max_stop: int) -> None:
     stops = stop_list(req.stop)
     if len(stops) > max_stop:
         raise BadRequest(f"{len(stops)} stop sequences: at most {max_stop}", param="stop")
-    if any(not s for s in stops):
-        raise BadRequest("stop sequences must be non-empty", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"stop sequences must have 1 to {MAX_STOP_CHARS} characters", param="stop")
     rd = req.repetition_detection
     if rd is not None and rd.min_pattern_size > rd.max_pattern_size:
         raise BadRequest(
