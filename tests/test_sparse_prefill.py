@@ -304,12 +304,12 @@ def test_select_boundaries_without_threshold_takes_the_best_peaks() -> None:
     assert bounds.tolist() == [0, 31, 100]
 
 
-def _predictor_file(tmp_path, model: tokensift.Model) -> str:
+def _predictor_file(tmp_path, model: tokensift.Model, threshold: float | None = 0.0) -> str:
     torch.manual_seed(0)
     channels = model.num_kv_heads * model.head_dim
     predictor = BoundaryPredictor(channels, window=4, hidden=16, heads=2)
     config = {"channels": channels, "window": 4, "hidden": 16, "heads": 2}
-    payload = {"predictor": config, "weights": predictor.state()}
+    payload = {"predictor": config, "weights": predictor.state(), "threshold": {"logit": threshold}}
     return str(save_artefact("dhsa", model, payload, "test", tmp_path / "dhsa.json"))
 
 
@@ -572,3 +572,93 @@ def test_dhsa_logits_of_a_chunked_prefill_equal_one_pass(tmp_path) -> None:
     for end in (30, 31, 70, 90):  # forwards of 30, 1, 39 and 20 tokens
         parts = method.boundary_logits(layer, keys[:, :, :end])
     torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-5)
+
+
+# --- one dense tail for every prefill method; DHSA's threshold and its fixed-chunk ablation -------
+
+
+def test_every_prefill_method_takes_the_same_dense_tail() -> None:
+    from dataclasses import fields
+
+    from tokensift.methods import REGISTRY
+    from tokensift.methods.base import SparsePrefillMethod
+
+    prefill = [cls for cls in REGISTRY.values() if issubclass(cls, SparsePrefillMethod)]
+    assert {cls.name for cls in prefill} >= {"a_shape", "minference", "dhsa", "hip"}
+    for cls in prefill:
+        default = {f.name: f.default for f in fields(cls)}
+        assert default.get("dense_tail") == 0, cls.name
+        assert "dense_tail:" in (cls.__doc__ or ""), cls.name
+
+
+@pytest.mark.parametrize("tail", [0, 13])
+def test_dense_tail_rows_are_dense_and_the_rest_is_not(tmp_path, tail: int) -> None:
+    """With a tail, the last `tail` rows equal dense attention; without one, the last rows differ."""
+    from tokensift.methods.hip import HiP
+
+    model = tiny_model("llama")
+    torch.manual_seed(10)
+    n = 160
+    q, k, v = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.25, enable_gqa=True
+    )
+    methods = [
+        AShape(sinks=4, local=16, block_size=8, dense_tail=tail),
+        DHSA(
+            predictor=_predictor_file(tmp_path, model),
+            budget=48,
+            block_size=8,
+            sinks=4,
+            local=16,
+            dense_tail=tail,
+        ),
+        HiP(budget=40, sinks=4, window=8, block_size_q=8, dense_layers=0, dense_tail=tail).resolve(n),
+    ]
+    for method in methods:
+        out = method.prefill_attention(fake_layer(model, method), q, k, v, 0.25)
+        last = slice(n - 13, n)
+        if tail:
+            torch.testing.assert_close(out[:, :, last], dense[:, :, last], atol=1e-5, rtol=1e-5)
+        else:
+            assert not torch.allclose(out[:, :, last], dense[:, :, last], atol=1e-3), method.name
+
+
+def test_even_boundaries_worked_example() -> None:
+    from tokensift.methods.dhsa import even_boundaries
+
+    assert even_boundaries(100, 4).tolist() == [0, 25, 50, 75, 100]
+    # With a tail the instruction is its own chunk, as with learned boundaries.
+    assert even_boundaries(100, 4, tail=16).tolist() == [0, 28, 56, 84, 100]
+
+
+def test_dhsa_threshold_comes_from_the_calibration(tmp_path) -> None:
+    model = tiny_model("llama")
+    path = _predictor_file(tmp_path, model, threshold=0.25)
+    method = DHSA(predictor=path, budget=32, block_size=8, sinks=4, local=8)
+    assert method.logit_threshold(fake_layer(model, method)) == 0.25
+    explicit = DHSA(predictor=path, budget=32, block_size=8, sinks=4, local=8, threshold=-1.5)
+    assert explicit.logit_threshold(fake_layer(model, explicit)) == -1.5
+    old = _predictor_file(tmp_path, model, threshold=None)
+    bare = DHSA(predictor=old, budget=32, block_size=8, sinks=4, local=8)
+    with pytest.raises(TokensiftError, match="tokensift calibrate dhsa"):
+        bare.logit_threshold(fake_layer(model, bare))
+
+
+def test_dhsa_fixed_chunking_keeps_the_chunk_count(tmp_path) -> None:
+    """The ablation: the same number of chunks as the predictor makes, evenly spaced."""
+    model = tiny_model("llama")
+    path = _predictor_file(tmp_path, model, threshold=-0.05)
+    torch.manual_seed(11)
+    keys = torch.randn(1, 2, 300, 16)
+    spec = {"predictor": path, "budget": 64, "block_size": 8, "sinks": 4, "local": 8, "dense_tail": 16}
+    learned = DHSA(**spec)
+    fixed = DHSA(**spec, chunking="fixed")
+    a = learned.boundaries(fake_layer(model, learned), keys)
+    b = fixed.boundaries(fake_layer(model, fixed), keys)
+    assert len(a) == len(b) > 3 and not torch.equal(a, b)
+    assert int(b[-2]) == int(a[-2]) == 300 - 16  # the instruction chunk is kept
+    widths = (b[1:-1] - b[:-2]).tolist()
+    assert max(widths) - min(widths) <= 1
+    with pytest.raises(TokensiftError, match="chunking"):
+        DHSA(chunking="random")

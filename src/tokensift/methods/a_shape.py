@@ -56,8 +56,9 @@ class AShape(SparsePrefillMethod):
     block_size:
         Query rows processed together (MInference: 64).
     dense_tail:
-        Last queries of each forward that attend densely (0: pure A-shape; 64 gives MInference's
-        Tri-shape variant, whose question rows see the whole prompt).
+        Last queries of each multi-token forward that attend densely to every key. 0 (default, as
+        in the paper) is the pattern alone; 64 lets a question at the end of the prompt see all of
+        it (MInference's later Tri-shape). Same parameter and default in every sparse-prefill method.
     """
 
     name = "a_shape"
@@ -83,34 +84,16 @@ class AShape(SparsePrefillMethod):
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:
         length, n = query.shape[2], keys.shape[2]
-        out = query.new_empty(query.shape)
-        stop = length - min(self.dense_tail, length)  # rows from `stop` on attend densely
-        start = min(a_shape_dense_rows(length, n, self.sinks, self.local), stop)
-        if start >= stop:
-            layer.cache.note(
-                f"a_shape: every row of a {length}-token forward over {n} keys lies within sinks "
-                f"{self.sinks} + local {self.local} or the dense tail {self.dense_tail}; attention ran dense"
-            )
-            bsa.dense_rows(query, keys, values, scale, out, length)
-            return out
-        bsa.dense_rows(query, keys, values, scale, out, start)
-        blocks = bsa.blocks_before(stop, start, self.block_size)  # the dense tail's rows are not computed
-        firsts = bsa.block_starts(length, n, start, self.block_size)[:blocks]
-        with bsa.one_thread():
-            past = a_shape_past(firsts.to(query.device), self.sinks, self.local, n)[None, None]
-        kv_heads = keys.shape[1]
-        bsa.sparse_attention(
-            query,
-            keys,
-            values,
-            scale,
-            past,
-            bsa.Groups.per_kv_head(kv_heads, query.shape[1] // kv_heads, query.device),
-            out,
-            block_size=self.block_size,
-            start_row=start,
-            row_mask=a_shape_row_mask(self.sinks, self.local, self.block_size),
-            window=(self.sinks, self.local),
+        start = a_shape_dense_rows(length, n, self.sinks, self.local)
+        calls = []
+        if start < bsa.tail_start(length, self.dense_tail):
+            firsts = bsa.block_starts(length, n, start, self.block_size)
+            with bsa.one_thread():
+                past = a_shape_past(firsts.to(query.device), self.sinks, self.local, n)[None, None]
+            kv_heads = keys.shape[1]
+            groups = bsa.Groups.per_kv_head(kv_heads, query.shape[1] // kv_heads, query.device)
+            mask = a_shape_row_mask(self.sinks, self.local, self.block_size)
+            calls.append(bsa.SparseCall(start, past, groups, row_mask=mask, window=(self.sinks, self.local)))
+        return bsa.run_plan(
+            layer.cache, self.name, query, keys, values, scale, calls, self.block_size, self.dense_tail
         )
-        bsa.dense_tail(query, keys, values, scale, out, length - stop)
-        return out

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from tokensift.runtime.cache import TokenLayer
 
 
+CHUNKINGS = ("learned", "fixed")
+
+
 class BoundaryPredictor(nn.Module):
     """The paper's boundary predictor (BoundarySimilarityAttn): for every gap after token t it encodes
     the `window` keys left of the gap and the `window` keys right of it with one self-attention
@@ -135,6 +138,16 @@ def select_boundaries(
     inner = inner[(inner > 0) & (inner < length)]
     ends = torch.tensor([0, length], device=logits.device)
     return torch.cat([ends[:1], inner, ends[1:]])
+
+
+def even_boundaries(length: int, chunks: int, tail: int = 0) -> torch.Tensor:
+    """Boundaries [0, ..., L] of `chunks` chunks of (near) equal length; with a `tail`, the last chunk
+    is the last `tail` tokens, as `select_boundaries` forces, and the others share the rest."""
+    forced = 0 < tail < length
+    body = length - tail if forced else length
+    inner = max(1, chunks - forced)
+    edges = torch.unique(torch.linspace(0, body, inner + 1).round().long())
+    return torch.cat([edges, torch.tensor([length])]) if forced else edges
 
 
 def chunk_keys(keys: torch.Tensor, boundaries: torch.Tensor) -> torch.Tensor:
@@ -254,16 +267,24 @@ class DHSA(SparsePrefillMethod):
     local:
         Most recent tokens every block keeps, its own block included (code: 128).
     dense_tail:
-        Last queries that attend densely: the instruction (code: 64).
+        Last queries of each multi-token forward that attend densely to every key; with a tail, the
+        gap before it is also a forced chunk boundary (the instruction is its own chunk). 0
+        (default) is the sparse pattern alone; the reference code uses 64. Same parameter and
+        default in every sparse-prefill method.
     chunk_beta:
         At most L / block_size * chunk_beta chunks (code: 8).
     threshold:
-        Boundary logit threshold, or None: then the highest-scoring gaps after NMS fill the chunk
-        count. Code: 1.1, on its released predictor's logit scale; our predictors, trained on far
-        less data, put almost no gap above 1.1 (every layer-0 logit of smollm2-135m on a held-out
-        window is below -0.3), which would leave a single chunk, so the default here is None.
+        Boundary logit threshold; None (default) takes the one calibrated with the predictor
+        (`tokensift calibrate dhsa` picks the F1-best threshold on held-out windows, so that
+        boundaries are the gaps the predictor calls boundaries). Code: 1.1, on its released
+        predictor's logit scale, where our predictors put almost no gap. A very low value (-100)
+        makes every gap a candidate, leaving the boundaries to NMS spacing.
     nms_window:
         NMS half-width between boundaries (code: 8).
+    chunking:
+        "learned" (default) or "fixed": the ablation, with as many equal-length chunks as the
+        predictor makes on the same prompt (same mean chunk length, same budget, so the same
+        sparsity), to measure what the learned boundaries add.
     predictor:
         Predictor file; by default the model's calibration (user cache, else shipped).
     """
@@ -275,10 +296,11 @@ class DHSA(SparsePrefillMethod):
     block_size: int = 64
     sinks: int = 128
     local: int = 128
-    dense_tail: int = 64
+    dense_tail: int = 0
     chunk_beta: int = 8
     threshold: float | None = None
     nms_window: int = 8
+    chunking: str = "learned"
     predictor: str = ""
     budget_tokens: int | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -290,6 +312,8 @@ class DHSA(SparsePrefillMethod):
             raise TokensiftError("dhsa sinks and dense_tail must be >= 0")
         if self.local < self.block_size:
             raise TokensiftError(f"dhsa local ({self.local}) must cover a block ({self.block_size} tokens)")
+        if self.chunking not in CHUNKINGS:
+            raise TokensiftError(f"dhsa chunking must be {' or '.join(CHUNKINGS)}, not {self.chunking!r}")
 
     def resolve(self, prompt_tokens: int) -> Self:
         new = dataclasses.replace(self)
@@ -313,7 +337,21 @@ class DHSA(SparsePrefillMethod):
             shared["dhsa_predictor"] = BoundaryPredictor.from_state(
                 document["predictor"], document["weights"]
             )
+            shared["dhsa_threshold"] = (document.get("threshold") or {}).get("logit")
         return shared["dhsa_predictor"]
+
+    def logit_threshold(self, layer: TokenLayer) -> float:
+        """The threshold given, else the one calibrated with the predictor."""
+        if self.threshold is not None:
+            return self.threshold
+        self.boundary_predictor(layer)
+        calibrated = layer.cache.shared["dhsa_threshold"]
+        if calibrated is None:
+            raise TokensiftError(
+                f"the dhsa predictor of {layer.cache.handle.name} has no calibrated threshold: run "
+                f"`tokensift calibrate dhsa --model {layer.cache.handle.name}` or pass threshold=..."
+            )
+        return float(calibrated)
 
     def boundaries(self, layer: TokenLayer, keys: torch.Tensor) -> torch.Tensor:
         """Chunk boundaries over the n keys, predicted from the first layer's keys, shared by layers."""
@@ -326,8 +364,15 @@ class DHSA(SparsePrefillMethod):
             tail = self.dense_tail if self.dense_tail < n else 0
             window = self.boundary_predictor(layer).window
             cached = select_boundaries(
-                logits, chunks, window=window, threshold=self.threshold, nms_window=self.nms_window, tail=tail
+                logits,
+                chunks,
+                window=window,
+                threshold=self.logit_threshold(layer),
+                nms_window=self.nms_window,
+                tail=tail,
             )
+            if self.chunking == "fixed":
+                cached = even_boundaries(n, len(cached) - 1, tail).to(cached.device)
             shared["dhsa_boundaries"] = cached
             layer.cache.count("dhsa_chunks", len(cached) - 1)
         return cached
@@ -357,40 +402,25 @@ class DHSA(SparsePrefillMethod):
             else resolve_budget(self.budget, keys.shape[2])
         )
         length, n = query.shape[2], keys.shape[2]
-        out = query.new_empty(query.shape)
-        start = bsa.first_sparse_row(length, n, budget - self.block_size, self.block_size)
-        stop = max(start, length - self.dense_tail)
-        if start >= stop:
-            layer.cache.note(
-                f"dhsa: budget {budget} covers the {n} keys of a {length}-token forward; attention ran dense"
-            )
-            bsa.dense_rows(query, keys, values, scale, out, length)
-            return out
-        boundaries = self.boundaries(layer, keys)
-        with bsa.one_thread():
-            past = dhsa_past(
-                query,
-                keys,
-                boundaries,
-                start,
-                budget=budget,
-                block_size=self.block_size,
-                sinks=self.sinks,
-                local=self.local,
-            )[:, :, : -(-(stop - start) // self.block_size)]  # blocks holding rows before the dense tail
-        kv_heads = keys.shape[1]
-        bsa.dense_rows(query, keys, values, scale, out, start)
-        bsa.sparse_attention(
-            query,
-            keys,
-            values,
-            scale,
-            past,
-            bsa.Groups.per_kv_head(kv_heads, query.shape[1] // kv_heads, query.device),
-            out,
-            block_size=self.block_size,
-            start_row=start,
+        # Blocks with no more than budget - block_size keys before them would keep them all: dense.
+        start = bsa.first_sparse_row(length, n, budget - self.block_size + 1, self.block_size)
+        calls = []
+        if start < bsa.tail_start(length, self.dense_tail):
+            boundaries = self.boundaries(layer, keys)
+            with bsa.one_thread():
+                past = dhsa_past(
+                    query,
+                    keys,
+                    boundaries,
+                    start,
+                    budget=budget,
+                    block_size=self.block_size,
+                    sinks=self.sinks,
+                    local=self.local,
+                )
+            kv_heads = keys.shape[1]
+            groups = bsa.Groups.per_kv_head(kv_heads, query.shape[1] // kv_heads, query.device)
+            calls.append(bsa.SparseCall(start, past, groups))
+        return bsa.run_plan(
+            layer.cache, self.name, query, keys, values, scale, calls, self.block_size, self.dense_tail
         )
-        # The instruction rows attend to every key.
-        bsa.dense_tail(query, keys, values, scale, out, length - stop)
-        return out

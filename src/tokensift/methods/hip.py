@@ -131,6 +131,10 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
         Leading layers that attend densely (reference demo: 4 of Llama-3.1-8B's 32; here 3).
     sparse_prefill:
         Also make prefill (and any multi-token forward) block-sparse; False leaves it dense.
+    dense_tail:
+        Last queries of each multi-token forward that attend densely to every key. 0 (default, as
+        in the paper) is the HiP mask alone; 64 lets a question at the end of the prompt see all of
+        it. Same parameter and default in every sparse-prefill method.
     """
 
     name = "hip"
@@ -149,11 +153,12 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
     refresh_interval: int = 8
     dense_layers: int = 3
     sparse_prefill: bool = True
+    dense_tail: int = 0
     budget_tokens: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_budget(self.budget)
-        for what in ("sinks", "window", "dense_layers"):
+        for what in ("sinks", "window", "dense_layers", "dense_tail"):
             if getattr(self, what) < 0:
                 raise TokensiftError(f"hip {what} must be >= 0, got {getattr(self, what)}")
         for what in ("block_size_q", "block_size_k", "refresh_interval"):
@@ -249,7 +254,19 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
             bsa.count_pairs(query.shape[0] * query.shape[1] * bsa.causal_pairs(query.shape[2], n))
             return dense_attention(query, keys, values, scale)
         watch = Stopwatch(query.device)
-        out, iterations = self.block_sparse(query, keys, values, scale)
+        length = query.shape[2]
+        stop = bsa.tail_start(length, self.dense_tail)
+        if stop == length:
+            out, iterations = self.block_sparse(query, keys, values, scale)
+        else:  # the rows before the tail are the first `stop` queries over the first n - tail keys
+            out, cut = query.new_empty(query.shape), n - (length - stop)
+            iterations = 0
+            if stop > 0:
+                sparse, iterations = self.block_sparse(
+                    query[:, :, :stop], keys[:, :, :cut], values[:, :, :cut], scale
+                )
+                out[:, :, :stop] = sparse
+            bsa.dense_tail_rows(query, keys, values, scale, out, length - stop)
         watch.attended()
         layer.cache.count("hip_prefill_seconds", watch.attention)
         layer.cache.count("hip_tree_iterations", iterations)

@@ -248,11 +248,12 @@ class MInference(SparsePrefillMethod):
     recent_slashes:
         Most recent diagonals always kept by vertical-slash heads (kernel: 100).
     dense_tail:
-        Last queries of each forward that attend densely, so the question at the end of a prompt
-        sees all of it (as MInference's later Tri-shape pattern does). The reference runs the heads
-        whose search winner is A-shape or block-sparse as vertical-slash (1000, 6096), which at 2K-16K
-        tokens is close to dense; here they run as found, and without this tail the embedded models
-        lose passkey retrieval (0 gives the patterns alone).
+        Last queries of each multi-token forward that attend densely to every key. 0 (default, as
+        in the paper) is the patterns alone; 64 lets a question at the end of the prompt see all of
+        it (MInference's later Tri-shape). Same parameter and default in every sparse-prefill
+        method. The reference runs the heads whose search winner is A-shape or block-sparse as
+        vertical-slash (1000, 6096), which at 2K-16K tokens is close to dense; here they run as
+        found, which costs the embedded models passkey retrieval without the tail (see the README).
     """
 
     name = "minference"
@@ -263,7 +264,7 @@ class MInference(SparsePrefillMethod):
     block_size: int = 64
     vertical_sinks: int = 30
     recent_slashes: int = 100
-    dense_tail: int = 64
+    dense_tail: int = 0
 
     def __post_init__(self) -> None:
         for field_name in ("last_q", "block_size", "vertical_sinks", "recent_slashes"):
@@ -292,60 +293,31 @@ class MInference(SparsePrefillMethod):
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:
         patterns = self.patterns(layer)
-        length, n = query.shape[2], keys.shape[2]
-        out = query.new_empty(query.shape)
+        length = query.shape[2]
         if length < self.last_q:
             layer.cache.note(
                 f"minference: a {length}-token forward is shorter than last_q {self.last_q}; "
                 "attention ran dense"
             )
+            out = query.new_empty(query.shape)
             bsa.dense_rows(query, keys, values, scale, out, length)
             return out
-        stop = length - min(self.dense_tail, length)  # rows from `stop` on attend densely
+        rep = query.shape[1] // keys.shape[1]
         with bsa.one_thread():
-            plans = [
-                (first, heads, past[..., : bsa.blocks_before(stop, first, self.block_size), :], window)
+            calls = [
+                bsa.SparseCall(
+                    first,
+                    past,
+                    kv_groups(heads, rep, shared=window is not None),
+                    heads,
+                    row_mask=None if window is None else a_shape_row_mask(*window, self.block_size),
+                    window=window,
+                )
                 for first, heads, past, window in self.layer_plan(query, keys, scale, patterns)
-                if first < stop
             ]
-        if not plans:
-            layer.cache.note(
-                f"minference: every head's pattern covers the rows of a {length}-token forward over {n} "
-                f"keys outside the dense tail {self.dense_tail}; attention ran dense"
-            )
-            bsa.dense_rows(query, keys, values, scale, out, length)
-            return out
-        sparse_heads = {h for _, heads, _, _ in plans for h in heads.tolist()}
-        dense_heads = [h for h in range(query.shape[1]) if h not in sparse_heads]
-        if dense_heads:
-            layer.cache.note(
-                f"minference: some heads' patterns cover all {n} keys of a {length}-token forward; "
-                "those heads ran dense"
-            )
-            bsa.dense_rows(
-                query, keys, values, scale, out, length, torch.tensor(dense_heads, device=query.device)
-            )
-        kv = bsa.key_values(keys, values)
-        for first, heads, past, window in plans:
-            # Rows before the group's first sparse block see few keys: exact attention.
-            bsa.dense_rows(query, keys, values, scale, out, first, heads)
-            bsa.sparse_attention(
-                query,
-                keys,
-                values,
-                scale,
-                past,
-                kv_groups(heads, query.shape[1] // keys.shape[1], shared=window is not None),
-                out,
-                block_size=self.block_size,
-                start_row=first,
-                row_mask=None if window is None else a_shape_row_mask(*window, self.block_size),
-                window=window,
-                kv=kv,
-            )
-        # All heads (the dense heads' rows come out the same): cheaper than gathering a subset's keys.
-        bsa.dense_tail(query, keys, values, scale, out, length - stop)
-        return out
+        return bsa.run_plan(
+            layer.cache, self.name, query, keys, values, scale, calls, self.block_size, self.dense_tail
+        )
 
     def layer_plan(
         self, query: torch.Tensor, keys: torch.Tensor, scale: float, patterns: list[HeadPattern]

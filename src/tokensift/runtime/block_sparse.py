@@ -318,7 +318,7 @@ def dense_rows(
     return count_pairs(q.shape[0] * count * causal_pairs(length, n, 0, stop))
 
 
-def dense_tail(
+def dense_tail_rows(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -349,6 +349,93 @@ def dense_tail(
 def blocks_before(stop: int, start_row: int, block_size: int) -> int:
     """Query blocks from `start_row` that hold a row before `stop` (the rows a dense tail leaves)."""
     return max(0, -(-(stop - start_row) // block_size))
+
+
+# --- one layer's sparse prefill from its plan ------------------------------------------------------
+# Every block-sparse prefill method builds the calls of a layer (which rows of which heads see which
+# past keys) and hands them to `run_plan`, so rows before a call, heads no call serves and the dense
+# tail are handled once, alike for all.
+
+
+def tail_start(length: int, dense_tail: int) -> int:
+    """First row of the dense tail: the last `dense_tail` queries of a forward attend to every key."""
+    return length - min(max(0, dense_tail), length)
+
+
+@dataclass(frozen=True)
+class SparseCall:
+    """One engine call of a layer's plan: rows from `start_row` (a block boundary) of the query heads
+    `heads` (None: all) attend to their block's `past` keys and their own block, with `groups`,
+    `row_mask` and `window` as in `sparse_attention`. Rows before `start_row` of those heads run
+    dense (their causal prefix is no longer than a sparse block's keys)."""
+
+    start_row: int
+    past: torch.Tensor
+    groups: Groups
+    heads: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
+    window: tuple[int, int] | None = None
+
+
+def run_plan(
+    cache: TokenCache,
+    name: str,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    calls: list[SparseCall],
+    block_size: int,
+    dense_tail: int,
+) -> torch.Tensor:
+    """Attention output (B, H_q, L, D) of a sparse-prefill layer from its calls.
+
+    The last `dense_tail` rows attend densely; calls are cut to the blocks holding a row before the
+    tail, and a call with none left is dropped. Heads no remaining call serves run dense (noted),
+    and with no call left the whole layer runs dense (noted: the method changed nothing here).
+    """
+    length, n, hq = query.shape[2], keys.shape[2], query.shape[1]
+    out = query.new_empty(query.shape)
+    stop = tail_start(length, dense_tail)
+    calls = [c for c in calls if c.start_row < stop]
+    if not calls:
+        cache.note(
+            f"{name}: every row of a {length}-token forward over {n} keys is covered by its dense "
+            f"rows or the dense tail ({dense_tail}); attention ran dense"
+        )
+        dense_rows(query, keys, values, scale, out, length)
+        return out
+    if any(c.heads is None for c in calls):
+        served = list(range(hq))
+    else:
+        served = sorted({h for c in calls for h in c.heads.tolist()})  # type: ignore[union-attr]
+    dense_heads = [h for h in range(hq) if h not in served]
+    if dense_heads:
+        cache.note(
+            f"{name}: {len(dense_heads)} of {hq} heads have no sparse row in a {length}-token forward "
+            f"over {n} keys; those heads ran dense"
+        )
+        # Their tail rows come with everyone's below: one dense call over all heads gathers no keys.
+        dense_rows(query, keys, values, scale, out, stop, torch.tensor(dense_heads, device=query.device))
+    kv = key_values(keys, values) if len(calls) > 1 else None
+    for c in calls:
+        dense_rows(query, keys, values, scale, out, c.start_row, c.heads)
+        sparse_attention(
+            query,
+            keys,
+            values,
+            scale,
+            c.past[..., : blocks_before(stop, c.start_row, block_size), :],
+            c.groups,
+            out,
+            block_size=block_size,
+            start_row=c.start_row,
+            row_mask=c.row_mask,
+            window=c.window,
+            kv=kv,
+        )
+    dense_tail_rows(query, keys, values, scale, out, length - stop)
+    return out
 
 
 # --- what a prefill forward computed ---------------------------------------------------------------
