@@ -16,6 +16,7 @@ from tokensift.methods.hip import HiP, tree_search
 from tokensift.methods.quest import Quest, page_tokens, select_pages
 from tokensift.methods.tidaldecode import TidalDecode, default_correction_layer, positions_to_slots
 from tokensift.methods.tokenselect import TokenSelect, max_pool, soft_votes
+from tokensift.runtime import block_sparse as bsa
 from tokensift.runtime.rope import shift_keys
 from tokensift.runtime.scores import dense_attention
 from tokensift.runtime.sparse_decode import PageSummary, gather, page_upper_bound, sparse_attention
@@ -372,8 +373,9 @@ def test_hip_prefill_covering_everything_is_exact() -> None:
     """Block-sparse prefill with masks covering every key equals dense causal attention."""
     method = HiP(budget=400, sinks=3, window=8, block_size_q=8, block_size_k=2).resolve(100)
     q, k, v = torch.randn(1, 4, 100, 8), torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)
-    out, iterations = method.block_sparse(q, k, v, 0.3)
-    assert iterations == 0
+    with bsa.counting() as meter:
+        out, iterations = method.block_sparse(q, k, v, 0.3)
+    assert iterations == 0 and meter.skipped == 0 and meter.computed > 0
     torch.testing.assert_close(out, dense_attention(q, k, v, 0.3), atol=1e-5, rtol=1e-5)
     # Queries appended to a cache (a chunk of 37 after 63 cached keys) follow the same masks.
     out, _ = method.block_sparse(q[:, :, -37:], k, v, 0.3)
@@ -389,8 +391,9 @@ def test_hip_prefill_attends_to_its_mask_only() -> None:
     q = torch.tensor([1.0, 40.3, -(40.3**2)]).view(1, 1, 1, 3).expand(1, 4, n, 3).contiguous() / 10
     v = torch.randn(1, 2, n, d)
     method = HiP(budget=4 + 16 + 8, sinks=4, window=16, block_size_q=16, block_size_k=2).resolve(n)
-    out, _ = method.block_sparse(q, keys, v, 1.0)
-    rows = []
+    with bsa.counting() as meter:
+        out, _ = method.block_sparse(q, keys, v, 1.0)
+    rows, attended = [], 0
     for i in range(n):  # reference mask, row by row (test code only)
         first = i // 16 * 16
         end = method.search_end(first)
@@ -403,8 +406,10 @@ def test_hip_prefill_attends_to_its_mask_only() -> None:
         logits = torch.einsum("hd,hnd->hn", q[0, :, i], keys[0].repeat_interleave(2, 0))
         mask = torch.full((n,), float("-inf"))
         mask[sorted(allowed)] = 0
+        attended += 4 * len(allowed)
         rows.append((logits + mask).softmax(-1).unsqueeze(1) @ v[0].repeat_interleave(2, 0))
     torch.testing.assert_close(out[0], torch.cat(rows, dim=1), atol=1e-4, rtol=1e-4)
+    assert meter.skipped == 4 * n * (n + 1) // 2 - attended > 0  # the causal pairs outside the mask
 
 
 # -- composition, interop, errors -----------------------------------------------------------------------
