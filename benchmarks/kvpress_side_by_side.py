@@ -183,6 +183,7 @@ def run_tokensift(prompt: dict[str, Any], press: str, ratio: float, protocol: st
         "prediction": out.text,
         "prefill_seconds": out.stats.prefill_seconds,
         "kv_bytes": out.stats.kv_bytes_final,
+        "tokens_held": out.stats.tokens_held,
         "kv_bytes_dense": out.stats.kv_bytes_dense,
         "method": out.stats.method,
     }
@@ -223,8 +224,10 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
             out = model(input_ids=q, past_key_values=cache, position_ids=positions, logits_to_keep=1)
             position += q.shape[1]
         prefill = time.perf_counter() - t0
-        kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        eos = {tok.eos_token_id, *(getattr(model.generation_config, "eos_token_id", None) or [])}
+        eos: set[int] = set()  # as tokensift's eos_ids: generation config, tokenizer, model config
+        for holder in (model.generation_config, tok, model.config):
+            value = getattr(holder, "eos_token_id", None)
+            eos.update([value] if isinstance(value, int) else value or [])
         tokens: list[int] = []
         for step in range(prompt["max_new_tokens"]):
             token = int(out.logits[0, -1].argmax())
@@ -239,12 +242,16 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
                 position_ids=torch.tensor([[position]]),
             )
             position += 1
-    per_token = kv_bytes / max(1, cache.get_seq_length())
+    # Held at the end of the generation, as tokensift's kv_bytes_final (masked heads included: AdaKV's
+    # head-wise compression in kvpress replaces keys by a fake key and frees nothing).
+    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    held = cache.get_seq_length()
     return {
         "prediction": tok.decode(tokens, skip_special_tokens=True),
         "prefill_seconds": prefill,
         "kv_bytes": kv_bytes,
-        "kv_bytes_dense": per_token * first.shape[1] if press == "dense" else None,
+        "tokens_held": held,
+        "kv_bytes_dense": kv_bytes / max(1, held) * position,  # every token seen, uncompressed
         "method": source.format(r=ratio) if source else "dense",
     }
 

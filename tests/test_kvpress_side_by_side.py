@@ -90,5 +90,9 @@ def test_kvpress_side_matches_dense_exactly(prompts: Path) -> None:
     for key in a:
         if key[0] == "dense":
             assert a[key]["prediction"] == b[key]["prediction"], key
-        if key[0] == "knorm" and key[1] == "query-aware":
-            assert a[key]["kv_bytes"] == b[key]["kv_bytes"], key
+        if (
+            key[0] == "knorm"
+        ):  # one-shot in both: the same cache size (we round the kept count, kvpress floors)
+            assert abs(a[key]["tokens_held"] - b[key]["tokens_held"]) <= 1, key
+        if key[0] == "streaming_llm":  # ours evicts at every step (the paper); kvpress after the prefill only
+            assert a[key]["tokens_held"] < b[key]["tokens_held"], key
