@@ -148,8 +148,7 @@ def main() -> None:
     start = time.time()
     rows = [run_model(m, args) for m in args.models.split(",")]
     result = {
-        "command": "benchmarks/zerotuning.py "
-        + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "seconds": time.time() - start,
         "note": "raw prompts (no chat template) for classification, as the calibration; passkey and "
