@@ -5,10 +5,14 @@
    belongs to the needle, each (layer, query head) is credited with the attention mass the current
    query puts on the whole needle span. Runs whose answer has ROUGE-1 recall <= 0.5 against the
    needle are dropped; a head's score is the mean over the kept runs.
-2. Layers. On prose and retrieval prompts, every decode step compares each layer's attention
-   output (through o_proj) with the full cache and with the cache CompressKV would keep at a tiny
-   budget; the relative Frobenius error, summed over steps and samples, is L1-normalised per
-   prompt group, averaged over groups and normalised again.
+2. Layers. On prose and retrieval prompts, each layer's prefill attention output (through o_proj)
+   is computed twice, with the full prompt K/V and with the K/V CompressKV would keep at a tiny
+   budget, as the paper describes; the relative Frobenius error, summed over samples, is
+   L1-normalised per prompt group, averaged over groups and normalised again. The compared rows
+   are the prompt's last `window` queries (the observation window): every kept set holds all their
+   causal keys' window, so each sees itself, and they are the queries the next token is formed
+   from. (The released code, longbench/model/modeling_*_new.py, accumulates the same error in its
+   one-query decode branch instead; we follow the paper.)
 
 Substitutions, stated: the paper uses Paul Graham essays and LongBench; neither ships offline, so
 the haystacks and prompts come from the Jane Austen novels in the package.
@@ -20,6 +24,7 @@ import argparse
 import random
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,41 +148,43 @@ def layer_errors(
     budget: int,
     window: int,
     first_k: int,
-    steps: int,
 ) -> list[float]:
-    """Per-layer relative output error when only CompressKV's `budget` tokens are kept (L1-normalised)."""
+    """Per-layer relative error of the prefill attention output (through o_proj) when only
+    CompressKV's `budget` tokens are kept, on the prompt's last `window` queries (L1-normalised)."""
     layers = model.num_layers
     per_group = []
     for group, samples in prompts.items():
         errors = torch.zeros(layers, dtype=torch.float64)
         for ids in tqdm(samples, desc=f"compresskv layers ({group})", unit="prompt"):
-            keep: dict[int, torch.Tensor] = {}
 
-            def observe(module, layer, query, keys, values, scale, keep=keep, errors=errors) -> None:
+            def observe(module, layer, query, keys, values, scale, errors=errors) -> None:
                 n = keys.shape[2]
-                if query.shape[2] > 1:  # the prompt: choose what CompressKV would keep in this layer
-                    votes = window_scores(query[:, :, -window:], keys, scale)[
-                        :, heads[layer.index][:first_k], : n - window
-                    ]
-                    score = pool_scores(votes, 5, "avg").mean(dim=1)[0]
-                    top = score.topk(min(budget - window, score.numel())).indices.sort().values
-                    keep[layer.index] = torch.cat([top, torch.arange(n - window, n)])
-                    return
-                index = torch.cat([keep[layer.index], torch.arange(int(keep[layer.index][-1]) + 1, n)])
-                full = dense_attention(query, keys, values, scale)
-                part = dense_attention(query, keys[:, :, index], values[:, :, index], scale)
-                o_full = module.o_proj(full.transpose(1, 2).reshape(1, 1, -1))
-                o_part = module.o_proj(part.transpose(1, 2).reshape(1, 1, -1))
+                if query.shape[2] <= window or n <= budget:
+                    return  # only a prompt longer than the budget is compressed
+                # What CompressKV keeps in this layer: its heads' votes from the window, pooled.
+                votes = window_scores(query[:, :, -window:], keys, scale)[
+                    :, heads[layer.index][:first_k], : n - window
+                ]
+                score = pool_scores(votes, 5, "avg").mean(dim=1)[0]
+                top = score.topk(budget - window).indices.sort().values
+                index = torch.cat([top, torch.arange(n - window, n)])
+                # The window's rows are the last of both key sets: causal by shape in each.
+                rows = query[:, :, -window:]
+                full = dense_attention(rows, keys, values, scale)
+                part = dense_attention(rows, keys[:, :, index], values[:, :, index], scale)
+                o_full = module.o_proj(full.transpose(1, 2).reshape(1, window, -1))
+                o_part = module.o_proj(part.transpose(1, 2).reshape(1, window, -1))
                 errors[layer.index] += float((o_part - o_full).norm() / (o_full.norm() + 1e-5))
 
             cache = TokenCache(model, None)
             cache.observer = observe
             with torch.inference_mode():
-                logits = forward(model, torch.tensor([ids]), cache)[0, -1]
-                for _ in range(steps):
-                    logits = forward(model, torch.tensor([[int(logits.argmax())]]), cache)[0, -1]
+                forward(model, torch.tensor([ids]), cache)
         if not float(errors.sum()) > 0:
-            raise TokensiftError("compresskv layer profile measured no error: were any decode steps run?")
+            raise TokensiftError(
+                f"compresskv layer profile measured no error: are the prompts ({group}) longer than "
+                f"--profile-budget {budget}?"
+            )
         per_group.append(errors / errors.sum())
     mean = torch.stack(per_group).mean(0)
     return (mean / mean.sum()).tolist()
@@ -207,7 +214,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile-budget", type=int, default=32, help="tiny budget of the error profile (paper: 32)"
     )
-    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps measured per prompt")
+    parser.add_argument(
+        "--reuse-heads",
+        type=Path,
+        default=None,
+        help="keep this artefact's retrieval heads (skip the needle runs) and measure the layer profile",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -223,28 +235,42 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
         raise TokensiftError("--lengths and --depths take comma-separated numbers") from None
     if max(lengths) + args.max_new_tokens + 64 > model.context_length:
         raise TokensiftError(f"--lengths exceed {model.name}'s context of {model.context_length} tokens")
-    head_scores, kept, runs = detect_heads(model, lengths, depths, args.max_new_tokens, args.seed)
-    ranking = head_scores.argsort(dim=-1, descending=True).tolist()
     window, first_k = 8, 4
+    if not window < args.profile_budget < args.profile_length:
+        raise TokensiftError(
+            f"--profile-budget must lie between the window ({window}) and --profile-length "
+            f"({args.profile_length}), got {args.profile_budget}"
+        )
+    if args.reuse_heads is not None:
+        from tokensift.calibration import load_artefact
+
+        earlier = load_artefact("compresskv", model, args.reuse_heads)
+        heads = {k: earlier[k] for k in ("heads", "head_scores", "needle_runs") if k in earlier}
+        heads["heads_from"] = earlier.get("command", str(args.reuse_heads))
+    else:
+        head_scores, kept, runs = detect_heads(model, lengths, depths, args.max_new_tokens, args.seed)
+        heads = {
+            "heads": head_scores.argsort(dim=-1, descending=True).tolist(),
+            "head_scores": [[round(float(s), 6) for s in row] for row in head_scores],
+            "needle_runs": {
+                "kept": kept,
+                "total": runs,
+                "lengths": lengths,
+                "depths": depths,
+                "needles": len(NEEDLES),
+            },
+        }
     prompts = _profile_prompts(model, args.profile_samples, args.profile_length, args.seed)
-    scores = layer_errors(model, ranking, prompts, args.profile_budget, window, first_k, args.profile_steps)
+    scores = layer_errors(model, heads["heads"], prompts, args.profile_budget, window, first_k)
     return {
-        "heads": ranking,
-        "head_scores": [[round(float(s), 6) for s in row] for row in head_scores],
+        **heads,
         "layer_scores": [round(s, 6) for s in scores],
-        "needle_runs": {
-            "kept": kept,
-            "total": runs,
-            "lengths": lengths,
-            "depths": depths,
-            "needles": len(NEEDLES),
-        },
         "profile": {
             "groups": list(prompts),
             "samples_per_group": args.profile_samples,
             "length": args.profile_length,
             "budget": args.profile_budget,
-            "steps": args.profile_steps,
+            "stage": "prefill: the last `window` prompt queries, full vs compressed K/V",
             "window": window,
             "first_k": first_k,
         },

@@ -26,6 +26,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -125,10 +126,12 @@ class LabelCapture(SparsePrefillMethod):
 
     keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
     ratios: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    layers: frozenset[int] | None = None  # the layers to label (None: all)
 
     def prefill_attention(self, layer: Any, query: Any, keys: Any, values: Any, scale: float) -> torch.Tensor:
-        self.keys[layer.index] = key_features(keys)[0].half()  # float16 storage keeps memory small
-        self.ratios[layer.index] = boundary_ratios(query, keys, scale)
+        if self.layers is None or layer.index in self.layers:
+            self.keys[layer.index] = key_features(keys)[0].half()  # float16 storage keeps memory small
+            self.ratios[layer.index] = boundary_ratios(query, keys, scale)
         return dense_attention(query, keys, values, scale)
 
 
@@ -149,15 +152,86 @@ def windows(model: Model, length: int, count: int, books: list[str], seed: int) 
     return out
 
 
-def label(model: Model, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def label(
+    model: Model, ids: list[int], layers: list[int] | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Predictor inputs and label ratios of the given layers (default: all) of one window."""
     from tokensift.runtime.cache import TokenCache
     from tokensift.runtime.generate import forward
 
-    capture = LabelCapture()
+    chosen = list(range(model.num_layers)) if layers is None else layers
+    capture = LabelCapture(layers=frozenset(chosen))
     with torch.inference_mode():
         forward(model, torch.tensor([ids]), TokenCache(model, capture))
-    layers = range(model.num_layers)
-    return [capture.keys[i] for i in layers], [capture.ratios[i] for i in layers]
+    return [capture.keys[i] for i in chosen], [capture.ratios[i] for i in chosen]
+
+
+def best_threshold(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, dict[str, float]]:
+    """The logit threshold with the best F1 of (logit > threshold) against the boundary labels, over
+    the given gaps (1-D, masked already): a cut between two consecutive sorted logits."""
+    order = logits.argsort(descending=True)
+    ranked, truth = logits[order], targets[order].double()
+    tp = truth.cumsum(0)  # predicting the top i + 1 gaps as boundaries
+    predicted = torch.arange(1, len(ranked) + 1, dtype=torch.float64)
+    f1 = 2 * tp / (predicted + truth.sum())
+    # Only cuts between distinct logits are thresholds (ties fall on one side together).
+    f1[:-1][ranked[:-1] == ranked[1:]] = -1.0
+    i = int(f1.argmax())
+    cut = float(ranked[i] + ranked[i + 1]) / 2 if i + 1 < len(ranked) else float(ranked[i]) - 1e-3
+    precision, recall = float(tp[i] / predicted[i]), float(tp[i] / truth.sum().clamp(min=1))
+    return cut, {"f1": round(float(f1[i]), 4), "precision": round(precision, 4), "recall": round(recall, 4)}
+
+
+def calibrate_threshold(
+    predictor: BoundaryPredictor,
+    data: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+    *,
+    block_size: int = 64,
+    chunk_beta: int = 8,
+    nms_window: int = 8,
+) -> dict[str, Any]:
+    """The boundary threshold DHSA applies at inference, picked on held-out windows: the F1-best
+    threshold on layer 0 (the layer the method reads), with the chunks it then gives (after NMS and
+    the chunk cap, as `select_boundaries` runs at inference) next to those of no threshold."""
+    from tokensift.methods.dhsa import select_boundaries
+
+    logits, targets, per_window = [], [], []
+    with torch.no_grad():
+        for feats, ratios in data:
+            logit = predictor(feats[0].float()[None])[0]
+            target, mask = targets_and_mask(ratios[0], predictor.window)
+            keep = mask.bool()
+            logits.append(logit[keep])
+            targets.append(target[keep])
+            per_window.append(logit)
+    cut, scores = best_threshold(torch.cat(logits), torch.cat(targets))
+
+    def mean_chunk(threshold: float | None) -> float:
+        lengths = []
+        for logit in per_window:
+            n = logit.shape[0]
+            bounds = select_boundaries(
+                logit,
+                n // block_size * chunk_beta,
+                window=predictor.window,
+                threshold=threshold,
+                nms_window=nms_window,
+                tail=0,
+            )
+            lengths.append(n / (len(bounds) - 1))
+        return round(sum(lengths) / len(lengths), 2)
+
+    positives = torch.cat(targets)
+    return {
+        "logit": round(cut, 4),
+        "rule": "best F1 of logit > threshold against the labels, layer 0 of the held-out windows",
+        **scores,
+        "positive_rate": round(float(positives.mean()), 4),
+        "predicted_rate": round(float((torch.cat(logits) > cut).double().mean()), 4),
+        "mean_chunk_tokens": mean_chunk(cut),
+        "mean_chunk_tokens_without_threshold": mean_chunk(None),
+        "windows": len(data),
+    }
 
 
 def evaluate(
@@ -207,6 +281,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=LR, help="Adam learning rate (paper: 1e-4)")
     parser.add_argument("--hidden", type=int, default=256, help="predictor MLP width (paper: 256)")
     parser.add_argument("--heads", type=int, default=4, help="predictor attention heads (training script: 4)")
+    parser.add_argument(
+        "--reuse-predictor",
+        type=Path,
+        default=None,
+        help="keep this artefact's trained predictor and only calibrate its boundary threshold on the "
+        "held-out windows (--length, --val-windows)",
+    )
 
 
 def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
@@ -218,6 +299,8 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(SEED)
     books = sorted(austen_books())
     held_out = books[-1]
+    if args.reuse_predictor is not None:
+        return recalibrate(model, args, held_out)
     t0 = time.perf_counter()
     train_ids = windows(model, args.length, args.windows, books[:-1], SEED)
     val_ids = windows(model, args.length, args.val_windows, [held_out], SEED + 1)
@@ -262,6 +345,8 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
     train_seconds = time.perf_counter() - t1
     final = evaluate(predictor, val)
     print(f"dhsa: validation over all layers: {final}")
+    threshold = calibrate_threshold(predictor, val)
+    print(f"dhsa: threshold {threshold}")
     return {
         "predictor": {"channels": channels, "window": WINDOW, "hidden": args.hidden, "heads": args.heads},
         "weights": predictor.state(),
@@ -277,8 +362,30 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
         # All layers of the held-out windows; a predictor ranking gaps at random would reach a
         # top-k overlap of about 1/16 (k is 1/16 of the gaps).
         "validation": final,
+        "threshold": threshold,
         "label_seconds": round(label_seconds, 1),
         "train_seconds": round(train_seconds, 1),
+    }
+
+
+def recalibrate(model: Model, args: argparse.Namespace, held_out: str) -> dict[str, Any]:
+    """A shipped or earlier predictor with its threshold calibrated anew (no training): labels layer 0
+    of the held-out windows only, so it takes a fraction of a full calibration."""
+    from tokensift.calibration import load_artefact
+
+    document = load_artefact("dhsa", model, args.reuse_predictor)
+    predictor = BoundaryPredictor.from_state(document["predictor"], document["weights"])
+    t0 = time.perf_counter()
+    val_ids = windows(model, args.length, args.val_windows, [held_out], SEED + 1)
+    val = [label(model, ids, [0]) for ids in val_ids]
+    threshold = {**calibrate_threshold(predictor, val), "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"dhsa: threshold {threshold}")
+    kept = ("predictor", "weights", "recipe", "history", "validation", "label_seconds", "train_seconds")
+    return {
+        **{k: document[k] for k in kept if k in document},
+        "threshold": threshold,
+        "predictor_from": document.get("command", str(args.reuse_predictor)),
+        "threshold_data": f"{args.val_windows} windows of {args.length} tokens of {held_out}",
     }
 
 
