@@ -131,3 +131,30 @@ def test_observer_sees_every_layer_once_per_forward() -> None:
     with torch.inference_mode():
         model.model(torch.tensor([prompt_ids(20)]), cache=cache, use_cache=True)
     assert seen == [(0, 20), (1, 20), (2, 20)]
+
+
+def test_layer_profile_is_measured_on_the_prefill() -> None:
+    """The error profile compares each layer's prefill output with full and compressed K/V: one
+    forward per prompt, no decode step, a normalised positive score per layer."""
+    from tokensift.calibration import compresskv as calib
+
+    model = tiny_model("llama")
+    heads = [list(range(int(model.config.num_attention_heads)))] * model.num_layers
+    prompts = {"a": [prompt_ids(60)], "b": [prompt_ids(48)]}
+    forwards: list[int] = []
+    real_forward = calib.forward
+
+    def counting_forward(model_, ids, cache):  # type: ignore[no-untyped-def]
+        forwards.append(ids.shape[1])
+        return real_forward(model_, ids, cache)
+
+    calib.forward = counting_forward
+    try:
+        scores = calib.layer_errors(model, heads, prompts, budget=16, window=8, first_k=2)
+    finally:
+        calib.forward = real_forward
+    assert forwards == [60, 48]  # the prompts' prefills only
+    assert len(scores) == model.num_layers and all(s > 0 for s in scores)
+    assert abs(sum(scores) - 1.0) < 1e-6
+    with pytest.raises(tokensift.TokensiftError, match="profile-budget"):
+        calib.layer_errors(model, heads, {"a": [prompt_ids(12)]}, budget=16, window=8, first_k=2)
