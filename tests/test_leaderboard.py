@@ -33,6 +33,14 @@ def test_leaderboard_suite_is_kvpress_protocol() -> None:
     assert kept == {1 - r for r in LEADERBOARD_RATIOS}
 
 
+def test_sparse_table_attends_the_same_fractions() -> None:
+    config = get_suite("leaderboard-sparse")
+    config.validate()
+    fractions = {Plan.of(m).select.budget for m in config.methods[1:]}  # type: ignore[union-attr]
+    assert fractions == {1 - r for r in LEADERBOARD_RATIOS}
+    assert {m.split(":")[0] for m in config.methods[1:]} == {"quest", "tokenselect", "tidaldecode", "hip"}
+
+
 def test_both_protocols_share_one_results_file(tmp_path: Path) -> None:
     model = tiny_smol_model()
     config = BenchConfig(

@@ -74,6 +74,26 @@ SUITES: dict[str, BenchConfig] = {
         protocol="both",
         dtype="bfloat16",
     ),
+    # The leaderboard's second table: sparse decoding keeps the whole cache and attends, per decode
+    # step, to the same fractions of the prompt that the evictors keep (1 - ratio).
+    "leaderboard-sparse": BenchConfig(
+        tasks=list(RULER_TASKS),
+        methods=[
+            "dense",
+            *(
+                f"{m}:budget={1 - r:g}"
+                for m in ("quest", "tokenselect", "tidaldecode", "hip")
+                for r in LEADERBOARD_RATIOS
+            ),
+        ],
+        lengths=[4096],
+        model="qwen2.5-coder-0.5b",
+        samples=10,
+        depths=list(TEN_DEPTHS),
+        depth_samples=1,
+        suite="leaderboard-sparse",
+        dtype="bfloat16",
+    ),
     # Every task family at 1k, 2k and 4k under the four baseline methods. Hours on 2 CPU cores.
     "full": BenchConfig(
         tasks=[t for t in TASKS if t != "passkey_classic"],
