@@ -340,17 +340,21 @@ class DHSA(SparsePrefillMethod):
             shared["dhsa_threshold"] = (document.get("threshold") or {}).get("logit")
         return shared["dhsa_predictor"]
 
-    def logit_threshold(self, layer: TokenLayer) -> float:
-        """The threshold given, else the one calibrated with the predictor."""
+    def logit_threshold(self, layer: TokenLayer) -> float | None:
+        """The threshold given, else the one calibrated with the predictor; a predictor file from
+        before thresholds were calibrated gives None (every gap a candidate), with a note."""
         if self.threshold is not None:
             return self.threshold
         self.boundary_predictor(layer)
         calibrated = layer.cache.shared["dhsa_threshold"]
         if calibrated is None:
-            raise TokensiftError(
-                f"the dhsa predictor of {layer.cache.handle.name} has no calibrated threshold: run "
-                f"`tokensift calibrate dhsa --model {layer.cache.handle.name}` or pass threshold=..."
+            name = layer.cache.handle.name
+            layer.cache.note(
+                f"dhsa: the predictor of {name} has no calibrated threshold, so every gap was a boundary "
+                f"candidate (NMS spacing sets the chunks): run `tokensift calibrate dhsa --model {name} "
+                "--reuse-predictor FILE` or pass threshold=..."
             )
+            return None
         return float(calibrated)
 
     def boundaries(self, layer: TokenLayer, keys: torch.Tensor) -> torch.Tensor:
