@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,14 @@ from tokensift.calibration import save_artefact
 from tokensift.methods import REGISTRY
 from tokensift.methods.bild import BiLD
 from tokensift.methods.entropy_routing import EntropyRouting
-from tokensift.speculative import clear_global_caches
 
 from .conftest import prompt_ids, tiny_model, tiny_smol_model
 from .test_crag import fake_embed, passages
 from .test_sparse_prefill import _pattern_file, _predictor_file
+from .test_speculative import (
+    _fresh_state,  # noqa: F401 (autouse: fresh suffix trees, one thread)
+    repetitive_prompt,
+)
 
 PROMPT, NEW = 96, 8
 
@@ -73,12 +76,6 @@ class Files:
             for p in clone.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
         return tokensift.wrap(clone, name="tiny-small")
-
-
-def repetitive() -> list[int]:
-    """Random tokens then a repeat of their start: tiny random models echo it, so drafts get accepted."""
-    ids = prompt_ids(40, seed=1)
-    return ids + ids[:24]
 
 
 COVERS = 512  # a budget above every token a run processes
@@ -149,13 +146,13 @@ CASES: dict[str, Case] = {
     ),
     # -- generation loops: applied when a draft token was accepted (or the small model wrote one)
     "suffix_decoding": Case(
-        Run("suffix_decoding", repetitive(), new=24),
-        Run("suffix_decoding:max_spec_factor=0", repetitive(), new=24),
+        Run("suffix_decoding", repetitive_prompt(1), new=24),
+        Run("suffix_decoding:max_spec_factor=0", repetitive_prompt(1), new=24),
         "proposed no draft tokens",
     ),
     "prompt_lookup": Case(
-        Run("prompt_lookup", repetitive(), new=24),
-        Run("prompt_lookup", repetitive(), new=1),
+        Run("prompt_lookup", repetitive_prompt(1), new=24),
+        Run("prompt_lookup", repetitive_prompt(1), new=1),
         "the prefill wrote the only token",
     ),
     "bild": Case(
@@ -175,15 +172,6 @@ CASES: dict[str, Case] = {
         Run("crag:clusters=3", passages=9), Run("crag:clusters=3,per_cluster=3", passages=9), "crag"
     ),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    clear_global_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def generate(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tokensift.Generation:
