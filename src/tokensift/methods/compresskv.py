@@ -56,7 +56,8 @@ class CompressKV(EvictionMethod):
     Offline (`tokensift calibrate compresskv --model M`), needle runs rank every head by the
     attention mass it puts on the needle while the answer is produced (runs whose answer misses the
     needle are dropped by a ROUGE-1 filter), and a per-layer profile measures how much each layer's
-    output changes when its cache is compressed. Online, after the prompt, layer l keeps B_l tokens:
+    prefill attention output (through o_proj, on the prompt's last window of queries) changes when
+    its K/V are compressed to a tiny budget. Online, after the prompt, layer l keeps B_l tokens:
     the last `window_size` plus the top B_l - w of one score vector, the window attention of its
     `first_k` best heads averaged (after avg-pooling), shared by all KV heads of the layer. The B_l
     follow the error profile, clamped to [min_budget, max_factor * B], and sum exactly to layers * B.
