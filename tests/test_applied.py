@@ -6,6 +6,7 @@ NoOpWarning is raised and a note says why. A method without an entry in CASES fa
 from __future__ import annotations
 
 import copy
+import json
 import re
 import warnings
 from collections.abc import Callable
@@ -231,3 +232,11 @@ def test_cannot_apply_says_why(name: str, tmp_path: Path, monkeypatch: pytest.Mo
     found = measures(stats)
     assert all(found.get(c, 0) <= 0 for c in REGISTRY[name].applied_by), stats.counters
     assert any(name in note for note in stats.notes), stats.notes
+
+
+def test_methods_command_names_the_counters(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokensift.cli import main
+
+    assert main(["methods", "--json"]) == 0
+    listed = {e["name"]: e["applied_by"] for e in json.loads(capsys.readouterr().out)}
+    assert listed == {name: list(cls.applied_by) for name, cls in REGISTRY.items()}

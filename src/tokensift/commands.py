@@ -151,6 +151,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
                 "params": params,
                 "summary": cls.summary(),
                 "paper": cls.paper,
+                "applied_by": list(cls.applied_by),
             }
         )
     if args.json:
@@ -161,6 +162,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{e['name']}  [{', '.join(e['hooks'])}]  {params}")
         print(f"    {e['summary']}")
         print(f"    {e['paper']}")
+        if e["applied_by"]:
+            print(f"    applied when {' or '.join(e['applied_by'])} > 0")
     return 0
 
 
