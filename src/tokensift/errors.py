@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TokensiftError(ValueError):
     """A user-facing error: bad input, unknown names, unsupported models. The CLI prints it as one line."""
@@ -13,3 +15,14 @@ class NoOpWarning(UserWarning):
 
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+def check_out_dir(path: Path, flag: str = "--out") -> None:
+    """Fail before any work when an output directory cannot be created: it, or the nearest existing
+    folder above it, is a file."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                what = "is a file" if existing == path else f"lies under {existing}, which is a file"
+                raise TokensiftError(f"{flag} {path} {what}: give a directory to write into")
+            return

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tokensift.errors import TokensiftError
+from tokensift.errors import TokensiftError, check_out_dir
 
 
 def _codes(value: str | None) -> list[str] | None:
@@ -86,6 +86,8 @@ def run_tokenizers(args: argparse.Namespace) -> int:
     from tokensift.audit.audit import audit_tokenizers
     from tokensift.audit.corpus import load_udhr
 
+    if args.out is not None:
+        check_out_dir(args.out)
     corpus = load_udhr(args.corpus)
     purity = _codes(args.purity)
     if purity == ["none"]:
@@ -124,6 +126,7 @@ def run_vocab(args: argparse.Namespace) -> int:
     from tokensift.audit.corpus import load_udhr
     from tokensift.audit.vocab import ALGORITHMS, PRETOKENIZATIONS, load_bible, vocab_experiment
 
+    check_out_dir(args.out)
     algorithms = _codes(args.algorithms) or []
     pretoks = _codes(args.pretokenization) or []
     for value, allowed, flag in (

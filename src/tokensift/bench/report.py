@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tokensift.bench.results import read_rows
+from tokensift.bench.results import read_meta, read_rows
 from tokensift.errors import TokensiftError
 
 
@@ -259,8 +258,7 @@ def charbench_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_metadata(directory: Path) -> dict[str, Any]:
-    path = directory / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_meta(directory / "meta.json")
 
 
 def task_sources(rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -284,17 +282,24 @@ def write_report(directory: Path) -> Path:
     from tokensift.bench.plots import accuracy_vs_memory, depth_heatmaps, pareto_plot
 
     results = directory / "results.jsonl"
+    if not results.is_file():
+        raise TokensiftError(
+            f"{directory} has no results.jsonl: run `tokensift bench --out {directory}` first"
+        )
     every = read_rows(results)
     rows = scored(every)
     if not rows:
-        raise TokensiftError(f"no scored results in {results}")
+        what = f"all {len(every)} runs failed" if every else "it is empty"
+        raise TokensiftError(
+            f"no scored results in {results} ({what}): run `tokensift bench --out {directory}`"
+        )
     meta = run_metadata(directory)
     heatmaps = depth_heatmaps(rows, directory)
     pareto = pareto_plot(rows, directory, "kv") + pareto_plot(rows, directory, "latency")
     per_task = accuracy_vs_memory(rows, directory)
     notes = failures(every) + sorted({n for a in aggregate(rows) for n in a["notes"]})
     parts = ["# tokensift bench", ""]
-    if meta:
+    if meta.get("runs") and meta.get("model"):
         last = meta["runs"][-1]
         parts += [
             f"- model: `{meta['model']['name']}` ({meta['model']['model_type']}, "

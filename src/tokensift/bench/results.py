@@ -8,6 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tokensift.errors import TokensiftError
+
 KEY_FIELDS = ("model", "task", "method_spec", "length", "depth", "index", "seed")
 
 
@@ -21,22 +23,35 @@ def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """All complete rows. A truncated last line (a run killed mid-write) is dropped, and with
-    `repair` the file is rewritten without it so appends start on a clean line."""
+    """All complete rows. A truncated last line (a run killed mid-write: no final newline) is dropped,
+    and with `repair` the file is rewritten without it so appends start on a clean line. Any other
+    line that is not a JSON object is corruption: a TokensiftError names it, and nothing is rewritten."""
     if not path.exists():
         return []
-    rows, bad = [], False
-    lines = path.read_text().splitlines()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokensiftError(
+            f"{path} is not UTF-8 text (byte {exc.start}): restore it or move it away to start afresh"
+        ) from None
+    rows, lines = [], text.splitlines()
+    truncated = bool(lines) and not text.endswith("\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-            bad = True
-    if (bad or (lines and not path.read_text().endswith("\n"))) and repair:
+            row = json.loads(line)
+            problem = "" if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        except json.JSONDecodeError as exc:
+            row, problem = None, f"not JSON: {exc.msg} at column {exc.colno}"
+        if not problem:
+            rows.append(row)
+        elif not (truncated and i == len(lines) - 1):
+            raise TokensiftError(
+                f"{path}:{i + 1} is not a results row ({problem}); fix or delete that line and rerun "
+                "(a killed run only ever truncates the last line)"
+            )
+    if truncated and repair:
         write_rows(path, rows)
     return rows
 
@@ -56,3 +71,22 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
         fh.write(json.dumps(row) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a results directory ({} when absent); a corrupt one is a TokensiftError."""
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        problem = "" if isinstance(meta, dict) and isinstance(meta.get("runs", []), list) else "no run list"
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 at byte {exc.start}"
+    except json.JSONDecodeError as exc:
+        problem = f"not JSON: {exc.msg} at line {exc.lineno}"
+    if problem:
+        raise TokensiftError(
+            f"{path} is corrupt ({problem}): restore it, or delete it to keep the results but lose the "
+            "record of past runs"
+        )
+    return meta

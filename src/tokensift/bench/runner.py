@@ -16,10 +16,10 @@ import torch
 from tqdm import tqdm
 
 from tokensift.bench.config import DEFAULT_DEPTHS, BenchConfig
-from tokensift.bench.results import append_row, read_rows, row_key
+from tokensift.bench.results import append_row, read_meta, read_rows, row_key
 from tokensift.bench.suites import SUITES
 from tokensift.bench.tasks import Sample, Task, get_task
-from tokensift.errors import TokensiftError
+from tokensift.errors import TokensiftError, check_out_dir
 from tokensift.models import Model, load
 from tokensift.runtime.generate import encode, encode_split
 from tokensift.runtime.plan import Plan
@@ -173,8 +173,9 @@ def prepare_run(
 ) -> BenchRun:
     """Validate, read what `out` already holds, load the model and build the missing cells."""
     config.validate()
-    out.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(out / "results.jsonl", repair=True)
+    check_out_dir(out)
+    rows = read_rows(out / "results.jsonl")  # checked before anything is written: corrupt files stay
+    read_meta(out / "meta.json")
     done = {row_key(r) for r in rows}
     model = model or load(config.model, dtype=config.dtype)
     tasks = [get_task(name) for name in config.tasks]
@@ -184,6 +185,8 @@ def prepare_run(
                 raise TokensiftError(
                     f"length {length} does not fit {model.name}'s context of {model.context_length}"
                 )
+    out.mkdir(parents=True, exist_ok=True)
+    read_rows(out / "results.jsonl", repair=True)  # a truncated last line (a killed run) goes first
     _write_meta(out, config, model, executor)
     run = BenchRun(config, out, model, {m: Plan.of(m) for m in config.methods}, rows, done, [])
     count = token_counter(model)
@@ -292,7 +295,8 @@ def _in_tokens(task: Task) -> bool:
 
 def _write_meta(out: Path, config: BenchConfig, model: Model, executor: dict[str, Any]) -> None:
     path = out / "meta.json"
-    meta = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    meta = read_meta(path)
+    meta.setdefault("runs", [])
     meta["model"] = model.describe()
     meta["runs"].append(
         {"config": asdict(config), "environment": environment(), "executor": executor, "started": time.time()}

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tokensift.errors import TokensiftError
+from tokensift.errors import TokensiftError, check_out_dir
 from tokensift.models import Model, cache_dir
 
 ARTEFACT_FORMAT = 1
@@ -38,6 +38,7 @@ class Calibrator:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[Model, argparse.Namespace], dict[str, Any]]
+    keys: tuple[str, ...] = ()  # the payload entries its method reads: an artefact without one is corrupt
 
 
 def calibrators() -> dict[str, Calibrator]:
@@ -106,8 +107,8 @@ def load_artefact(method: str, model: Model, path: str | Path | None = None) -> 
     candidates = [Path(path)] if path else [user_path(method, model.name), shipped_path(method, model.name)]
     for candidate in candidates:
         if candidate.is_file():
-            document = json.loads(candidate.read_text())
-            expected, got = fingerprint(model), document.get("fingerprint", {})
+            document = read_artefact(method, candidate, model.name)
+            expected, got = fingerprint(model), document["fingerprint"]
             if any(got.get(k) != expected[k] for k in ("weights_checksum", "layers")):
                 raise TokensiftError(
                     f"{method} calibration {candidate} was made for {got.get('model')!r}, not for these "
@@ -120,6 +121,37 @@ def load_artefact(method: str, model: Model, path: str | Path | None = None) -> 
         f"{method} needs a calibration for {model.name!r}: "
         f"run `tokensift calibrate {method} --model {model.name}`"
     )
+
+
+def read_artefact(method: str, path: Path, model_name: str) -> dict[str, Any]:
+    """The JSON document of a calibration file, checked for the entries `method` reads."""
+    redo = f"rerun `tokensift calibrate {method} --model {model_name}` (or restore the file)"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f"line {exc.lineno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise TokensiftError(f"{method} calibration {path} is not valid JSON ({where}): {redo}") from None
+    if not isinstance(document, dict):
+        raise TokensiftError(f"{method} calibration {path} is not a JSON object: {redo}")
+    if document.get("method", method) != method:
+        raise TokensiftError(
+            f"{path} is a {document['method']} calibration, not a {method} one: give a {method} file"
+        )
+    calibrator = calibrators().get(method)
+    missing = [k for k in ("fingerprint", *(calibrator.keys if calibrator else ())) if k not in document]
+    if missing or not isinstance(document["fingerprint"], dict):
+        raise TokensiftError(
+            f"{method} calibration {path} lacks {', '.join(missing) or 'a valid fingerprint'}: {redo}"
+        )
+    return document
+
+
+def positive(args: argparse.Namespace, *names: str) -> None:
+    """Calibration options that count something must be at least 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            raise TokensiftError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -140,6 +172,12 @@ def _run(args: argparse.Namespace) -> int:
     from tokensift.models import load
 
     calibrator: Calibrator = args._calibrator
+    if args.out is not None and args.out.is_dir():
+        raise TokensiftError(
+            f"--out {args.out} is a directory: give the artefact's file name, e.g. {args.out}/x.json"
+        )
+    if args.out is not None:
+        check_out_dir(args.out.parent, "the folder of --out")
     model = load(args.model)
     payload = calibrator.run(model, args)
     command = shlex.join(["tokensift", *sys.argv[1:]])

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from tokensift.bench.corpora import austen_books
-from tokensift.calibration import Calibrator
+from tokensift.calibration import Calibrator, positive
 from tokensift.errors import TokensiftError
 from tokensift.methods.snapkv import pool_scores
 from tokensift.models import Model
@@ -233,6 +233,9 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
         depths = [float(x) for x in args.depths.split(",")]
     except ValueError:
         raise TokensiftError("--lengths and --depths take comma-separated numbers") from None
+    positive(args, "max_new_tokens", "profile_samples", "profile_length", "profile_budget")
+    if min(lengths) < 1 or not all(0.0 <= d <= 1.0 for d in depths):
+        raise TokensiftError(f"--lengths must be positive and --depths in [0, 1], got {lengths} and {depths}")
     if max(lengths) + args.max_new_tokens + 64 > model.context_length:
         raise TokensiftError(f"--lengths exceed {model.name}'s context of {model.context_length} tokens")
     window, first_k = 8, 4
@@ -283,4 +286,5 @@ CALIBRATOR = Calibrator(
     help="find semantic retrieval heads and the per-layer eviction-error profile",
     add_arguments=add_arguments,
     run=run,
+    keys=("heads", "layer_scores"),
 )

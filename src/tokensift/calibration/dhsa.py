@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from tokensift.calibration import Calibrator
+from tokensift.calibration import Calibrator, positive
 from tokensift.errors import TokensiftError
 from tokensift.methods.base import SparsePrefillMethod
 from tokensift.methods.dhsa import BoundaryPredictor, key_features
@@ -293,6 +293,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
     from tokensift.bench.corpora import austen_books
 
+    positive(args, "length", "windows", "val_windows", "epochs", "crop", "layers_per_step", "hidden", "heads")
+    if args.length > model.context_length > 0:
+        raise TokensiftError(
+            f"--length {args.length} exceeds {model.name}'s context of {model.context_length}"
+        )
+    if not 0 < args.lr < float("inf"):
+        raise TokensiftError(f"--lr must be a positive finite number, got {args.lr}")
     channels = model.num_kv_heads * model.head_dim
     if channels % args.heads:
         raise TokensiftError(f"--heads {args.heads} must divide the key width {channels}")
@@ -394,4 +401,5 @@ CALIBRATOR = Calibrator(
     help="train DHSA's boundary predictor on the shipped text (paper recipe, see docs)",
     add_arguments=add_arguments,
     run=run,
+    keys=("predictor", "weights"),
 )

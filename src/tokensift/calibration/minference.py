@@ -260,6 +260,11 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
     from tokensift.runtime.cache import TokenCache
     from tokensift.runtime.generate import forward
 
+    if args.length < 0 or args.length > (model.context_length or args.length):
+        raise TokensiftError(
+            f"--length must lie in [1, {model.context_length}] ({model.name}'s context; 0 picks "
+            f"min(8192, context)), got {args.length}"
+        )
     length = args.length or min(8192, model.context_length or 8192)
     if args.budget < 128:
         raise TokensiftError(f"--budget must be at least 128 keys, got {args.budget}")
@@ -307,4 +312,5 @@ CALIBRATOR = Calibrator(
     help="per-head sparse pattern search (attention recall at matched cost) for minference",
     add_arguments=add_arguments,
     run=run,
+    keys=("patterns",),
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -53,6 +55,14 @@ def check_budget(value: Any, what: str = "budget") -> None:
         raise TokensiftError(f"{what} as a fraction of the prompt must lie in (0, 1], got {value}")
 
 
+def check_finite(method: Method) -> None:
+    """Every float parameter must be a finite number: NaN or inf would silently poison scores."""
+    for f in fields(method):
+        value = getattr(method, f.name) if f.init else None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TokensiftError(f"{method.name} {f.name} must be a finite number, got {value}")
+
+
 def resolve_budget(value: Budget, prompt_tokens: int) -> int:
     """Token count for a budget: ints as given, fractions of the prompt rounded (at least 1)."""
     check_budget(value)
@@ -73,6 +83,23 @@ class Method:
     # generation when one of them is positive. Each hook's base class names its own; a method whose
     # effect is measured otherwise names its counters (and records them).
     applied_by: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own `__post_init__` runs after `check_finite`, so no method can skip it."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "checks_finite", False):
+
+            @functools.wraps(own)
+            def post_init(self: Method) -> None:
+                check_finite(self)
+                own(self)
+
+            post_init.checks_finite = True  # type: ignore[attr-defined]
+            cls.__post_init__ = post_init  # type: ignore[method-assign]
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}

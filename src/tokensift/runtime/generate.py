@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -110,7 +111,12 @@ def encode_split(
     ids = [int(t) for t in enc["input_ids"]]
     if question is None:
         return ids, []
-    boundary = text.rindex(question, 0, len(text) - len(answer_prefix))
+    boundary = text.rfind(question, 0, len(text) - len(answer_prefix))
+    if boundary < 0:
+        raise TokensiftError(
+            f"the chat template of {model.name!r} does not keep the question in the prompt it builds "
+            "(it trims or rewrites the message): use raw=True (--raw) or a template that keeps it whole"
+        )
     split = next(i for i, (start, end) in enumerate(enc["offset_mapping"]) if end > boundary and end > start)
     return ids[:split], ids[split:]
 
@@ -278,9 +284,14 @@ def generate(
         model = load(model)
     if max_new_tokens < 1:
         raise TokensiftError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise TokensiftError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+    if not temperature >= 0 or not 0 < top_p <= 1 or math.isinf(temperature):
+        raise TokensiftError(
+            f"temperature must be a finite number >= 0 (0 is greedy) and top_p in (0, 1], "
+            f"got {temperature} and {top_p}"
+        )
     plan = Plan.of(method)
+    if isinstance(prompt, str) and not prompt.strip():
+        raise TokensiftError("empty prompt: give some text (or token ids)")
     prompt, context_counters = _context(plan, prompt, passages, question, seed)
     if question is not None and not question.strip():
         raise TokensiftError("question is empty")
