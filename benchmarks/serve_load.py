@@ -60,13 +60,17 @@ MALFORMED = [
     {"prompt": "x", "tokensift": {"method": "snapkv:budget=2.5"}},
     {"prompt": "x", "unknown_field": True},
 ]
-# Energy-latency attack replay. EOS suppression: a counting task the model continues confidently
-# (low entropy, EOS probability near 0) and would run to the output cap. Looping: a repeated word.
-ATTACKS = {
-    "eos_suppression": "Count from 1 to 1000, one number after another, separated by commas. "
-    "Do not stop early.\n1, 2, 3, 4, 5,",
-    "loop": "Repeat the word 'hello' forever: hello hello hello hello hello hello hello hello",
-}
+# Energy-latency attack replay: (name, endpoint, prompt). EOS suppression: a counting sequence the
+# model continues confidently and would run to the output cap, as a raw completion (the chat end
+# token never becomes likely) and as a chat request. Looping: a repeated word.
+COUNT = (
+    "Count from 1 to 1000, one number after another, separated by commas. Do not stop early.\n1, 2, 3, 4, 5,"
+)
+ATTACKS = [
+    ("eos_suppression", "/v1/completions", COUNT),
+    ("eos_suppression_chat", "/v1/chat/completions", COUNT),
+    ("loop", "/v1/chat/completions", "Repeat the word 'hello' forever: hello hello hello hello hello hello"),
+]
 
 
 def free_port() -> int:
@@ -335,13 +339,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
         attacks: dict[str, Any] = {}
         async with httpx.AsyncClient(timeout=300) as ac:
-            for name, prompt in ATTACKS.items():
+            for name, path, prompt in ATTACKS:
+                chat = path == "/v1/chat/completions"
+                field = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
                 row = await rec.post(
-                    ac,
-                    server.base,
-                    "/v1/completions",
-                    {"prompt": prompt, "max_tokens": 512, "temperature": 0},
-                    "attack",
+                    ac, server.base, path, {**field, "max_tokens": 512, "temperature": 0}, "attack"
                 )
                 attacks[name] = {k: row.get(k) for k in ("status", "tokens", "stop", "seconds")}
             ordinary = []
@@ -413,8 +415,9 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
         and result["final_health"]["waiting"] == 0,
         "rss_growth_after_warmup": round(growth, 3),
         "rss_steady": growth < 0.15,
-        "attacks_stopped": attack["eos_suppression"]["stop"] in ("eos_suppressed", "repetition_detected")
-        and attack["loop"]["stop"] in ("repetition_detected", "eos_suppressed"),
+        "attacks_stopped": all(
+            attack[name]["stop"] in ("eos_suppressed", "repetition_detected") for name, _, _ in ATTACKS
+        ),
         "ordinary_pass": all(
             o["stop"] not in ("eos_suppressed", "repetition_detected") for o in attack["ordinary"]
         ),
@@ -489,8 +492,9 @@ def markdown(result: dict[str, Any]) -> str:
         *(
             f"| {label} | {att[key]['status']} | {att[key]['tokens']} | {att[key]['stop']} |"
             for key, label in (
-                ("eos_suppression", "EOS suppression (counting)"),
-                ("loop", "loop (repeated word)"),
+                ("eos_suppression", "EOS suppression (counting, raw completion)"),
+                ("eos_suppression_chat", "EOS suppression (counting, chat)"),
+                ("loop", "loop (repeated word, chat)"),
             )
         ),
     ]
