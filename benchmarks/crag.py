@@ -40,6 +40,29 @@ def subset(passages: list[str], question: str, k: int, how: str, seed: int) -> l
     return [passages[i] for i in keep]
 
 
+def tokens_only(model, task, sample, method, chosen, condition, t0) -> dict[str, Any]:
+    """A row without generation: the prompt tokens the model would receive (accuracy not measured)."""
+    from tokensift.runtime.context import build_context
+    from tokensift.runtime.generate import encode_split
+    from tokensift.runtime.plan import Plan
+
+    text, counters = build_context(Plan.of(method), chosen, sample.meta["intro"], sample.question, 0)
+    ids, question_ids = encode_split(model, text, sample.question, answer_prefix=sample.answer_prefix)
+    return {
+        "items": sample.meta["items"],
+        "index": sample.index,
+        "condition": condition,
+        "answer": sample.answer,
+        "prediction": None,
+        "score": None,
+        "prompt_tokens": len(ids) + len(question_ids),
+        "passages_sent": int(counters["passages_kept"]),
+        "clusters": counters.get("crag_clusters"),
+        "selection_seconds": counters.get("context_seconds", 0.0),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     model = tokensift.load(args.model)
     rows = []
@@ -58,6 +81,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     how = "random" if condition == "random" else "similarity"
                     chosen = subset(passages, question, kept or len(passages), how, sample.index)
                 t0 = time.perf_counter()
+                if args.tokens_only:
+                    rows.append(tokens_only(model, task, sample, method, chosen, condition, t0))
+                    if condition == "crag":
+                        kept = rows[-1]["passages_sent"]
+                    continue
                 result = tokensift.generate(
                     model,
                     intro,
@@ -95,7 +123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "items": items,
                     "condition": condition,
                     "n": len(group),
-                    "accuracy": sum(r["score"] for r in group) / len(group),
+                    "accuracy": None if args.tokens_only else sum(r["score"] for r in group) / len(group),
                     "prompt_tokens": sum(r["prompt_tokens"] for r in group) / len(group),
                     "passages_sent": sum(r["passages_sent"] for r in group) / len(group),
                 }
@@ -120,6 +148,8 @@ def plot(result: dict[str, Any], docs: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(docs / "crag_tokens.png", dpi=120)
+    if any(s["accuracy"] is None for s in summary):
+        return  # --tokens-only: no accuracy to plot
     fig, ax = plt.subplots(figsize=(6, 4))
     for condition in CONDITIONS:
         pts = [s for s in summary if s["condition"] == condition]
@@ -145,7 +175,8 @@ def table(result: dict[str, Any]) -> str:
         cells = []
         for n in items:
             s = next(x for x in result["summary"] if x["items"] == n and x["condition"] == condition)
-            cells.append(f"{s['prompt_tokens']:.0f} / {s['accuracy']:.2f}")
+            accuracy = "-" if s["accuracy"] is None else f"{s['accuracy']:.2f}"
+            cells.append(f"{s['prompt_tokens']:.0f} / {accuracy}")
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -159,6 +190,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--table", action="store_true", help="print the README table of --out and exit")
+    parser.add_argument("--tokens-only", action="store_true", help="count prompt tokens, generate nothing")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
