@@ -224,3 +224,48 @@ def test_composes_with_every_method(name: str) -> None:
         assert any("without the bias" in n or "does not take a logit bias" in n for n in both.stats.notes)
     pairs = zip(both.logits or [], alone.logits or [], strict=False)
     assert any(not torch.equal(a, b) for a, b in pairs)  # the bias changed the computation
+
+
+# -- calibration ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["accuracy", "entropy"])
+def test_calibration_profiles_selects_and_sweeps(objective: str) -> None:
+    """On a tiny model with a character tokenizer: every profiled head has its effect, the sweep holds
+    the unmodified model at gamma 1, and the chosen gamma scores no worse than it on the split."""
+    import argparse
+
+    from tokensift.calibration.zerotuning import gamma_grid, run
+
+    from .test_crag import char_model
+
+    model = char_model()
+    args = argparse.Namespace(
+        task="sentiment", objective=objective, samples=3, layers="0-1", max_heads=2, rate_min=0.5,
+        rate_max=2.0, rate_step=0.5, seed=0, batch=5, chat=False,
+    )  # fmt: skip
+    out = run(model, args)
+    assert out["grid"] == gamma_grid(0.5, 2.0, 0.5) == [0.5, 1.0, 1.5, 2.0]
+    assert [len(r) for r in out["head_effects"]["2.0"][:2]] == [4, 4]
+    assert out["head_effects"]["2.0"][2:] == [None] * (model.num_layers - 2)
+    one = next(r for r in out["sweep"] if r["gamma"] == 1.0)
+    assert one["objective"] == out["baseline"]["objective"] and one["heads"] == 0
+    assert out["calibrated"]["objective"] >= out["baseline"]["objective"]
+    chosen = out["up_heads"] if out["gamma"] > 1 else out["down_heads"] if out["gamma"] < 1 else []
+    assert out["table"] == [[layer, head, out["gamma"]] for layer, head in chosen]
+    assert len(out["up_heads"]) <= 2 and len(out["down_heads"]) <= 2
+    # Batched rows give the same scores as one table at a time.
+    from tokensift.calibration.zerotuning import Prompts
+
+    prompts = Prompts(model, ["sentiment"], 3, 0, batch=2)
+    tables = [{}, {0: {1: 2.0}}, {1: {3: 0.5}}]
+    batched = prompts.score(tables, objective)
+    for table, expect in zip(tables, batched, strict=True):
+        assert prompts.score([table], objective)[0]["entropy"] == pytest.approx(expect["entropy"], abs=1e-5)
+
+
+def test_calibration_rejects_bad_grids() -> None:
+    from tokensift.calibration.zerotuning import gamma_grid
+
+    with pytest.raises(TokensiftError, match="rate_min"):
+        gamma_grid(0.0, 2.0, 0.5)
+    with pytest.raises(TokensiftError, match="rate_step"):
+        gamma_grid(1.0, 2.0, 0.0)

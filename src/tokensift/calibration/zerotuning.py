@@ -15,8 +15,10 @@ begins the gold label, ties broken by the mean log-probability of the gold label
 `entropy` (unsupervised; labels unused): minus the mean entropy, in nats, of the next-token
 distribution at the answer position.
 
-Each forward is one prefill of a short prompt through tokensift's runtime with the candidate
-per-head table (`zerotuning:gamma=<table>`), so the calibration measures exactly what the method runs.
+Prompts are raw text by default (no chat template), as the official evaluation feeds them; `--chat`
+wraps them in the model's template. Each forward is one prefill through tokensift's runtime with the
+candidate per-head bias, so the calibration measures what the method runs; the candidate tables of
+one prompt run as the rows of one batch.
 Only the `calibration` split of the tasks is used; benchmarks score the disjoint `test` split.
 """
 
@@ -49,7 +51,7 @@ def label_tokens(model: Model, label: str) -> set[int]:
     out = set()
     for variant in (label, label.capitalize(), " " + label, " " + label.capitalize()):
         ids = model.tokenizer.encode(variant, add_special_tokens=False)
-        if ids:
+        if ids and model.tokenizer.decode(ids[:1]).strip():  # a bare space names no label
             out.add(int(ids[0]))
     return out
 
@@ -57,7 +59,9 @@ def label_tokens(model: Model, label: str) -> set[int]:
 class Prompts:
     """The calibration prompts: token ids, gold first tokens; and a scorer for a per-head table."""
 
-    def __init__(self, model: Model, tasks: list[str], samples: int, seed: int, batch: int = 16):
+    def __init__(
+        self, model: Model, tasks: list[str], samples: int, seed: int, batch: int = 16, raw: bool = True
+    ):
         self.model = model
         self.batch = batch
         self.ids: list[list[int]] = []
@@ -71,7 +75,7 @@ class Prompts:
             if clash:
                 raise TokensiftError(f"{spec}: labels share a first token in {model.name}'s tokenizer")
             for sample in task.samples(lambda text, prefix: 0, 0, samples, seed):
-                self.ids.append(encode(model, sample.prompt, answer_prefix=sample.answer_prefix))
+                self.ids.append(encode(model, sample.prompt, raw=raw, answer_prefix=sample.answer_prefix))
                 self.gold.append(firsts[sample.answer])
         self.forwards = 0
 
@@ -156,6 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-step", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=16, help="head variants per batched forward")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap prompts in the chat template (default: raw, as the official code)",
+    )
 
 
 def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +177,7 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
     config = model.model.config.get_text_config(decoder=True)
     q_heads = int(config.num_attention_heads)
     layers = parse_layers(args.layers, model.num_layers)
-    prompts = Prompts(model, tasks, args.samples, args.seed, max(1, args.batch))
+    prompts = Prompts(model, tasks, args.samples, args.seed, max(1, args.batch), raw=not args.chat)
 
     baseline = prompts.score([{}], args.objective)[0]
     cells = [(gamma, layer, head) for gamma in PROFILE_GAMMAS for layer in layers for head in range(q_heads)]
@@ -206,6 +215,7 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
         "split": "calibration",
         "samples_per_task": args.samples,
         "seed": args.seed,
+        "chat_template": bool(args.chat),
         "layers_profiled": layers,
         "profile_gammas": list(PROFILE_GAMMAS),
         "baseline": baseline,
