@@ -8,6 +8,7 @@ template, so `--model DIR` goes through the real loading path (and is loaded onc
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -239,6 +240,11 @@ def test_generate_prompt_file_not_utf8(tmp_path: Path, capsys: pytest.CaptureFix
     path = tmp_path / "latin1.txt"
     path.write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
     cli_error(capsys, ["generate", "--prompt-file", str(path)], "is not UTF-8 text (byte 3)", "iconv")
+
+
+def test_generate_stdin_not_utf8(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ab\xffcd"), encoding="utf-8"))
+    cli_error(capsys, ["generate", "-"], "standard input is not UTF-8 text (byte 2)")
 
 
 def test_generate_empty_prompt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -190,7 +190,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"e.g. `iconv -f latin1 -t utf-8 {args.prompt_file}`"
             ) from None
     elif args.prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise TokensiftError(
+                f"standard input is not UTF-8 text (byte {exc.start}): convert it, e.g. with iconv"
+            ) from None
     elif args.prompt is not None:
         prompt = args.prompt
     elif args.passages_file is not None:
