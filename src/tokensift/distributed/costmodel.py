@@ -15,10 +15,11 @@ Compute time is pairs x 4 x head_dim x query heads / a compute rate (flop/s), me
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
-from tokensift.distributed.partition import rank_length, rank_positions, visible_rows
+from tokensift.distributed.partition import rank_positions
 
 
 @dataclass(frozen=True)
@@ -35,35 +36,49 @@ def _pairs(q_pos: torch.Tensor, k_pos: torch.Tensor) -> int:
     return int(torch.searchsorted(k_pos, q_pos, right=True).sum())
 
 
+@lru_cache(maxsize=64)
+def _step_rows(n: int, parts: int, schedule: str) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+    """Per step, per rank: (pairs computed, K/V rows sent, query rows sent, result rows sent)."""
+    pos = [rank_positions(n, parts, r) for r in range(parts)]
+    length = [len(p) for p in pos]
+    first = [[int(torch.searchsorted(pos[s], pos[d][0])) for d in range(parts)] for s in range(parts)]
+    steps = []
+    for s in range(parts):
+        row = []
+        for r in range(parts):
+            last = s == parts - 1
+            if schedule == "ring":
+                source = (r - s) % parts
+                row.append((_pairs(pos[r], pos[source]), 0 if last else length[source], 0, 0))
+            else:
+                source = (r + s) % parts
+                ahead = first[source][(r - 1) % parts]
+                row.append(
+                    (
+                        _pairs(pos[source][first[source][r] :], pos[r]),
+                        0,
+                        0 if last else length[source] - ahead,
+                        0 if s == 0 else length[source] - first[source][r],
+                    )
+                )
+        steps.append(tuple(row))
+    return tuple(steps)
+
+
 def step_costs(n: int, parts: int, shape: Shape, schedule: str) -> list[dict[str, list[int]]]:
     """Per step: each rank's causal pairs computed and bytes sent, by message stream."""
-    pos = [rank_positions(n, parts, r) for r in range(parts)]
     row_q = shape.q_heads * shape.head_dim * shape.dtype_bytes
     row_kv = 2 * shape.kv_heads * shape.head_dim * shape.dtype_bytes
     row_out = row_q + shape.q_heads * 4  # block_out in the model dtype + float32 lse
-    steps = []
-    for s in range(parts):
-        pairs, kv, q, out = [], [], [], []
-        for r in range(parts):
-            if schedule == "ring":
-                source = (r - s) % parts
-                pairs.append(_pairs(pos[r], pos[source]))
-                kv.append(rank_length(n, parts, source) * row_kv if s < parts - 1 else 0)
-                q.append(0)
-                out.append(0)
-            else:
-                source = (r + s) % parts
-                first = visible_rows(n, parts, source, r)
-                pairs.append(_pairs(pos[source][first:], pos[r]))
-                if s < parts - 1:
-                    ahead = visible_rows(n, parts, source, (r - 1) % parts)
-                    q.append((rank_length(n, parts, source) - ahead) * row_q)
-                else:
-                    q.append(0)
-                out.append(0 if s == 0 else (rank_length(n, parts, source) - first) * row_out)
-                kv.append(0)
-        steps.append({"pairs": pairs, "kv_bytes": kv, "q_bytes": q, "out_bytes": out})
-    return steps
+    return [
+        {
+            "pairs": [c[0] for c in step],
+            "kv_bytes": [c[1] * row_kv for c in step],
+            "q_bytes": [c[2] * row_q for c in step],
+            "out_bytes": [c[3] * row_out for c in step],
+        }
+        for step in _step_rows(n, parts, schedule)
+    ]
 
 
 def bytes_per_rank(n: int, parts: int, shape: Shape, schedule: str) -> list[int]:
