@@ -147,10 +147,11 @@ def measure(
     return results
 
 
-def project(n: int, cpu_flops: float) -> list[dict]:
+def project(n: int, cpu_flops: float | None) -> list[dict]:
     rows = []
+    rates = [("assumed GPU", GPU_FLOPS)] + ([("measured CPU", cpu_flops)] if cpu_flops else [])
     for shape_name, shape in PROJECTED_SHAPES.items():
-        for rate_name, rate in (("assumed GPU", GPU_FLOPS), ("measured CPU", cpu_flops)):
+        for rate_name, rate in rates:
             for bw_name, bw in BANDWIDTHS.items():
                 for schedule in ("ring", "tokenring"):
                     for parts in PROJECTED_RANKS:
@@ -216,6 +217,31 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write(args: argparse.Namespace, body: dict) -> None:
+    command = "python benchmarks/context_parallel.py " + (
+        "--project-only"
+        if args.project_only
+        else f"--model {args.model} --length {args.length} --parallel {args.parallel} "
+        f"--repeats {args.repeats}"
+    )
+    result = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "torch": torch.__version__,
+        **{k: v for k, v in body.items() if k != "projection_rows"},
+        "projection": {
+            "what": "tokensift.distributed.costmodel: per step max(compute, transfer); full mesh, duplex",
+            "prompt_tokens": args.project_length,
+            "assumed_gpu_flops_per_second": GPU_FLOPS,
+            "bandwidths": BANDWIDTHS,
+            "rows": body["projection_rows"],
+        },
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=tokensift.DEFAULT_MODEL)
@@ -226,7 +252,18 @@ def main() -> None:
     parser.add_argument("--project-length", type=int, default=131072)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/context_parallel.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs/context_parallel.png")
+    parser.add_argument(
+        "--project-only",
+        action="store_true",
+        help="skip the measurements: projection at the assumed rate only",
+    )
     args = parser.parse_args()
+    if args.project_only:
+        projected = [r for r in project(args.project_length, None) if r["compute_rate"] == "assumed GPU"]
+        write(args, {"measured": None, "projection_rows": projected})
+        plot(projected, args.plot)
+        print(f"wrote {args.out} and {args.plot}")
+        return
 
     model = tokensift.load(args.model)
     task = get_task("passkey")
@@ -256,27 +293,18 @@ def main() -> None:
     ]
     cpu_rate = statistics.median(rates)
     projected = project(args.project_length, cpu_rate)
-    result = {
-        "command": "python benchmarks/context_parallel.py "
-        + f"--model {args.model} --length {args.length} --parallel {args.parallel} --repeats {args.repeats}",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "torch": torch.__version__,
-        "model": model.name,
-        "dtype": str(model.dtype),
-        "prompt_tokens": len(ids),
-        "single_process_dense": baseline,
-        "measured": measured,
-        "measured_attention_flops_per_second": cpu_rate,
-        "projection": {
-            "what": "tokensift.distributed.costmodel: per step max(compute, transfer); full mesh, duplex",
-            "assumed_gpu_flops_per_second": GPU_FLOPS,
-            "bandwidths": BANDWIDTHS,
-            "rows": projected,
+    write(
+        args,
+        {
+            "model": model.name,
+            "dtype": str(model.dtype),
+            "prompt_tokens": len(ids),
+            "single_process_dense": baseline,
+            "measured": measured,
+            "measured_attention_flops_per_second": cpu_rate,
+            "projection_rows": projected,
         },
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    )
     plot(projected, args.plot)
     print(f"wrote {args.out} and {args.plot}")
 
