@@ -42,17 +42,22 @@ SETTINGS = {
 }
 
 
-def prompts(model: tokensift.Model, length: int, per_task: int) -> list[tuple[str, str, int]]:
+def prompts(
+    model: tokensift.Model, length: int, per_workload: int, per_task: int
+) -> list[tuple[str, str, int]]:
     count = token_counter(model)
     out: list[tuple[str, str, int]] = []
     for name, cls in WORKLOADS.items():
-        out += [(name, s.prompt, s.max_new_tokens) for s in cls().samples(count, length, per_task, seed=0)]
+        out += [
+            (name, s.prompt, s.max_new_tokens) for s in cls().samples(count, length, per_workload, seed=0)
+        ]
     out += [("open-ended", p, 512) for p in OPEN_ENDED_PROMPTS]
     for name in ("passkey", "niah_single", "niah_multivalue", "fwe"):
         task = get_task(name)
         depths = [0.5] if task.uses_depth else None
         out += [
-            (name, s.prompt, s.max_new_tokens) for s in task.samples(count, length, 7, seed=0, depths=depths)
+            (name, s.prompt, s.max_new_tokens)
+            for s in task.samples(count, length, per_task, seed=0, depths=depths)
         ]
     return out
 
@@ -121,8 +126,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--length", type=int, default=512, help="prompt tokens of the generated tasks")
-    ap.add_argument("--per-workload", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=384, help="cap on each prompt's output")
+    ap.add_argument("--per-workload", type=int, default=3)
+    ap.add_argument("--per-task", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=256, help="cap on each prompt's output")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_eos_guard")
     ap.add_argument("--replay", action="store_true", help="re-evaluate the guards on the saved traces only")
     args = ap.parse_args()
@@ -137,7 +143,7 @@ def main() -> None:
     else:
         model = tokensift.load(args.model)
         eos = sorted(eos_ids(model))
-        ordinary = prompts(model, args.length, args.per_workload)
+        ordinary = prompts(model, args.length, args.per_workload, args.per_task)
         rows = [run(model, n, p, min(m, args.max_tokens), eos) for n, p, m in ordinary]
         attacks = [run(model, n, p, 512, eos) for n, p in ATTACKS.items()]
         wall = round(time.monotonic() - t0, 1)
