@@ -51,6 +51,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print text and stats as JSON")
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="prefill the prompt in chunks of N tokens, the eviction method compressing after each "
+        "(peak KV near budget + N)",
+    )
+    p.add_argument(
         "--context-parallel",
         type=int,
         metavar="P",
@@ -107,6 +114,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--no-shared-prefill",
         action="store_true",
         help="run every method's own prefill even where it is exact dense attention (slower)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="prefill every prompt in chunks of N tokens, compressing after each (no shared prefill)",
     )
     p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -174,7 +187,7 @@ def _type_name(annotation: object) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tokensift.models import DEFAULT_MODEL, load
-    from tokensift.runtime.generate import generate
+    from tokensift.runtime.generate import check_prefill_chunk, generate
     from tokensift.runtime.plan import Plan
 
     if args.prompt_file is not None:
@@ -211,6 +224,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compression_ratio is not None:
         spec = with_compression_ratio(spec, args.compression_ratio)
     plan = Plan.of(spec)  # parse before loading the model: bad specs fail fast
+    check_prefill_chunk(args.prefill_chunk)
+    chunking = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk is not None else {}
+    if chunking and args.context_parallel is not None:
+        raise TokensiftError("--prefill-chunk and --context-parallel cannot be combined")
     run: typing.Any = generate
     if args.context_parallel is not None:  # every torchrun rank runs this; rank 0 prints
         from tokensift.distributed.generate import runner_from_args
@@ -229,6 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raw=args.raw,
         question=args.question,
         **({"passages": passages} if passages is not None else {}),
+        **chunking,
     )
     if result is None:
         return 0
@@ -345,6 +363,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.protocol = args.protocol
     if args.no_shared_prefill:
         config.share_prefill = False
+    if args.prefill_chunk is not None:
+        config.prefill_chunk = args.prefill_chunk
     if args.dtype:
         config.dtype = args.dtype
     rows = []

@@ -34,9 +34,11 @@ class BenchConfig:
     protocol: str = "query-aware"
     share_prefill: bool = True
     dtype: str = "float32"
+    prefill_chunk: int | None = None  # chunked prefill (then no shared prefill: it is one forward)
 
     def validate(self) -> None:
         from tokensift.bench.tasks import get_task
+        from tokensift.runtime.generate import check_prefill_chunk
         from tokensift.runtime.plan import Plan
 
         if not self.tasks or not self.methods or not self.lengths:
@@ -48,6 +50,7 @@ class BenchConfig:
         if self.protocol not in (*PROTOCOLS, "both"):
             raise TokensiftError(f"unknown protocol {self.protocol!r}: use {', '.join(PROTOCOLS)} or both")
         _dtype(self.dtype)
+        check_prefill_chunk(self.prefill_chunk)
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:
             raise TokensiftError(f"depths must lie in [0, 1], got {bad}")

@@ -19,6 +19,7 @@ def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
         *(row.get(f) for f in KEY_FIELDS),
         row.get("protocol") or "query-aware",
         row.get("dtype") or "float32",
+        row.get("prefill_chunk") or 0,
     )
 
 

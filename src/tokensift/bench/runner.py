@@ -218,7 +218,8 @@ def run_cell(
     window on a short prompt) fails that row only: recorded as an error row, never retried.
     """
     task, sample = cell.task, cell.sample
-    sharing = config.share_prefill and task.generative
+    # A shared prefill is one unchunked forward: chunked runs prefill every plan on its own.
+    sharing = config.share_prefill and task.generative and not config.prefill_chunk
     users = [label for label in cell.labels if sharing and shareable(plans[label])]
     shared: SharedPrefill | None = None
     for label in cell.labels:
@@ -229,7 +230,8 @@ def run_cell(
                 ids = encode_split(model, text, question, answer_prefix=sample.answer_prefix)[0]
                 shared = SharedPrefill.run(model, ids)
             use = shared if label in users and len(users) > 1 else None
-            result = task.evaluate(model, plans[label], sample, config.protocol, use)
+            chunk = {"prefill_chunk": config.prefill_chunk} if config.prefill_chunk else {}
+            result = task.evaluate(model, plans[label], sample, config.protocol, use, **chunk)
         except TokensiftError as exc:
             result = {"prediction": "", "score": None, "error": str(exc)}
         yield _row(model, config, cell, label, plans[label], result, time.perf_counter() - t0)
@@ -250,7 +252,10 @@ def _row(
         "task": cell.task.name,
         "metric": cell.task.metric,
         # Reports group by this label, so the protocol shows wherever the method does.
-        "method": label if config.protocol == "query-aware" else f"{label} [query-agnostic]",
+        "method": label
+        + ("" if config.protocol == "query-aware" else " [query-agnostic]")
+        + (f" [prefill-chunk {config.prefill_chunk}]" if config.prefill_chunk else ""),
+        "prefill_chunk": config.prefill_chunk or 0,
         "method_spec": plan.spec,
         "protocol": config.protocol,
         "dtype": str(model.dtype).removeprefix("torch."),

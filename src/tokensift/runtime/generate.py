@@ -44,6 +44,7 @@ class GenerationStats:
     stop_reason: str
     notes: list[str] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
+    prefill_chunk: int = 0  # tokens per prefill chunk; 0: the prompt in one forward
 
     @property
     def kv_ratio(self) -> float:
@@ -84,7 +85,7 @@ def encode(model: Model, prompt: Prompt, *, raw: bool = False, answer_prefix: st
 
 
 def encode_split(
-    model: Model, prompt: Prompt, question: str | None, *, raw: bool = False, answer_prefix: str = ""
+    model: Model, prompt: Prompt, question: Prompt | None, *, raw: bool = False, answer_prefix: str = ""
 ) -> tuple[list[int], list[int]]:
     """(context ids, question ids) of `join_question(prompt, question)`, split where the question starts.
 
@@ -92,9 +93,14 @@ def encode_split(
     to exactly the ids of the joined prompt. Without a question everything is context.
     """
     if not isinstance(prompt, str):
-        if answer_prefix or question:
-            raise TokensiftError("answer_prefix and question need a text prompt")
-        return [int(t) for t in prompt], []
+        if answer_prefix or isinstance(question, str):
+            raise TokensiftError(
+                "answer_prefix and a text question need a text prompt (with token ids, pass the "
+                "question's token ids too)"
+            )
+        return [int(t) for t in prompt], [int(t) for t in question or ()]
+    if question is not None and not isinstance(question, str):
+        raise TokensiftError("a question given as token ids needs a prompt given as token ids")
     tok = model.tokenizer
     if tok is None:
         raise TokensiftError(f"model {model.name!r} has no tokenizer: pass token ids")
@@ -249,6 +255,35 @@ def decode_plain(decoding: Decoding, logits: torch.Tensor) -> None:
         logits = decoding.forward([token], last_only=True)[-1]
 
 
+def check_prefill_chunk(chunk: int | None, shared: SharedPrefill | None = None) -> None:
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise TokensiftError(f"prefill_chunk must be a positive number of tokens, got {chunk!r}")
+    if shared is not None:
+        raise TokensiftError("a shared prefill is one unchunked forward: it cannot serve prefill_chunk")
+
+
+def prefill_chunked(decoding: Decoding, ids: Sequence[int], chunk: int) -> torch.Tensor:
+    """Prefill `ids` in forwards of at most `chunk` tokens; the last token's logits.
+
+    Each forward appends its chunk at its true positions and attends to what the cache holds (the
+    past as the method left it, compressed) plus itself; the eviction method then compresses as after
+    any multi-token forward, so the cache peaks near budget + chunk instead of the whole prompt.
+    One-shot window scorers (SnapKV, CompressKV, PyramidKV) thus score every chunk with that chunk's
+    own last-window queries, a different method from one-shot compression of the whole prompt (as
+    kvpress's chunk wrappers are); accumulating scorers (H2O, Keyformer) accumulate across chunks.
+    The first chunk takes the remainder, so the last chunk, whose window scores the final
+    compression, is a full `chunk` tokens. Budgets stay fractions of the whole prompt.
+    """
+    first = len(ids) % chunk or chunk
+    for start in [0, *range(first, len(ids), chunk)]:
+        end = first if start == 0 else start + chunk
+        logits = decoding.forward(ids[start:end], last_only=True)[-1]
+        decoding.cache.count("prefill_chunks")
+    return logits
+
+
 def generate(
     model: Model | str,
     prompt: Prompt | None = None,
@@ -263,22 +298,26 @@ def generate(
     answer_prefix: str = "",
     return_logits: bool = False,
     ignore_eos: bool = False,
-    question: str | None = None,
+    question: Prompt | None = None,
     shared: SharedPrefill | None = None,
     on_token: Callable[[Decoding, int, torch.Tensor | None], str | None] | None = None,
     passages: Sequence[str] | None = None,
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
     With `question`, `prompt` is a context that is prefilled and compressed on its own; the question
     (and answer prefix) is appended afterwards without eviction, so window-based scorers cannot see
-    it (the query-agnostic protocol). Fractional budgets are then fractions of the context.
+    it (the query-agnostic protocol). Fractional budgets are then fractions of the context. A prompt
+    given as token ids takes its question as token ids (already templated by the caller).
     `ignore_eos` keeps decoding to `max_new_tokens` (for speed measurements). `shared` is a prefill
     of the same prompt run once for several plans (see `shared_prefill`); its time is counted in
     `prefill_seconds`, plus this plan's own compression. `on_token` sees every committed token
     and may end the generation by returning a stop reason (see `Decoding.on_token`). `passages`
     (many short texts) make the context: the plan's context method (CRAG) keeps some of them before
-    tokenization, and `prompt`, if given, is an instruction put before them.
+    tokenization, and `prompt`, if given, is an instruction put before them. `prefill_chunk` prefills
+    the prompt (the context, with `question`) in chunks of that many tokens, the eviction method
+    compressing after each (see `prefill_chunked`).
     """
     if isinstance(model, str):
         model = load(model)
@@ -290,15 +329,16 @@ def generate(
             f"got {temperature} and {top_p}"
         )
     plan = Plan.of(method)
+    prompt, context_counters = _context(plan, prompt, passages, question, seed)
     if isinstance(prompt, str) and not prompt.strip():
         raise TokensiftError("empty prompt: give some text (or token ids)")
-    prompt, context_counters = _context(plan, prompt, passages, question, seed)
-    if question is not None and not question.strip():
+    if question is not None and not (question.strip() if isinstance(question, str) else len(question)):
         raise TokensiftError("question is empty")
     ids, question_ids = encode_split(model, prompt, question, raw=raw, answer_prefix=answer_prefix)
     if not ids:
         raise TokensiftError("empty prompt")
     check_context(model, len(ids) + len(question_ids), max_new_tokens)
+    check_prefill_chunk(prefill_chunk, shared)
 
     with torch.inference_mode():
         cache = TokenCache(model, plan, prompt_tokens=len(ids))
@@ -325,6 +365,8 @@ def generate(
                 raise TokensiftError(f"a shared prefill cannot serve {cache.plan.spec} on this prompt")
             logits = shared.fill(cache)
             t0 -= shared.seconds
+        elif prefill_chunk:
+            logits = prefill_chunked(decoding, ids, prefill_chunk)
         else:
             logits = decoding.forward(ids, last_only=True)[-1]
         if question_ids:
@@ -356,6 +398,7 @@ def generate(
         decode_seconds,
         decoding.stop_reason,
     )
+    stats.prefill_chunk = prefill_chunk or 0
     return Generation(
         text=text, token_ids=new, stats=stats, logits=decoding.step_logits if return_logits else None
     )

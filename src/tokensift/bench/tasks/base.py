@@ -110,6 +110,7 @@ class Task(ABC):
         sample: Sample,
         protocol: str = "query-aware",
         shared: SharedPrefill | None = None,
+        prefill_chunk: int | None = None,
     ) -> dict[str, Any]:
         """Run one sample under a plan: generate and score by default. Returns the result row fields.
 
@@ -128,6 +129,7 @@ class Task(ABC):
             answer_prefix=sample.answer_prefix,
             question=question,
             shared=shared,
+            prefill_chunk=prefill_chunk,
         )
         return {
             "prediction": result.text,
