@@ -36,9 +36,16 @@ ATTACKS = {
     "loop": "Repeat the word 'hello' forever: hello hello hello hello hello hello hello hello",
 }
 DEFAULTS = ServeConfig()
+D = {
+    "after": DEFAULTS.eos_guard_after,
+    "window": DEFAULTS.eos_guard_window,
+    "entropy": DEFAULTS.eos_guard_entropy,
+}
 SETTINGS = {
-    "default": {"after": DEFAULTS.eos_guard_after, "window": DEFAULTS.eos_guard_window},
-    "strict (after 32, window 32)": {"after": 32, "window": 32},
+    "default": D,
+    "strict (after 32, window 32)": {**D, "after": 32, "window": 32},
+    "repetitive only (entropy criterion off)": {**D, "entropy": 0.0},
+    "low-entropy threshold 0.1 nats": {**D, "entropy": 0.1},
 }
 
 
@@ -62,14 +69,16 @@ def prompts(
     return out
 
 
-def replay(trace: list[tuple[float, float]], tokens: list[int], eos: list[int], **setting: int) -> int | None:
+def replay(
+    trace: list[tuple[float, float]], tokens: list[int], eos: list[int], **setting: float
+) -> int | None:
     """The step at which the EOS guard would stop this generation, or None."""
     guard = EosGuard(
         eos,
-        after=setting["after"],
-        window=setting["window"],
+        after=int(setting["after"]),
+        window=int(setting["window"]),
         floor=DEFAULTS.eos_guard_floor,
-        entropy=DEFAULTS.eos_guard_entropy,
+        entropy=setting["entropy"],
         distinct=DEFAULTS.eos_guard_distinct,
     )
     for i, (p_eos, entropy) in enumerate(trace):
@@ -163,7 +172,7 @@ def main() -> None:
         ),
         "model": args.model,
         "guard_defaults": {
-            k: getattr(DEFAULTS, k) for k in DEFAULTS.option_names() if k.startswith(("eos_", "rep"))
+            k: getattr(DEFAULTS, k) for k in DEFAULTS.option_names() if k.startswith(("eos_", "repetition_"))
         },
         "settings": SETTINGS,
         "summary": summary,
