@@ -39,12 +39,10 @@ def bootstrap(values: list[float], resamples: int = 2000, seed: int = 0) -> list
     return [means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]]
 
 
-def classify(model: tokensift.Model, plan: Plan, samples: list, task) -> list[float]:
+def classify(model: tokensift.Model, plan: Plan, samples: list, task, new_tokens: int) -> list[float]:
     out = []
     for sample in samples:
-        result = tokensift.generate(
-            model, sample.prompt, plan, max_new_tokens=sample.max_new_tokens, raw=True
-        )
+        result = tokensift.generate(model, sample.prompt, plan, max_new_tokens=new_tokens, raw=True)
         out.append(task.score(sample, result.text))
     return out
 
@@ -67,7 +65,9 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for task_name in args.tasks:
         task = get_task(f"{task_name}:split=test")
         samples = task.samples(lambda a, b: 0, 0, args.n, seed=args.seed)
-        scores = {label: classify(model, plan, samples, task) for label, plan in plans.items()}
+        scores = {
+            label: classify(model, plan, samples, task, args.new_tokens) for label, plan in plans.items()
+        }
         dense = scores["dense"]
         entry = {"n": len(samples), "chance": 1 / len(task.labels)}
         for label, values in scores.items():
@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--tasks", default="sentiment,topic")
     parser.add_argument("--n", type=int, default=40, help="test samples per task")
     parser.add_argument("--fixed", nargs="*", default=[], help="uncalibrated specs to add")
+    parser.add_argument(
+        "--new-tokens", type=int, default=2, help="tokens generated (the first word is scored)"
+    )
     parser.add_argument("--retrieval-length", type=int, default=1024)
     parser.add_argument("--retrieval-n", type=int, default=5)
     parser.add_argument("--ppl-length", type=int, default=1024)
