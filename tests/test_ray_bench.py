@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from tokensift.bench.results import read_rows, row_key
 from tokensift.bench.runner import BenchConfig, run_bench
 
 ray = pytest.importorskip("ray")
-from tokensift.bench.ray_executor import WORKER_PREFIX, RayOptions, run_bench_ray  # noqa: E402
+from tests.ray_faults import kill_busy_workers  # noqa: E402
+from tokensift.bench.ray_executor import RayOptions, run_bench_ray  # noqa: E402
 
 # Fields that measure time (and the executor stamp): everything else must match exactly.
 VARYING = {"wall_seconds", "prefill_seconds", "decode_seconds", "decode_tokens_per_second", "executor"}
@@ -93,37 +93,14 @@ def test_ray_rows_equal_local_rows(ray_instance, model_dir: Path, local_rows, tm
     # Rerunning adds nothing and starts no cell.
     again = run_bench_ray(_config(model_dir), tmp_path, RayOptions(workers=1), progress=False)
     assert len(again) == len(rows) and len(read_rows(tmp_path / "results.jsonl")) == len(rows)
-
-
-def _kill_busy_workers(finished: threading.Event, killed: list[dict[str, Any]]) -> None:
-    """Kill the first bench worker seen running a cell with ray.kill, then the next one seen running
-    a cell with SIGKILL to its process."""
-    deadline = time.monotonic() + 300
-    while len(killed) < 2 and time.monotonic() < deadline and not finished.is_set():
-        for name in ray.util.list_named_actors():
-            if not name.startswith(WORKER_PREFIX) or any(k["name"] == name for k in killed):
-                continue
-            try:
-                handle = ray.get_actor(name)
-                info = ray.get(handle.info.remote(), timeout=2)
-            except (ray.exceptions.RayError, ValueError):
-                continue
-            if info["cell"] is None:
-                continue
-            if not killed:
-                ray.kill(handle)
-            else:
-                os.kill(info["pid"], signal.SIGKILL)
-            killed.append({**info, "name": name})
-            break
-        time.sleep(0.01)
+    assert "outcome" not in json.loads((tmp_path / "meta.json").read_text())["runs"][-1]
 
 
 def test_workers_killed_mid_cell(ray_instance, model_dir: Path, local_rows, tmp_path: Path) -> None:
     """One worker ends by ray.kill, another by SIGKILL, each while running a cell: their cells run
     again on fresh workers, and the results hold every row exactly once, as a local run has them."""
     finished, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_busy_workers, args=(finished, killed))
+    killer = threading.Thread(target=kill_busy_workers, args=(finished, killed))
     killer.start()
     try:
         run_bench_ray(_config(model_dir), tmp_path, RayOptions(workers=2), progress=False)

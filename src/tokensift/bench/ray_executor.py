@@ -132,7 +132,7 @@ class _Worker:
         return f"{self.info.get('node', '?')}:{self.info.get('pid', '?')}"
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> bool:
+def connect(address: str | None) -> bool:
     """Join Ray, or start a local instance when `address` is None; True when this call started or
     joined it (the caller then shuts it down). An already initialised Ray is used as it is."""
     if ray.is_initialized():
@@ -145,7 +145,7 @@ def connect(address: str | None, num_cpus: int | None = None) -> bool:
             raise TokensiftError(f"cannot join Ray at {address!r}: {exc}") from exc
     else:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **quiet)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
     return True
 
 
@@ -193,7 +193,7 @@ def run_bench_ray(
             return run.rows
         threads = max(1, int(options.cpus_per_worker))
         pool = _Pool(config, model_factory, min(workers, len(run.cells)), options, threads, gpu_each)
-        outcome = _drive(run, pool, options, progress)
+        outcome = _Driver(run, pool, options, progress).drive()
         _finish_meta(out, outcome)
         return run.rows
     finally:
@@ -248,100 +248,117 @@ class _Pool:
         self.workers.clear()
 
 
-def _drive(run: BenchRun, pool: _Pool, options: RayOptions, progress: bool) -> dict[str, Any]:
-    """Hand cells to ready workers, write what comes back, requeue the cells of dead workers."""
-    queue = deque((cell, 1) for cell in run.cells)
-    starting = {w.ready: w for w in pool.workers}
-    running: dict[Any, tuple[_Worker, Cell, int]] = {}
-    idle: list[_Worker] = []
-    retries: list[dict[str, Any]] = []
-    failed_cells = start_failures = written = 0
-    before = len(run.rows)
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(run.cells), desc="ray bench", unit="cell", disable=not progress, dynamic_ncols=True)
+class _Driver:
+    """Hands cells to ready workers, writes what comes back, and requeues the cells of dead workers."""
 
-    shown = [""]
+    def __init__(self, run: BenchRun, pool: _Pool, options: RayOptions, progress: bool) -> None:
+        self.run, self.pool, self.options = run, pool, options
+        self.queue = deque((cell, 1) for cell in run.cells)
+        self.starting = {w.ready: w for w in pool.workers}
+        self.running: dict[Any, tuple[_Worker, Cell, int, float]] = {}
+        self.idle: list[_Worker] = []
+        self.retries: list[dict[str, Any]] = []
+        self.failed_cells = self.start_failures = self.written = 0
+        self.ready_at: list[float] = []  # seconds from the start until each worker could take cells
+        self.round_trip = self.compute = 0.0  # per finished cell: submit -> rows back; rows' own time
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(
+            total=len(run.cells), desc="ray bench", unit="cell", disable=not progress, dynamic_ncols=True
+        )
+        self.shown = ""
 
-    def status() -> None:
-        rate = written / max(time.perf_counter() - t0, 1e-9)
-        alive = len(idle) + len(running)
-        extra = f", retries {len(retries)}" if retries else ""
-        text = f"{rate:.2f} rows/s, workers {alive}/{len(pool.workers)}{extra}"
-        if text != shown[0]:
-            shown[0] = text
-            bar.set_postfix_str(text)
+    def drive(self) -> dict[str, Any]:
+        before = len(self.run.rows)
+        while self.queue or self.running:
+            while self.idle and self.queue:
+                worker = self.idle.pop()
+                cell, attempt = self.queue.popleft()
+                self.running[worker.handle.run.remote(cell)] = (worker, cell, attempt, time.perf_counter())
+            ready, _ = ray.wait([*self.running, *self.starting], num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self.starting:
+                    self.started(ref)
+                else:
+                    self.finished(ref)
+            self.status()
+            if not (self.running or self.starting or self.idle) and self.queue:
+                raise TokensiftError("no Ray worker is left to run the remaining cells")
+        self.bar.close()
+        _canonical_order(self.run, before)
+        cells = len(self.run.cells)
+        return {
+            "cells": cells,
+            "rows_written": self.written,
+            "retries": self.retries,
+            "failed_cells": self.failed_cells,
+            "workers_started": self.pool.started,
+            "worker_ready_seconds": self.ready_at,
+            "seconds": time.perf_counter() - self.t0,
+            "cell_round_trip_seconds": self.round_trip,
+            "cell_compute_seconds": self.compute,
+        }
 
-    while queue or running:
-        while idle and queue:
-            worker = idle.pop()
-            cell, attempt = queue.popleft()
-            running[worker.handle.run.remote(cell)] = (worker, cell, attempt)
-        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
-        for ref in ready:
-            if ref in starting:
-                worker = starting.pop(ref)
-                try:
-                    worker.info = ray.get(ref)
-                except ray_errors.RayError as exc:
-                    start_failures += 1
-                    if start_failures >= options.max_start_failures:
-                        raise TokensiftError(
-                            f"{start_failures} Ray workers in a row failed to start: {_cause(exc)}"
-                        ) from None
-                    fresh = pool.replace(worker)
-                    starting[fresh.ready] = fresh
-                    continue
-                start_failures = 0
-                idle.append(worker)
-                continue
-            worker, cell, attempt = running.pop(ref)
-            try:
-                rows = ray.get(ref)
-            except LOST as exc:
-                event = {
-                    "cell": cell.describe(),
-                    "order": cell.order,
-                    "attempt": attempt,
-                    "worker": worker.label,
-                    "error": _cause(exc),
-                }
-                retries.append(event)
-                tqdm.write(
-                    f"worker {worker.label} lost running {cell.describe()} (attempt {attempt}): {_cause(exc)}"
-                )
-                fresh = pool.replace(worker)
-                starting[fresh.ready] = fresh
-                if attempt <= options.max_retries:
-                    queue.appendleft((cell, attempt + 1))
-                    continue
-                failed_cells += 1
-                message = f"the Ray worker running this cell died {attempt} times; last: {_cause(exc)}"
-                rows = run.error_rows(cell, message)
-            else:
-                idle.append(worker)
-            expected = {run.key(cell, label) for label in cell.labels}
-            got = {row_key(row) for row in rows}
-            if got != expected:
+    def started(self, ref: Any) -> None:
+        worker = self.starting.pop(ref)
+        try:
+            worker.info = ray.get(ref)
+        except ray_errors.RayError as exc:
+            self.start_failures += 1
+            if self.start_failures >= self.options.max_start_failures:
                 raise TokensiftError(
-                    f"a Ray worker returned rows for another grid ({sorted(got - expected)[:1]}): "
-                    "do the workers load the driver's model and dtype?"
-                )
-            stamp = {"name": "ray", "attempt": attempt, "worker": worker.label}
-            written += sum(run.record(row, stamp) for row in rows)
-            bar.update()
-        status()
-        if not (running or starting or idle) and queue:
-            raise TokensiftError("no Ray worker is left to run the remaining cells")
-    bar.close()
-    _canonical_order(run, before)
-    return {
-        "cells": len(run.cells),
-        "rows_written": written,
-        "retries": retries,
-        "failed_cells": failed_cells,
-        "workers_started": pool.started,
-        "seconds": time.perf_counter() - t0,
-    }
+                    f"{self.start_failures} Ray workers in a row failed to start: {_cause(exc)}"
+                ) from None
+            self.replace(worker)
+            return
+        self.start_failures = 0
+        self.ready_at.append(time.perf_counter() - self.t0)
+        self.idle.append(worker)
+
+    def finished(self, ref: Any) -> None:
+        worker, cell, attempt, submitted = self.running.pop(ref)
+        try:
+            rows = ray.get(ref)
+        except LOST as exc:
+            # The worker went away (killed, OOM, node lost): the cell is not at fault, run it again.
+            event = {"cell": cell.describe(), "order": cell.order, "attempt": attempt, "worker": worker.label}
+            self.retries.append({**event, "error": _cause(exc)})
+            tqdm.write(
+                f"worker {worker.label} lost running {cell.describe()} (attempt {attempt}): {_cause(exc)}"
+            )
+            self.replace(worker)
+            if attempt <= self.options.max_retries:
+                self.queue.appendleft((cell, attempt + 1))
+                return
+            self.failed_cells += 1
+            message = f"the Ray worker running this cell died {attempt} times; last: {_cause(exc)}"
+            rows = self.run.error_rows(cell, message)
+        else:
+            self.idle.append(worker)
+            self.round_trip += time.perf_counter() - submitted
+            self.compute += sum(row["wall_seconds"] for row in rows)
+        expected = {self.run.key(cell, label) for label in cell.labels}
+        got = {row_key(row) for row in rows}
+        if got != expected:
+            raise TokensiftError(
+                f"a Ray worker returned rows for another grid ({sorted(got - expected)[:1]}): "
+                "do the workers load the driver's model and dtype?"
+            )
+        stamp = {"name": "ray", "attempt": attempt, "worker": worker.label}
+        self.written += sum(self.run.record(row, stamp) for row in rows)
+        self.bar.update()
+
+    def replace(self, worker: _Worker) -> None:
+        fresh = self.pool.replace(worker)
+        self.starting[fresh.ready] = fresh
+
+    def status(self) -> None:
+        rate = self.written / max(time.perf_counter() - self.t0, 1e-9)
+        alive = len(self.idle) + len(self.running)
+        extra = f", retries {len(self.retries)}" if self.retries else ""
+        text = f"{rate:.2f} rows/s, workers {alive}/{len(self.pool.workers)}{extra}"
+        if text != self.shown:
+            self.shown = text
+            self.bar.set_postfix_str(text)
 
 
 def _canonical_order(run: BenchRun, before: int) -> None:

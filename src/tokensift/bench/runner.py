@@ -119,28 +119,12 @@ class BenchRun:
         return self.out / "results.jsonl"
 
     @property
-    def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
-
-    @property
     def pending(self) -> int:
         return sum(len(cell.labels) for cell in self.cells)
 
     def key(self, cell: Cell, label: str) -> tuple[Any, ...]:
-        s = cell.sample
-        spec = self.plans[label].spec
-        c = self.config
-        return (
-            self.model.name,
-            cell.task.name,
-            spec,
-            s.length,
-            s.depth,
-            s.index,
-            c.seed,
-            c.protocol,
-            self.dtype,
-        )
+        """The results key (`row_key`) of the row that `label` on this cell writes."""
+        return row_key(_row(self.model, self.config, cell, label, self.plans[label], {}, 0.0))
 
     def record(self, row: dict[str, Any], executor: dict[str, Any]) -> bool:
         """Append one row stamped with its executor; False (and nothing written) if its key is done."""
