@@ -284,6 +284,18 @@ def test_tidaldecode_defaults_follow_model_depth() -> None:
         TidalDecode(budget=8, correction_layer=9).layer_roles(4)
 
 
+def test_tidaldecode_default_layer_roles_follow_the_paper() -> None:
+    """Dense layers 0-1, selection at 2, one re-selection in the middle, every other layer sparse."""
+    model = tiny_model("qwen2", layers=8)
+    out = tokensift.generate(model, prompt_ids(80), "tidaldecode:budget=16", max_new_tokens=4)
+    c = out.stats.counters
+    steps = c["decode_layer_steps"] / 8
+    assert steps == 3 and TidalDecode(budget=16).layer_roles(8) == (2, 3)
+    assert c["selections_computed"] == 2 * steps
+    assert c["sparse_layer_steps"] == (8 - 4) * steps  # layers 4-7
+    assert c["tokens_attended"] == steps * (4 * (80 + 2) + 4 * 16)  # 4 full layers at the mean length
+
+
 def test_tidaldecode_layer_to_layer_mask_persistence(monkeypatch: pytest.MonkeyPatch) -> None:
     """methods.md 5(f)(2): 4 layers, selection at layer 1, re-selection at 3."""
     model = tiny_model("llama", layers=4)
@@ -301,15 +313,69 @@ def test_tidaldecode_layer_to_layer_mask_persistence(monkeypatch: pytest.MonkeyP
         model.model(torch.tensor([prompt_ids(60)]), cache=cache, use_cache=True)
         model.model(torch.tensor([[5]]), cache=cache, use_cache=True)
     assert sorted(seen) == [1, 3]
-    for index in (1, 3):  # each selection layer records the true top-k of its own logits, per query head
-        query, keys, recorded = seen[index]
+    for index in (1, 3):  # each selection layer records the top-k of its own logits per query head,
+        query, keys, recorded = seen[index]  # the current token (recent=1, as the kernel) always in it
         logits = query @ keys.repeat_interleave(2, 1).transpose(-1, -2)
+        logits[..., -1] = float("inf")
         expected = logits[:, :, 0].topk(6, dim=-1).indices.sort(-1).values
         assert torch.equal(recorded.sort(-1).values, expected)
     support = cache.layers[2].extra["tidaldecode_support"]
     assert torch.equal(support, seen[1][2])  # layer 2 attends exactly to layer 1's top-k
     assert not torch.equal(seen[3][2].sort(-1).values, seen[1][2].sort(-1).values)  # layer 3 re-selects
     assert cache.counters["sparse_layer_steps"] == 1 and cache.counters["selections_computed"] == 2
+
+
+def selection_layers(spec: str, n: int = 40, kind: str = "qwen2"):
+    """A 3-layer tiny model's cache (selection at layer 0, sparse layers 1 and 2) holding n random
+    tokens in every layer, its method, and random decode queries (4 query heads, 2 KV heads)."""
+    model = tiny_model(kind, layers=3)
+    cache = tokensift.TokenCache(
+        model.model, f"{spec},sparse_layer_start=0,correction_layer=2", prompt_tokens=n
+    )
+    g = torch.Generator().manual_seed(3)
+    for layer in cache.layers:
+        layer.update(torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g))
+    return cache, cache.plan.select, torch.randn(1, 4, 1, 16, generator=g)
+
+
+@pytest.mark.parametrize("heads", ["query", "kv", "shared"])
+def test_tidaldecode_always_attends_sinks_and_recent_tokens(heads: str) -> None:
+    n = 40
+    cache, method, q = selection_layers(f"tidaldecode:budget=12,sinks=3,recent=5,head_selection={heads}", n)
+    first, sparse = cache.layers[0], cache.layers[1]
+    method.decode_attention(first, q, first.k, first.v, 0.25)
+    method.decode_attention(sparse, q, sparse.k, sparse.v, 0.25)
+    support = sparse.extra["tidaldecode_support"]
+    assert support.shape == (1, 4 if heads == "query" else 2, 12)  # per query head or per KV head
+    for row in support[0].tolist():
+        assert {0, 1, 2, n - 5, n - 4, n - 3, n - 2, n - 1} <= set(row) and len(set(row)) == 12
+    if heads == "shared":
+        assert torch.equal(support[0, 0], support[0, 1])  # one selection for every head
+
+
+@pytest.mark.parametrize("heads", ["query", "kv", "shared"])
+def test_tidaldecode_gqa_mapping_and_scores(heads: str) -> None:
+    """Query head h reads KV head h // rep (transformers' repeat_kv); the selection ranks the exact
+    logits per query head, by the group's maximum logit per KV head, or by the heads' summed
+    probabilities; the sparse layer's output is exact attention over the recorded slots only."""
+    cache, method, q = selection_layers(f"tidaldecode:budget=10,recent=0,head_selection={heads}")
+    first, sparse = cache.layers[0], cache.layers[1]
+    method.decode_attention(first, q, first.k, first.v, 0.25)
+    recorded = cache.shared["tidaldecode"][1]
+    logits = (q @ first.k.repeat_interleave(2, 1).transpose(-1, -2))[:, :, 0] * 0.25  # (1, 4, n)
+    if heads == "query":
+        score = logits
+    elif heads == "kv":
+        score = logits.view(1, 2, 2, -1).amax(2)
+    else:
+        score = logits.softmax(-1).sum(1, keepdim=True).expand(1, 2, -1)
+    assert torch.equal(recorded.sort(-1).values, score.topk(10, dim=-1).indices.sort(-1).values)
+    q2 = torch.randn(1, 4, 1, 16)
+    out = method.decode_attention(sparse, q2, sparse.k, sparse.v, 0.25)
+    torch.testing.assert_close(
+        out, eager_subset(q2, sparse.k, sparse.v, 0.25, recorded), atol=1e-6, rtol=1e-5
+    )
+    assert cache.counters["tokens_attended"] == first.n + 10
 
 
 def test_tidaldecode_maps_positions_after_eviction() -> None:
@@ -479,6 +545,8 @@ def test_hf_generate_interop() -> None:
         ("quest:budget=1.5", "fraction of the prompt"),
         ("tokenselect:similarity_threshold=2", "cosine"),
         ("tidaldecode:sparse_layer_start=3,correction_layer=2", "must come after"),
+        ("tidaldecode:sinks=-1", "sinks must be an int >= 0"),
+        ("tidaldecode:head_selection=layer", "must be one of query, kv, shared"),
         ("hip:block_size_k=0", "block_size_k must be >= 1"),
         ("h2o+quest", "cannot run with sparse attention"),
     ],
@@ -495,6 +563,7 @@ def test_bad_specs_are_one_line_errors(spec: str, match: str) -> None:
         (Quest(budget=20, page_size=16), "at least two pages"),
         (TokenSelect(budget=10, n_init=4, n_local=6), "leaves no top-k"),
         (HiP(budget=100, sinks=4, window=128), "leaves no key block"),
+        (TidalDecode(budget=8, sinks=4, recent=4), "leaves no top-k"),
     ],
 )
 def test_budgets_too_small_for_the_method(method: tokensift.Method, match: str) -> None:
