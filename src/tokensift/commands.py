@@ -107,8 +107,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        help="model weights and activations (default float32; the ruler-lite suite uses bfloat16)",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="model weights and activations (default float32; the ruler-lite and leaderboard suites use "
+        "auto: bfloat16 where a short cached probe finds it faster on this CPU, else float32)",
     )
     p.add_argument(
         "--no-shared-prefill",

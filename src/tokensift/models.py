@@ -182,12 +182,16 @@ def wrap(model: Any, tokenizer: Any | None = None, name: str | None = None) -> M
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":  # bf16 where a short measured probe (cached) finds it faster, else fp32
+        from tokensift.dtype_probe import cpu_default_dtype
+
+        dtype = cpu_default_dtype()
     try:
         value = getattr(torch, dtype)
     except AttributeError:
         value = None
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise TokensiftError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        raise TokensiftError(f"unknown dtype {dtype!r}: use float32, bfloat16, float16 or auto")
     return value
 
 

@@ -49,7 +49,8 @@ class BenchConfig:
             raise TokensiftError(f"depth_samples must be >= 1, got {self.depth_samples}")
         if self.protocol not in (*PROTOCOLS, "both"):
             raise TokensiftError(f"unknown protocol {self.protocol!r}: use {', '.join(PROTOCOLS)} or both")
-        _dtype(self.dtype)
+        if self.dtype != "auto":  # auto is resolved (probed) when the model loads
+            _dtype(self.dtype)
         check_prefill_chunk(self.prefill_chunk)
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:

@@ -55,9 +55,10 @@ SUITES: dict[str, BenchConfig] = {
         depths=list(TEN_DEPTHS),
         depth_samples=1,
         suite="ruler-lite",
-        # bf16 halves prefill time on CPUs with AVX512-BF16/AMX (and GPUs), which keeps the suite under
-        # 30 minutes on 2 cores; --dtype float32 overrides it.
-        dtype="bfloat16",
+        # bf16 halved prefill time on the AMD EPYC this was tuned on but is slower than fp32 on some
+        # Intel Xeons with avx512_bf16: "auto" measures it once per machine (tokensift.dtype_probe).
+        # --dtype float32 or bfloat16 overrides it.
+        dtype="auto",
     ),
     # kvpress's leaderboard protocol on a model that retrieves: every offline RULER task at 4k, ten
     # samples (ten depths for the needle tasks), every eviction method at the four ratios, both
@@ -72,7 +73,7 @@ SUITES: dict[str, BenchConfig] = {
         depth_samples=1,
         suite="leaderboard",
         protocol="both",
-        dtype="bfloat16",
+        dtype="auto",
     ),
     # The leaderboard's second table: sparse decoding keeps the whole cache and attends, per decode
     # step, to the same fractions of the prompt that the evictors keep (1 - ratio).
@@ -92,7 +93,7 @@ SUITES: dict[str, BenchConfig] = {
         depths=list(TEN_DEPTHS),
         depth_samples=1,
         suite="leaderboard-sparse",
-        dtype="bfloat16",
+        dtype="auto",
     ),
     # Every task family at 1k, 2k and 4k under the four baseline methods. Hours on 2 CPU cores.
     "full": BenchConfig(

@@ -1,0 +1,67 @@
+"""`dtype="auto"`: a short measured probe chooses bfloat16 or float32 per machine, cached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokensift import dtype_probe
+from tokensift.bench.config import BenchConfig
+from tokensift.bench.suites import get_suite
+from tokensift.models import _dtype
+
+
+def test_probe_measures_both_dtypes_and_chooses_by_the_margin() -> None:
+    result = dtype_probe.probe(repeats=1, tokens=16, hidden=64, inner=128)
+    fp32, bf16 = result["seconds"]["float32"], result["seconds"]["bfloat16"]
+    assert fp32 > 0 and bf16 > 0
+    assert result["dtype"] == ("bfloat16" if bf16 <= dtype_probe.MARGIN * fp32 else "float32")
+
+
+def fake_probe(choice: str, calls: list[int]):
+    def run() -> dict:
+        calls.append(1)
+        return {
+            "seconds": {"float32": 1.0, "bfloat16": 0.5 if choice == "bfloat16" else 2.0},
+            "dtype": choice,
+        }
+
+    return run
+
+
+def test_result_is_cached_per_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, calls = tmp_path / "probe.json", []
+    monkeypatch.setattr(dtype_probe, "probe", fake_probe("bfloat16", calls))
+    assert dtype_probe.cpu_default_dtype(cache) == "bfloat16"
+    assert dtype_probe.cpu_default_dtype(cache) == "bfloat16"
+    assert len(calls) == 1  # the second call reads the cache
+    assert json.loads(cache.read_text())[dtype_probe.machine_key()]["dtype"] == "bfloat16"
+    # Another machine configuration (threads are part of the key) probes again.
+    monkeypatch.setattr(dtype_probe, "machine_key", lambda: "other cpu")
+    monkeypatch.setattr(dtype_probe, "probe", fake_probe("float32", calls))
+    assert dtype_probe.cpu_default_dtype(cache) == "float32" and len(calls) == 2
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_corrupt_cache_is_probed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, calls = tmp_path / "probe.json", []
+    cache.write_text("{not json")
+    monkeypatch.setattr(dtype_probe, "probe", fake_probe("float32", calls))
+    assert dtype_probe.cpu_default_dtype(cache) == "float32" and calls == [1]
+    cache.write_text(json.dumps({dtype_probe.machine_key(): {"dtype": "int8"}}))
+    assert dtype_probe.cpu_default_dtype(cache) == "float32" and calls == [1, 1]
+
+
+def test_auto_resolves_when_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENSIFT_CACHE", str(tmp_path))
+    calls: list[int] = []
+    monkeypatch.setattr(dtype_probe, "probe", fake_probe("bfloat16", calls))
+    assert _dtype("auto") is torch.bfloat16
+    assert (tmp_path / "dtype_probe.json").exists()
+    # Validating a config does not probe; the suites that used to force bf16 now measure.
+    BenchConfig(tasks=["passkey"], methods=["dense"], lengths=[256], dtype="auto").validate()
+    assert calls == [1]
+    assert get_suite("ruler-lite").dtype == "auto"
