@@ -89,3 +89,7 @@ def cpu_default_dtype(cache: Path | None = None) -> str:
         except OSError:
             pass  # an unwritable cache only means probing again next time
     return entry["dtype"]
+
+
+if __name__ == "__main__":  # python -m tokensift.dtype_probe: this machine's probe, as JSON
+    print(json.dumps({"machine": machine_key(), **probe()}, indent=1))

@@ -1,0 +1,258 @@
+"""Chunked prefill with on-the-fly eviction: peak memory and accuracy against one-shot compression.
+
+On one long retrieval prompt set (chat-templated token ids, the format of kvpress_side_by_side.py):
+
+  peak: process peak RSS above the loaded model for dense, one-shot SnapKV, chunked SnapKV and
+        (in its own venv) kvpress 0.5.5's SnapKVPress at the same ratio. Each runs in a fresh
+        subprocess on prompt 0: the model is loaded, VmHWM is reset to the current RSS through
+        /proc/self/clear_refs, one generation runs, and VmHWM minus the loaded RSS is the figure.
+  accuracy: one-shot vs chunked SnapKV on every prompt (RULER string match), in one process.
+
+SnapKV uses kvpress's defaults (window 64, kernel 5, avg pooling) on both sides, query-aware (the
+question is part of the compressed prompt). Chunked SnapKV scores each chunk with that chunk's own
+last-window queries: a different method from one-shot SnapKV, which is what the accuracy column
+measures.
+
+  .venv/bin/python benchmarks/chunked_prefill.py --length 8192 --samples 5 \\
+      --out benchmarks/results/chunked_prefill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SNAPKV = "snapkv:window_size=64,kernel_size=5,pooling=avg,budget={b}"
+KVPRESS_VENV = HERE.parent / ".venv-kvpress" / "bin" / "python"
+
+
+def side_by_side() -> Any:
+    """benchmarks/kvpress_side_by_side.py as a module (stdlib-only at import: both venvs load it)."""
+    spec = importlib.util.spec_from_file_location("kvpress_side_by_side", HERE / "kvpress_side_by_side.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tokensift(prompt: dict[str, Any], mode: str, budget: float, chunk: int, dtype: str) -> dict:
+    import tokensift
+    from tokensift.models import load
+
+    sbs = side_by_side()
+    model = load(prompt["model"], dtype=dtype)
+    tokensift.generate(model, prompt["context_ids"][:8], "dense", max_new_tokens=1)  # warm, as kvpress's
+    loaded = sbs.rss_mib("VmRSS")
+    sbs.reset_peak_rss()
+    out = tokensift.generate(
+        model,
+        prompt["context_ids"] + prompt["question_ids"],
+        "dense" if mode == "dense" else SNAPKV.format(b=budget),
+        max_new_tokens=prompt["max_new_tokens"],
+        prefill_chunk=chunk if mode == "chunked" else None,
+    )
+    s = out.stats
+    return {
+        "loaded_rss_mib": loaded,
+        "peak_rss_mib": sbs.rss_mib("VmHWM"),
+        "prediction": out.text,
+        "score": sbs.score(out.text, prompt["answers"]),
+        "prefill_seconds": s.prefill_seconds,
+        "kv_bytes_peak": s.kv_bytes_peak,
+        "kv_bytes_final": s.kv_bytes_final,
+        "kv_bytes_dense": s.kv_bytes_dense,
+        "prefill_chunks": s.counters.get("prefill_chunks", 0),
+        "method": s.method,
+    }
+
+
+def run_kvpress(prompt: dict[str, Any], budget: float, dtype: str) -> dict:
+    sbs = side_by_side()
+    model_dir = prompt["model_dir"]
+    # Load first (the side-by-side runner caches it), then measure one generation from a reset peak.
+    sbs.run_kvpress(
+        {
+            **prompt,
+            "context_ids": prompt["context_ids"][:8],
+            "question_ids": prompt["context_ids"][8:9],
+            "max_new_tokens": 1,
+            "model_dir": model_dir,
+        },
+        "dense",
+        0.0,
+        "query-aware",
+        dtype,
+    )
+    loaded = sbs.rss_mib("VmRSS")
+    sbs.reset_peak_rss()
+    result = sbs.run_kvpress(prompt, "snapkv", round(1 - budget, 6), "query-aware", dtype)
+    return {
+        "loaded_rss_mib": loaded,
+        "peak_rss_mib": sbs.rss_mib("VmHWM"),
+        "score": sbs.score(result["prediction"], prompt["answers"]),
+        **result,
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    prompt = side_by_side().read_prompts(args.prompts)[args.index]
+    if args.mode == "kvpress":
+        row = run_kvpress(prompt, args.budget, args.dtype)
+    else:
+        row = run_tokensift(prompt, args.mode, args.budget, args.chunk, args.dtype)
+    print("ROW " + json.dumps(row))
+
+
+def spawn(python: Path | str, label: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One fresh process for one mode; `chunked@N` is chunked prefill with chunks of N tokens."""
+    mode, _, chunk = label.partition("@")
+    chunk = chunk or str(args.chunk)
+    cmd = [
+        str(python),
+        __file__,
+        "child",
+        "--mode",
+        mode,
+        "--prompts",
+        str(args.prompts_file),
+        "--budget",
+        str(args.budget),
+        "--chunk",
+        chunk,
+        "--dtype",
+        args.dtype,
+    ]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    if done.returncode or not rows:
+        return {"mode": label, "error": (done.stderr or done.stdout).strip().splitlines()[-3:]}
+    row = json.loads(rows[-1])
+    row["mode"] = label
+    row["chunk"] = int(chunk) if mode == "chunked" else 0
+    row["above_model_mib"] = row["peak_rss_mib"] - row["loaded_rss_mib"]
+    row["wall_seconds"] = time.perf_counter() - t0
+    print(f"{label}: peak above model {row['above_model_mib']:.0f} MiB, score {row['score']}", flush=True)
+    return row
+
+
+def accuracy(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) -> None:
+    """One-shot and chunked SnapKV on each prompt in turn, saved after each prompt."""
+    import tokensift
+    from tokensift.models import load
+
+    sbs = side_by_side()
+    prompts = sbs.read_prompts(args.prompts_file)[: args.accuracy_prompts]
+    model = load(prompts[0]["model"], dtype=args.dtype)
+    start = time.perf_counter()
+    for prompt in prompts:
+        if time.perf_counter() - start > args.accuracy_seconds:
+            print(f"accuracy: stopped after {len(rows) // 2} prompts (--accuracy-seconds)", flush=True)
+            break
+        for mode in ("oneshot", "chunked"):
+            out = tokensift.generate(
+                model,
+                prompt["context_ids"] + prompt["question_ids"],
+                SNAPKV.format(b=args.budget),
+                max_new_tokens=prompt["max_new_tokens"],
+                prefill_chunk=args.chunk if mode == "chunked" else None,
+            )
+            rows.append(
+                {
+                    "prompt": prompt["prompt"],
+                    "task": prompt["task"],
+                    "mode": mode,
+                    "tokens": len(prompt["context_ids"]) + len(prompt["question_ids"]),
+                    "score": sbs.score(out.text, prompt["answers"]),
+                    "prediction": out.text,
+                    "answers": prompt["answers"],
+                    "prefill_seconds": out.stats.prefill_seconds,
+                }
+            )
+            print(f"#{prompt['prompt']} {mode}: {rows[-1]['score']}", flush=True)
+        save()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    sub = p.add_subparsers(dest="step")
+    c = sub.add_parser("child")
+    c.add_argument("--mode", choices=["dense", "oneshot", "chunked", "kvpress"], required=True)
+    c.add_argument("--prompts", type=Path, required=True)
+    c.add_argument("--index", type=int, default=0)
+    c.add_argument("--budget", type=float, required=True)
+    c.add_argument("--chunk", type=int, required=True)
+    c.add_argument("--dtype", default="float32")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--tasks", default="niah_single_1,niah_single_2")
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--samples", type=int, default=5, help="per task")
+    p.add_argument("--accuracy-prompts", type=int, default=10)
+    p.add_argument("--accuracy-seconds", type=float, default=600, help="start no prompt after this")
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--modes", default="dense,oneshot,chunked,kvpress")
+    p.add_argument("--prompts-file", type=Path, default=Path("runs/chunked_prefill/prompts.jsonl"))
+    p.add_argument("--out", type=Path, default=HERE / "results" / "chunked_prefill.json")
+    args = p.parse_args()
+    if args.step == "child":
+        child(args)
+        return
+    if not args.prompts_file.exists():
+        sbs = side_by_side()
+        sbs.make_prompts(
+            argparse.Namespace(
+                model=args.model,
+                tasks=args.tasks,
+                length=args.length,
+                samples=args.samples,
+                seed=2026,
+                out=args.prompts_file,
+            )
+        )
+    ratio = round(1 - args.budget, 6)
+    result: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "model": args.model,
+        "length": args.length,
+        "budget": args.budget,
+        "chunk": args.chunk,
+        "dtype": args.dtype,
+        "snapkv": SNAPKV.format(b=args.budget),
+        "kvpress": f"SnapKVPress(compression_ratio={ratio}, window_size=64, kernel_size=5)",
+        "peak": [],
+        "accuracy": [],
+    }
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    for mode in args.modes.split(","):
+        python = KVPRESS_VENV if mode == "kvpress" else sys.executable
+        result["peak"].append(spawn(python, mode, args))
+        save()
+    if args.accuracy_prompts > 0:
+
+        def save_accuracy() -> None:
+            for mode in ("oneshot", "chunked"):
+                scores = [r["score"] for r in result["accuracy"] if r["mode"] == mode]
+                result[f"accuracy_{mode}"] = {"n": len(scores), "mean": sum(scores) / max(1, len(scores))}
+            save()
+
+        accuracy(args, result["accuracy"], save_accuracy)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
