@@ -1,7 +1,7 @@
 """Context parallelism on this machine (measured) and at scale (projected by a communication model).
 
     flock /tmp/tokensift-heavy.lock .venv/bin/python benchmarks/context_parallel.py \
-        [--model smollm2-135m] [--length 2048] [--parallel 1,2,4] [--repeats 2]
+        [--model smollm2-135m | random-gqa] [--length 2048] [--parallel 1,2,4] [--repeats 2]
 
 Measured, per P and schedule, with P gloo processes on this machine (torch.multiprocessing, loopback):
 prefill seconds (slowest rank), point-to-point bytes each rank sent (counted) next to the model's
@@ -49,6 +49,27 @@ PROJECTED_SHAPES = {
 }
 
 
+RANDOM_MODEL = "random-gqa"  # built in code: 4 layers, 8 query / 2 KV heads of 32, seeded
+
+
+def load_model(name: str) -> tokensift.Model:
+    if name != RANDOM_MODEL:
+        return tokensift.load(name)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+    )
+    return tokensift.wrap(LlamaForCausalLM(config), name=RANDOM_MODEL)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,7 +80,7 @@ def worker(rank: int, world: int, port: int, config: dict, out: str) -> None:
     torch.set_num_threads(max(1, 2 // world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
-    model = tokensift.load(config["model"])
+    model = load_model(config["model"])
     rows = []
     for schedule in config["schedules"]:
         generate_context_parallel(
@@ -265,10 +286,13 @@ def main() -> None:
         print(f"wrote {args.out} and {args.plot}")
         return
 
-    model = tokensift.load(args.model)
-    task = get_task("passkey")
-    prompt = task.samples(token_counter(model), args.length, 1, seed=0, depths=[0.5])[0].prompt
-    ids = encode(model, prompt)
+    model = load_model(args.model)
+    if args.model == RANDOM_MODEL:
+        ids = torch.randint(3, 4096, (args.length,), generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        task = get_task("passkey")
+        prompt = task.samples(token_counter(model), args.length, 1, seed=0, depths=[0.5])[0].prompt
+        ids = encode(model, prompt)
     torch.set_num_threads(2)
     tokensift.generate(model, ids[:256], max_new_tokens=1)  # warm-up
     dense = [tokensift.generate(model, ids, max_new_tokens=1).stats for _ in range(args.repeats)]
