@@ -257,8 +257,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(result.text)
     s = result.stats
     print(
-        f"[{s.method}] prompt {s.prompt_tokens} tok, {s.new_tokens} new; prefill {s.prefill_seconds:.2f}s, "
-        f"decode {s.decode_tokens_per_second:.1f} tok/s; KV held {s.kv_bytes_peak / 2**20:.1f} MiB "
+        f"[{s.method}] prompt {s.prompt_tokens} tok, {s.new_tokens} new; prefill {s.prefill_seconds:.2f}s"
+        + (
+            f" in {s.counters.get('prefill_chunks', 0):g} chunks of {s.prefill_chunk}"
+            if s.prefill_chunk
+            else ""
+        )
+        + f", decode {s.decode_tokens_per_second:.1f} tok/s; KV held {s.kv_bytes_peak / 2**20:.1f} MiB "
         f"= {s.kv_ratio:.2f} of dense",
         file=sys.stderr,
     )
