@@ -36,6 +36,15 @@ class SuffixDecoding(LoopMethod):
     model accepted) and skipped when no prefix beats a plain step; `verify_cost=0` verifies every
     draft, as the paper does.
 
+    With `tree=true` the draft is a token tree (the paper's speculation tree): from the match, the
+    likeliest continuations by the tree's frequency counts, best first, at most `max_branches`
+    children per node. All its nodes are verified in one forward with a tree attention mask (each
+    node sees its ancestors, at the position after them), the longest path the model accepts is
+    committed and the cache keeps only that path's keys and values. Greedy output stays the model's
+    own; sampling tries a node's children one by one with the rejection rule, which keeps the
+    target distribution. Plans whose attention takes no tree mask (sparse decode, re-positioned or
+    per-head caches) verify the tree's likeliest path instead, with a note.
+
     Based on Oliaro, Jia, Campos, Qiao, "SuffixDecoding: Extreme Speculative Decoding for Emerging
     AI Applications", NeurIPS 2025 (reference: snowflakedb/ArcticInference).
 
@@ -55,6 +64,11 @@ class SuffixDecoding(LoopMethod):
         Extra cost of a multi-token verification forward, in one-token forwards (measured on one
         CPU core: ~0.7 for smollm2-135m, ~1.0 for the Qwen2.5-Coder models; 0 on a GPU, where the
         paper verifies every draft).
+    tree:
+        Draft and verify token trees instead of single paths (default off: tree vs single path
+        has not been measured on a real model yet, and a wider forward is not free on a CPU).
+    max_branches:
+        Most children per tree node (0: no limit); only with `tree`.
     """
 
     name = "suffix_decoding"
@@ -70,6 +84,8 @@ class SuffixDecoding(LoopMethod):
     min_token_prob: float = 0.1
     max_cached_requests: int = 1000
     verify_cost: float = 1.0
+    tree: bool = False
+    max_branches: int = 4
 
     def __post_init__(self) -> None:
         if self.max_depth < 2:
@@ -84,6 +100,8 @@ class SuffixDecoding(LoopMethod):
             )
         if self.verify_cost < 0:
             raise TokensiftError(f"suffix_decoding verify_cost must be >= 0, got {self.verify_cost}")
+        if self.max_branches < 0:
+            raise TokensiftError(f"suffix_decoding max_branches must be >= 0, got {self.max_branches}")
         if self.max_cached_requests < -1:
             raise TokensiftError(
                 "suffix_decoding max_cached_requests must be -1 (no limit) or >= 0, "
@@ -100,6 +118,8 @@ class SuffixDecoding(LoopMethod):
             self.max_spec_offset,
             self.min_token_prob,
             self.verify_cost,
+            self.tree,
+            self.max_branches,
         )
         try:
             draft_loop(decoding, logits, drafter, self.name)

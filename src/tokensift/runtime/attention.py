@@ -18,7 +18,13 @@ from transformers.masking_utils import AttentionMaskInterface
 from tokensift.errors import TokensiftError
 from tokensift.runtime import block_sparse
 from tokensift.runtime.cache import PENDING, TokenLayer
-from tokensift.runtime.scores import KeyBias, attention_with_colsums, dense_attention, key_bias
+from tokensift.runtime.scores import (
+    ACTIVE_TREE,
+    KeyBias,
+    attention_with_colsums,
+    dense_attention,
+    key_bias,
+)
 
 NAME = "tokensift"
 
@@ -50,10 +56,18 @@ def tokensift_attention(
     else:
         if layer.cache.observer is not None:
             layer.cache.observer(module, layer, query, key, value, scale)
+        tree = ACTIVE_TREE.get()
+        if tree is not None:
+            tree.used = False
         with key_bias(bias_columns(layer, query)) as bias:
             out = run_layer(layer, query, key, value, scale)
         if bias is not None:
             record_bias(layer, bias)
+        if tree is not None and query.shape[2] > 1 and not tree.used:
+            raise TokensiftError(
+                "a tree-masked forward reached an attention kernel that takes no tree mask "
+                "(sparse or per-head layers): verify drafts as paths with this plan"
+            )
     return out.transpose(1, 2).contiguous(), None
 
 

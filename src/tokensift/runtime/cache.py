@@ -102,6 +102,24 @@ class TokenLayer(CacheLayerMixin):
         self.seen -= drop
         self.version += 1
 
+    def keep_recent(self, rows: list[int], added: int) -> None:
+        """Of the last `added` appended tokens keep only `rows` (increasing), moved down to follow the
+        older tokens in order, as if only they had been appended (tree verification's rollback: the
+        accepted path). Positions stay those of the first len(rows) appended slots."""
+        if not self.is_initialized or added == 0:
+            return
+        base = self.n - added
+        if rows != list(range(len(rows))):
+            assert self.keys is not None and self.values is not None
+            src = torch.tensor(rows, device=self.keys.device) + base
+            dst = slice(base, base + len(rows))
+            self.keys[:, :, dst] = self.keys[:, :, src]
+            self.values[:, :, dst] = self.values[:, :, src]
+            for t in self.states.values():
+                t[:, :, dst] = t[:, :, src]
+        self.crop(-(added - len(rows)))
+        self.version += 1
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise TokensiftError("beam search is not supported with a TokenCache; use greedy or sampling")
 
@@ -318,6 +336,11 @@ class TokenCache(Cache):
     @property
     def evicted(self) -> int:
         return sum(layer.evicted for layer in self.layers)
+
+    def keep_recent(self, rows: list[int], added: int) -> None:
+        """Keep only `rows` of the last `added` tokens in every layer (see `TokenLayer.keep_recent`)."""
+        for layer in self.layers:
+            layer.keep_recent(rows, added)
 
     def replace_layer(self, layer: Any) -> None:
         """Swap in a differently stored layer (e.g. ragged heads) holding the same tokens."""

@@ -17,6 +17,7 @@ from tokensift.methods.base import Method
 from tokensift.models import Model, load
 from tokensift.runtime.cache import TokenCache
 from tokensift.runtime.plan import Plan
+from tokensift.runtime.scores import tree_mask
 from tokensift.runtime.shared_prefill import SharedPrefill, shareable
 
 Prompt = str | Sequence[int]
@@ -143,14 +144,33 @@ def _cache_kwarg(hf_model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def forward(model: Model, ids: torch.Tensor, cache: TokenCache, last_only: bool = True) -> torch.Tensor:
-    """One forward of `ids` (1, L) appended to the cache at the positions the cache says come next."""
+def forward(
+    model: Model,
+    ids: torch.Tensor,
+    cache: TokenCache,
+    last_only: bool = True,
+    visible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One forward of `ids` (1, L) appended to the cache at the positions the cache says come next.
+
+    `visible` (L, L) bool makes it a tree forward: token i sees the new tokens j with visible[i, j]
+    (its ancestors and itself) and takes the position after its ancestors (next + depth).
+    """
     start = cache.next_position
-    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    if visible is None:
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+    else:
+        visible = visible.to(device=ids.device, dtype=torch.bool)
+        positions = (start - 1 + visible.sum(-1)).unsqueeze(0)
     kwargs = {_cache_kwarg(model.model): cache}
-    out = model.model(
-        input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1 if last_only else 0, **kwargs
-    )
+    with tree_mask(visible):
+        out = model.model(
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+            **kwargs,
+        )
     return out.logits
 
 
@@ -218,9 +238,13 @@ class Decoding:
     def sample(self, logits: torch.Tensor) -> int:
         return sample(logits, self.temperature, self.top_p, self.generator)
 
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> torch.Tensor:
-        """Logits (len(ids), vocab) or (1, vocab) for tokens appended to the cache."""
-        return forward(self.model, torch.tensor([list(ids)], device=self.device), self.cache, last_only)[0]
+    def forward(
+        self, ids: Sequence[int], last_only: bool = False, visible: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (len(ids), vocab) or (1, vocab) for tokens appended to the cache (a tree of them
+        with `visible`, see `forward`)."""
+        ids_t = torch.tensor([list(ids)], device=self.device)
+        return forward(self.model, ids_t, self.cache, last_only, visible)[0]
 
     def accept(self, token: int, logits: torch.Tensor | None = None) -> bool:
         """Commit one generated token; returns True when generation must stop after it."""

@@ -58,6 +58,52 @@ def active_bias(n_keys: int, q_heads: int) -> torch.Tensor | None:
     return None if bias is None else bias.take(n_keys, q_heads)
 
 
+class TreeMask:
+    """Which of a multi-token forward's own tokens each of its queries sees: (L, L) bool, row i
+    seeing new token j (tree verification: a node sees its ancestors and itself; a plain forward is
+    the lower triangle). Keys already cached are visible to every query. Set around a whole model
+    forward (`tree_mask`); the exact kernels below apply it and mark it `used` per layer, and the
+    runtime refuses a layer whose kernel did not (a tree forward must never run as a causal one).
+    """
+
+    def __init__(self, visible: torch.Tensor):
+        self.visible = visible
+        self.used = False
+
+    def take(self, length: int) -> torch.Tensor | None:
+        if self.visible.shape[-1] != length:
+            return None
+        self.used = True
+        return self.visible
+
+
+ACTIVE_TREE: ContextVar[TreeMask | None] = ContextVar("tokensift_tree_mask", default=None)
+
+
+@contextmanager
+def tree_mask(visible: torch.Tensor | None) -> Iterator[TreeMask | None]:
+    """Make `visible` (L, L) bool the new-token visibility of the forward run inside the block."""
+    mask = None if visible is None else TreeMask(visible)
+    token = ACTIVE_TREE.set(mask)
+    try:
+        yield mask
+    finally:
+        ACTIVE_TREE.reset(token)
+
+
+def active_tree(length: int) -> torch.Tensor | None:
+    mask = ACTIVE_TREE.get()
+    return None if mask is None or length == 1 else mask.take(length)
+
+
+def _visible_block(tree: torch.Tensor, first: int, last: int, offset: int, visible: int) -> torch.Tensor:
+    """Bool mask (last - first, visible) for queries first..last-1 of a tree forward: every cached key,
+    then the new tokens the tree lets each query see."""
+    rows = last - first
+    past = torch.ones(rows, offset, dtype=torch.bool, device=tree.device)
+    return torch.cat([past, tree[first:last, : visible - offset]], dim=1)
+
+
 def group_mean(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """Reduce per-query-head scores (B, H_q, ...) to per-KV-head scores (B, H_kv, ...) by the group mean."""
     b, hq = x.shape[:2]
@@ -116,13 +162,17 @@ def attention_with_colsums(
     bias = active_bias(n, hq)
     if bias is not None:
         bias = bias.float().reshape(b, kv_heads, hq // kv_heads, 1, n)
+    tree = active_tree(length)
     for s in range(0, length, step):
         e = min(length, s + step)
         visible = offset + e
         logits = torch.matmul(qg[..., s:e, :], kt[..., :visible]).float().mul_(scale)
         if bias is not None:
             logits += bias[..., :visible]
-        _mask_causal_block(logits, s, offset)
+        if tree is not None:
+            logits.masked_fill_(~_visible_block(tree, s, e, offset, visible), float("-inf"))
+        else:
+            _mask_causal_block(logits, s, offset)
         probs = torch.softmax(logits, dim=-1)
         out[..., s:e, :] = torch.matmul(probs.to(v.dtype), vg[..., :visible, :])
         colsum[..., :visible] += (probs if score_fn is None else score_fn(logits)).sum(dim=-2)
@@ -150,8 +200,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     kv_heads, n = k.shape[1], k.shape[2]
     rep = hq // kv_heads
     bias = active_bias(n, hq)
-    if bias is not None:
-        return _biased_attention(q, k, v, scale, bias.to(q.dtype))
+    tree = active_tree(length)
+    if bias is not None or tree is not None:
+        if bias is None:
+            bias = q.new_zeros(b, hq, n)
+        return _biased_attention(q, k, v, scale, bias.to(q.dtype), tree)
     if length == 1:
         if rep == 1:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -180,9 +233,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def _biased_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bias: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor,
+    tree: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`dense_attention` with an additive bias (B, H_q, n) on the logits, as a float SDPA mask."""
+    """`dense_attention` with an additive bias (B, H_q, n) on the logits, as a float SDPA mask, and
+    the new tokens masked by `tree` (L, L) instead of causally when given."""
     b, hq, length, d = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
     rep = hq // kv_heads
@@ -197,9 +256,12 @@ def _biased_attention(
     for s in range(0, length, step):
         e = min(length, s + step)
         visible = offset + e
-        q_abs = torch.arange(s, e, device=q.device) + offset
-        future = torch.arange(visible, device=q.device)[None, :] > q_abs[:, None]
-        mask = torch.where(future, float("-inf"), bias[:, :, None, :visible])
+        if tree is not None:
+            hidden = ~_visible_block(tree, s, e, offset, visible)
+        else:
+            q_abs = torch.arange(s, e, device=q.device) + offset
+            hidden = torch.arange(visible, device=q.device)[None, :] > q_abs[:, None]
+        mask = torch.where(hidden, float("-inf"), bias[:, :, None, :visible])
         out[:, :, s:e] = F.scaled_dot_product_attention(
             q[:, :, s:e],
             k[:, :, :visible],

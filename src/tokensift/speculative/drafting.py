@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from tokensift.speculative.suffix_tree import Draft, SuffixTree
-from tokensift.speculative.verify import LoopStats, Verifier, accept_draft
+from tokensift.speculative.verify import LoopStats, Verifier, accept_draft, accept_tree
 
 if TYPE_CHECKING:
     import torch
@@ -20,7 +20,7 @@ class Drafter(Protocol):
     """A source of draft tokens that follows the sequence as it grows."""
 
     def start(self, prompt: list[int]) -> None: ...
-    def propose(self, max_tokens: int) -> list[int]: ...
+    def propose(self, max_tokens: int) -> list[int] | Draft: ...  # a path, or a token tree
     def feedback(self, accepted: int) -> None: ...  # how many of the last proposal the model accepted
     def observe(self, tokens: list[int]) -> None: ...
     def finish(self, response: list[int]) -> None: ...
@@ -28,7 +28,9 @@ class Drafter(Protocol):
 
 def draft_loop(decoding: Decoding, logits: torch.Tensor, drafter: Drafter, name: str) -> None:
     """Decode with drafts: each step verifies [last token, *draft] in one forward, commits the accepted
-    prefix plus one target token and rolls the cache back past the rejected rest."""
+    prefix plus one target token and rolls the cache back past the rejected rest. A branching draft
+    (a token tree) is verified in one tree-masked forward and the longest accepted path is kept;
+    under a plan whose kernels take no tree mask its likeliest path is verified instead."""
     verifier = Verifier(decoding)
     stats = LoopStats()
     per_step: list[int] = decoding.cache.shared.setdefault("loop_step_tokens", [])  # tokens per step
@@ -43,12 +45,23 @@ def draft_loop(decoding: Decoding, logits: torch.Tensor, drafter: Drafter, name:
         while True:
             t0 = time.perf_counter()
             room = decoding.max_new_tokens - len(decoding.tokens) - 1  # the step adds one more itself
-            draft = drafter.propose(room) if room > 0 else []
+            draft, parents = as_tree(drafter.propose(room) if room > 0 else [])
+            if parents is not None and not verifier.takes_trees:
+                draft, parents = first_path(draft, parents), None
+                decoding.cache.note(
+                    f"{name}: this plan's attention takes no tree mask; drafts verified as paths"
+                )
             asked += room > 0
             t1 = time.perf_counter()
-            rows = verifier.forward([token, *draft])
-            committed = accept_draft(decoding, rows, draft)
-            verifier.keep(len(committed))  # the input token and the accepted drafts stay cached
+            if parents is None:
+                rows = verifier.forward([token, *draft])
+                committed = accept_draft(decoding, rows, draft)
+                verifier.keep(len(committed))  # the input token and the accepted drafts stay cached
+            else:
+                rows = verifier.forward([token, *draft], [-1, *(p + 1 for p in parents)])
+                committed, path = accept_tree(decoding, rows, draft, parents)
+                verifier.keep(path)  # the input token and the accepted path stay cached
+                stats.tree_steps += 1
             drafter.feedback(len(committed) - 1)
             stats.draft_seconds += t1 - t0
             stats.verify_seconds += time.perf_counter() - t1
@@ -78,6 +91,26 @@ def draft_loop(decoding: Decoding, logits: torch.Tensor, drafter: Drafter, name:
             )
         elif not stats.steps:
             decoding.cache.note(f"{name}: the prefill wrote the only token; no decode step to draft for")
+
+
+def as_tree(proposal: list[int] | Draft) -> tuple[list[int], list[int] | None]:
+    """(tokens, parents) of a proposal; parents None when it is a plain path."""
+    if not isinstance(proposal, Draft):
+        return list(proposal), None
+    tokens, parents = proposal.token_ids, proposal.parents
+    if all(p == i - 1 for i, p in enumerate(parents)):
+        return tokens, None
+    return tokens, parents
+
+
+def first_path(tokens: list[int], parents: list[int]) -> list[int]:
+    """The path through a token tree that always takes the first (likeliest) child."""
+    path, at = [], -1
+    for i, parent in enumerate(parents):
+        if parent == at:
+            path.append(tokens[i])
+            at = i
+    return path
 
 
 @dataclass
@@ -184,6 +217,8 @@ class SuffixDrafter:
     max_spec_offset: float
     min_token_prob: float
     verify_cost: float = 0.0
+    tree: bool = False  # draft token trees (verified in one tree-masked forward)
+    max_branches: int = 0  # children per tree node (0: no limit)
     local: SuffixTree = field(init=False)
     cost: VerifyCost = field(init=False)
     context: list[int] = field(default_factory=list)
@@ -203,7 +238,14 @@ class SuffixDrafter:
         self.context += tokens
 
     def speculate(self, max_tokens: int) -> Draft:
-        args = (max_tokens, self.max_spec_factor, self.max_spec_offset, self.min_token_prob)
+        args = (
+            max_tokens,
+            self.max_spec_factor,
+            self.max_spec_offset,
+            self.min_token_prob,
+            self.tree,
+            self.max_branches,
+        )
         draft = self.local.speculate(self.context, *args)
         if self.shared.tree.num_seqs:
             other = self.shared.tree.speculate(self.context, *args)
@@ -212,13 +254,16 @@ class SuffixDrafter:
                 return other
         return draft
 
-    def propose(self, max_tokens: int) -> list[int]:
+    def propose(self, max_tokens: int) -> Draft:
         draft = self.speculate(min(max_tokens, self.max_spec_tokens))
         if self.verify_cost <= 0:
-            return draft.token_ids  # the paper: verify every draft
+            return draft  # the paper: verify every draft
+        # A tree lists parents before children, likeliest first: any prefix is a tree.
         keep = self.cost.cut(draft)
         self.withheld += len(draft) - keep
-        return draft.token_ids[:keep]
+        return Draft(
+            draft.token_ids[:keep], draft.parents[:keep], draft.probs[:keep], match_len=draft.match_len
+        )
 
     def feedback(self, accepted: int) -> None:
         self.cost.update(accepted)

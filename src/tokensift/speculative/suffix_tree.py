@@ -221,14 +221,21 @@ class SuffixTree:
         return 0 if found is None else found[0].count
 
     def continuation(
-        self, pattern: Sequence[int], max_tokens: int, min_token_prob: float = 0.1, tree: bool = False
+        self,
+        pattern: Sequence[int],
+        max_tokens: int,
+        min_token_prob: float = 0.1,
+        tree: bool = False,
+        max_branches: int = 0,
     ) -> Draft | None:
-        """The draft that follows `pattern` (None when the pattern does not occur)."""
+        """The draft that follows `pattern` (None when the pattern does not occur); a token tree with
+        at most `max_branches` children per node (0: no limit) when `tree`."""
         found = self.locate(pattern)
         if found is None:
             return None
-        walk = _walk_tree if tree else _walk_path
-        return walk(found[0], found[1], max_tokens, min_token_prob)
+        if tree:
+            return _walk_tree(found[0], found[1], max_tokens, min_token_prob, max_branches)
+        return _walk_path(found[0], found[1], max_tokens, min_token_prob)
 
     def speculate(
         self,
@@ -238,13 +245,14 @@ class SuffixTree:
         max_spec_offset: float = 0.0,
         min_token_prob: float = 0.1,
         tree: bool = False,
+        max_branches: int = 0,
     ) -> Draft:
         """The best-scoring draft over all match lengths p < len(context) (context cut to max_depth)."""
         context = list(context[-self.max_depth :])
         best = Draft()
         for p in range(1, len(context)):
             budget = max(0, min(max_spec_tokens, int(p * max_spec_factor + max_spec_offset + 1e-6)))
-            draft = self.continuation(context[-p:], budget, min_token_prob, tree)
+            draft = self.continuation(context[-p:], budget, min_token_prob, tree, max_branches)
             if draft is None:
                 break
             if draft.score >= best.score:
@@ -277,8 +285,9 @@ def _walk_path(node: Node, used: int, max_tokens: int, min_prob: float) -> Draft
     return draft
 
 
-def _walk_tree(node: Node, used: int, max_tokens: int, min_prob: float) -> Draft:
-    """Best-first expansion by probability: the `max_tokens` likeliest continuations as a token tree."""
+def _walk_tree(node: Node, used: int, max_tokens: int, min_prob: float, max_branches: int = 0) -> Draft:
+    """Best-first expansion by probability: the `max_tokens` likeliest continuations as a token tree
+    (parents before children), at most `max_branches` children per node (0: no limit)."""
     draft = Draft()
     order = 0  # FIFO among equal probabilities, for determinism
     heap: list[tuple[float, int, Node, int, int]] = [(-1.0, order, node, used, -1)]
@@ -290,7 +299,7 @@ def _walk_tree(node: Node, used: int, max_tokens: int, min_prob: float) -> Draft
             order += 1
             heapq.heappush(heap, (neg, order, node, used + 1, len(draft) - 1))
             continue
-        for child in node.ranked_children():
+        for child in node.ranked_children()[: max_branches or None]:
             p = prob * child.count / node.count
             if p < min_prob:
                 break  # children are ranked by count, so the rest are less likely still

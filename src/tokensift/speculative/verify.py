@@ -55,12 +55,12 @@ class DeferredEviction(EvictionMethod):
     ) -> None:
         self.queries[layer.index] = (query, scale)
 
-    def catch_up(self, cache: TokenCache, kept: int) -> None:
-        """After the rollback: one eviction step over the `kept` accepted tokens of the forward."""
+    def catch_up(self, cache: TokenCache, kept: list[int]) -> None:
+        """After the rollback: one eviction step over the accepted rows `kept` of the forward."""
         assert self.inner is not None
         for layer in cache.layers:
             query, scale = self.queries.pop(layer.index)
-            query = query[:, :, :kept]
+            query = query[:, :, kept]
             colsum = None
             if self.inner.needs_colsums:
                 score_fn = self.inner.column_scores(layer)
@@ -141,35 +141,73 @@ class Verifier:
         self.pad = decoding.device.type == "cpu"
         self.pending = 0
 
-    def forward(self, ids: Sequence[int]) -> torch.Tensor:
-        """Logits (len(ids), vocab) for tokens appended at the next positions; call `keep` afterwards."""
+    @property
+    def takes_trees(self) -> bool:
+        """Whether a tree of drafts can be verified in one forward under this plan: the exact kernels
+        take the tree mask; per-query sparse decode, re-positioned keys and per-head (ragged) layers
+        do not."""
+        plan = self.cache.plan
+        return (
+            self.per_query is None
+            and not plan.repositions
+            and not any(getattr(layer, "ragged", False) for layer in self.cache.layers)
+        )
+
+    def forward(self, ids: Sequence[int], parents: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits (len(ids), vocab) for tokens appended at the next positions; call `keep` afterwards.
+
+        With `parents` (row index of each row's parent, -1 for the first row) the rows are a token
+        tree verified in one forward: each row sees its ancestors and sits at the position after them.
+        """
         if len(ids) == 1:  # a plain decode step: the plan as is
             self.pending = 0
             return self.decoding.forward(ids)
         rows = list(ids)
+        links = list(parents) if parents is not None else None
         if self.pad:
-            rows += rows[-1:] * (PAD_ROWS.get(len(rows), len(rows)) - len(rows))
+            extra = PAD_ROWS.get(len(rows), len(rows)) - len(rows)
+            rows += rows[-1:] * extra
+            if links is not None:
+                links += [len(links) - 1 + i for i in range(extra)]  # a chain below the last row
+        visible = None if links is None else tree_visibility(links)
         base = self.cache.plan
         self.cache.plan = self.plan
         try:
-            logits = self.decoding.forward(rows)
+            logits = self.decoding.forward(rows, visible=visible)
         finally:
             self.cache.plan = base
         self.pending = len(rows)
         return logits[: len(ids)]
 
-    def keep(self, kept: int) -> None:
-        """Keep the first `kept` tokens of the last forward: crop the rest, then let eviction catch up."""
+    def keep(self, kept: int | Sequence[int]) -> None:
+        """Keep the first `kept` tokens of the last forward (or the rows `kept` of a tree forward, in
+        order, compacted): drop the rest, then let eviction catch up."""
         if not self.pending:
             return
-        drop = self.pending - kept
-        if drop > 0:
-            self.cache.crop(-drop)
+        rows = list(range(kept)) if isinstance(kept, int) else list(kept)
+        if rows == list(range(len(rows))):
+            drop = self.pending - len(rows)
+            if drop > 0:
+                self.cache.crop(-drop)
+        else:
+            self.cache.keep_recent(rows, self.pending)
         if self.per_query is not None:
-            self.per_query.settle(self.cache, kept)
+            self.per_query.settle(self.cache, len(rows))
         if self.deferred is not None:
-            self.deferred.catch_up(self.cache, kept)
+            self.deferred.catch_up(self.cache, rows)
         self.pending = 0
+
+
+def tree_visibility(parents: Sequence[int]) -> torch.Tensor:
+    """(L, L) bool: row i sees row j when j is i or an ancestor of i (`parents[i] < i`, -1 for a root)."""
+    n = len(parents)
+    visible = torch.eye(n, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            if parent >= i:
+                raise ValueError(f"tree row {i} has parent {parent}: parents must come first")
+            visible[i] |= visible[parent]
+    return visible
 
 
 def accept_draft(
@@ -206,6 +244,53 @@ def accept_draft(
     return out
 
 
+def accept_tree(
+    decoding: Decoding, rows: torch.Tensor, draft: Sequence[int], parents: Sequence[int]
+) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
+    """`accept_draft` for a token tree: the committed tokens and the forward rows they leave cached.
+
+    `rows[0]` follows the last committed token, `rows[i + 1]` draft node i, whose parent is node
+    `parents[i]` (-1: the last committed token). From the current row, greedy takes the argmax and
+    descends into the child holding it, if any. Sampling tries the children in draft order with the
+    rejection rule for deterministic drafts: accept child c with probability p(c), else remove c from
+    p, renormalise and try the next one; when none is accepted the token is drawn from what is left.
+    Each step is an exact draw from p (sampling without replacement until a hit), so the output
+    keeps the target distribution. The path ends at the first token no child holds.
+    """
+    from tokensift.runtime.generate import sampling_probs
+
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent + 1, []).append(i + 1)
+    out: list[tuple[int, torch.Tensor]] = []
+    path = [0]
+    row_id = 0
+    while True:
+        row = rows[row_id]
+        kids = children.get(row_id, [])
+        by_token = {draft[k - 1]: k for k in kids}
+        if decoding.temperature <= 0:
+            choice = decoding.sample(row)
+        else:
+            p = sampling_probs(row, decoding.temperature, decoding.top_p)
+            choice = -1
+            for k in kids:
+                token = draft[k - 1]
+                mass = float(p.sum())
+                if mass > 0 and float(torch.rand((), generator=decoding.generator)) * mass < float(p[token]):
+                    choice = token
+                    break
+                p[token] = 0
+            if choice < 0:
+                choice = int(torch.multinomial(p / p.sum(), 1, generator=decoding.generator))
+        out.append((choice, row))
+        nxt = by_token.get(choice)
+        if nxt is None:
+            return out, path
+        path.append(nxt)
+        row_id = nxt
+
+
 def record_loop(
     cache: TokenCache,
     *,
@@ -233,6 +318,7 @@ class LoopStats:
     drafted: int = 0  # draft tokens verified
     accepted: int = 0  # draft tokens accepted
     empty: int = 0  # steps without a draft
+    tree_steps: int = 0  # steps that verified a branching draft in one tree-masked forward
     committed: int = 0  # tokens committed by those forwards
     draft_seconds: float = 0.0  # spent proposing drafts
     verify_seconds: float = 0.0  # spent in target forwards, acceptance and rollback
