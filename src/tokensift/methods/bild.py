@@ -10,11 +10,37 @@ import torch
 from tokensift.errors import TokensiftError
 from tokensift.methods.base import LoopMethod, register
 from tokensift.models import Model
+from tokensift.runtime.generate import sampling_probs
 from tokensift.speculative.pair import Follower, small_model
 from tokensift.speculative.verify import Verifier, record_loop
 
 if TYPE_CHECKING:
     from tokensift.runtime.generate import Decoding
+
+
+def speculative_accept(
+    decoding: Decoding, rows: torch.Tensor, pending: list[int], drafts_q: list[torch.Tensor]
+) -> tuple[int, int]:
+    """(drafts kept, the large model's next token) under the standard rule. `rows[i]` are the large
+    model's logits for draft i (rows[len] after the last); `drafts_q[i]` the distribution draft i was
+    sampled from (empty when greedy)."""
+    if decoding.temperature <= 0:
+        for i, token in enumerate(pending):
+            best = int(rows[i].argmax())
+            if best != token:
+                return i, best
+        return len(pending), int(rows[len(pending)].argmax())
+    for i, token in enumerate(pending):
+        p = sampling_probs(rows[i], decoding.temperature, decoding.top_p)
+        q = drafts_q[i].to(p.device)
+        if float(torch.rand((), generator=decoding.generator)) * float(q[token]) < float(p[token]):
+            continue
+        residual = (p - q).clamp_min(0)
+        if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is exact
+            residual = p
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=decoding.generator))
+    p = sampling_probs(rows[len(pending)], decoding.temperature, decoding.top_p)
+    return len(pending), int(torch.multinomial(p, 1, generator=decoding.generator))
 
 
 @register
@@ -34,6 +60,15 @@ class BiLD(LoopMethod):
     greedy output exactly. Unlike the reference, small tokens pending when generation ends are
     checked like any others.
 
+    `lossless=true` keeps the drafting (the small model writes while its top probability is at
+    least `fallback_threshold`, at most `num_small_iters` tokens) but verifies with the standard
+    speculative-decoding rule instead of the rollback threshold (Leviathan et al., ICML 2023):
+    greedy keeps the small tokens up to the first one that differs from the large model's argmax and
+    then takes the large model's token, so the output is the large model's greedy output; with
+    sampling the small model samples its drafts from its distribution q, draft y is kept with
+    probability min(1, p(y) / q(y)), and at the first rejection the token is drawn from
+    norm(max(0, p - q)), so the output follows the large model's sampling distribution.
+
     Based on Kim et al., "Speculative Decoding with Big Little Decoder", NeurIPS 2023
     (reference: kssteven418/BigLittleDecoder).
 
@@ -51,6 +86,9 @@ class BiLD(LoopMethod):
     skip_agreeing:
         Only roll back where the large model's argmax differs from the small token (the safe form of
         the reference code's "minor optimisation"; off: the paper's rule).
+    lossless:
+        Verify with the standard speculative rule (above): the large model's own output, greedy or
+        sampled; `rollback_threshold` and `skip_agreeing` are then unused.
     """
 
     name = "bild"
@@ -62,6 +100,7 @@ class BiLD(LoopMethod):
     rollback_threshold: float = 5.0
     num_small_iters: int = 10
     skip_agreeing: bool = False
+    lossless: bool = False
     small_model: Model | None = field(default=None, repr=False, compare=False)  # an in-memory model
 
     def __post_init__(self) -> None:
@@ -80,8 +119,9 @@ class BiLD(LoopMethod):
         return params
 
     def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
-        if decoding.temperature > 0:
-            raise TokensiftError("bild decodes greedily: use temperature 0")
+        if decoding.temperature > 0 and not self.lossless:
+            raise TokensiftError("bild decodes greedily: use temperature 0 (or bild:lossless=true)")
+        sampling = decoding.temperature > 0
         cache = decoding.cache
         small = Follower(small_model(self.small_model or self.small, decoding.model, self.name))
         large = Verifier(decoding)
@@ -97,12 +137,20 @@ class BiLD(LoopMethod):
             while True:
                 # Small mode: greedy tokens until unsure, out of turns, or at the end.
                 pending: list[int] = []
+                drafts_q: list[torch.Tensor] = []  # the small model's sampling distributions
                 while True:
-                    probs = torch.softmax(small.step(seq).float(), dim=-1)
+                    small_logits = small.step(seq)
+                    if sampling:
+                        probs = sampling_probs(small_logits, decoding.temperature, decoding.top_p)
+                    else:
+                        probs = torch.softmax(small_logits.float(), dim=-1)
                     confidence, best = probs.max(dim=-1)
                     if self.fallback_threshold >= 1.0 or float(confidence) < self.fallback_threshold:
                         counts["fallbacks"] += 1
                         break
+                    if sampling:
+                        best = torch.multinomial(probs, 1, generator=decoding.generator)[0]
+                        drafts_q.append(probs)
                     pending.append(int(best))
                     seq.append(int(best))
                     if (
@@ -115,13 +163,16 @@ class BiLD(LoopMethod):
                 rows = large.forward(seq[len(seq) - len(pending) - 1 :])
                 counts["large_forwards"] += 1
                 drafted += len(pending)
-                keep = self.rollback_point(rows, pending)
+                if self.lossless:
+                    keep, new = speculative_accept(decoding, rows, pending, drafts_q)
+                else:
+                    keep = self.rollback_point(rows, pending)
+                    new = int(rows[keep].argmax())
                 if keep < len(pending):
                     counts["rollbacks"] += 1
                 large.keep(1 + keep)
                 del seq[len(seq) - len(pending) + keep :]
                 small.truncate(len(seq))
-                new = int(rows[keep].argmax())
                 seq.append(new)
                 for i in range(keep):
                     counts["small_tokens"] += 1
