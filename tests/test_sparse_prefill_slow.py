@@ -54,12 +54,27 @@ def passkey_4k(model: tokensift.Model) -> Sample:
     return sample
 
 
-@pytest.mark.parametrize("method", ["a_shape", "minference", "dhsa"])
-def test_sparse_prefill_on_a_4k_passkey(model: tokensift.Model, passkey_4k: Sample, method: str) -> None:
+# Measured on 2026-11-30 (tests/test_sparse_prefill_slow.py, smollm2-135m): with dense_tail=0, the
+# papers' default, MInference and DHSA answer 1234567 on this sample where dense answers 93590; the
+# 64-row dense tail (the question rows seeing every key) is what found it before the default changed.
+MISSES = pytest.mark.xfail(strict=True, reason="misses the key without a dense tail (measured)")
+
+
+@pytest.mark.parametrize(
+    ("method", "dense_tail"),
+    [
+        ("a_shape", 0),
+        pytest.param("minference", 0, marks=MISSES),
+        pytest.param("dhsa", 0, marks=MISSES),
+    ],
+)
+def test_sparse_prefill_on_a_4k_passkey(
+    model: tokensift.Model, passkey_4k: Sample, method: str, dense_tail: int
+) -> None:
     sample = passkey_4k
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoOpWarning)  # the sparse path must apply at 4K
-        out = tokensift.generate(model, sample.prompt, method, max_new_tokens=12)
+        out = tokensift.generate(model, sample.prompt, f"{method}:dense_tail={dense_tail}", max_new_tokens=12)
     counters = out.stats.counters
     assert out.stats.applied and counters["prefill_attention_pairs_skipped"] > 0
     density = counters["prefill_density"]
