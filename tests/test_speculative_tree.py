@@ -200,16 +200,18 @@ def test_multi_branch_rejection_keeps_the_distribution() -> None:
 
 
 def test_tree_sampling_is_seeded() -> None:
-    model = tiny_model("qwen2")
+    model = tiny_model("llama")
     runs = []
     for _ in range(2):
         clear_global_caches()
         runs.append(
             tokensift.generate(
-                model, PROMPTS[0], TREE, max_new_tokens=NEW, temperature=0.8, seed=3, ignore_eos=True
+                model, PROMPTS[0], TREE, max_new_tokens=NEW, temperature=0.3, seed=3, ignore_eos=True
             )
         )
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == NEW
+    c = runs[0].stats.counters
+    assert c["loop_tree_steps"] > 0 and c["accepted_tokens"] > 0
 
 
 def test_tree_parameters() -> None:
@@ -217,3 +219,15 @@ def test_tree_parameters() -> None:
     with pytest.raises(TokensiftError):
         SuffixDecoding(max_branches=-1)
     assert Plan.of("suffix_decoding:tree=true,max_branches=2").loop.max_branches == 2  # type: ignore[union-attr]
+
+
+def test_a_kernel_without_tree_mask_is_refused() -> None:
+    """A tree forward must never run as a causal one: a sparse-prefill kernel takes no tree mask."""
+    model = tiny_model("llama")
+    ids = prompt_ids(30, seed=6)
+    with torch.inference_mode():
+        cache = tokensift.TokenCache(model.model, "a_shape:sinks=4,local=8,block_size=4", prompt_tokens=30)
+        decoding = Decoding(model, cache, NEW, ignore_eos=True)
+        decoding.forward(ids, last_only=True)
+        with pytest.raises(TokensiftError, match="tree mask"):
+            decoding.forward([3, 4, 5], visible=tree_visibility([-1, 0, 0]))
