@@ -166,9 +166,6 @@ def _chromium(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium (apt-get install chromium)"
-)
 def test_no_op_rows_say_why(tmp_path: Path) -> None:
     """A row whose method changed nothing is marked with the reason the runs recorded."""
     note = "a_shape changed nothing: prefill_attention_pairs_skipped stayed 0"
@@ -188,6 +185,9 @@ def test_no_op_rows_say_why(tmp_path: Path) -> None:
     assert "a_shape (no-op: a_shape changed nothing" in page
 
 
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium (apt-get install chromium)"
+)
 def test_report_renders_in_headless_chromium(
     report_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
