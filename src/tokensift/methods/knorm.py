@@ -35,9 +35,7 @@ class Knorm(EvictionMethod):
 
     name = "knorm"
     one_shot = True
-    paper = (
-        "Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Compression, EMNLP 2024"
-    )
+    paper = "Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Compression, EMNLP 2024"
 
     budget: Budget = 0.25
 

@@ -57,9 +57,7 @@ class PyramidKV(SnapKV):
     """
 
     name = "pyramidkv"
-    paper = (
-        "Cai et al., PyramidKV: Dynamic KV Cache Compression via Pyramidal Information Funneling, 2024"
-    )
+    paper = "Cai et al., PyramidKV: Dynamic KV Cache Compression via Pyramidal Information Funneling, 2024"
 
     beta: float = 20.0
     pooling: Literal["max", "avg"] = "avg"
