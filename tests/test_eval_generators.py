@@ -62,8 +62,8 @@ def test_generator_is_deterministic_at_length_and_split(counter, name: str) -> N
     longer = task.samples(counter, 4096, 1, seed=7, depths=[0.5])
     for s in first + longer:
         tokens = counter(s.prompt, s.answer_prefix)
-        if task.length_free:
-            assert s.length == 0 and tokens < 200
+        if task.length_free:  # sized by its own items (CharBench words, reviews), not by the length asked
+            assert s.length == 0 and tokens < 1024, (name, tokens)
         elif name in COARSE and s.length == 2048:
             assert s.length - 80 <= tokens <= s.length, (name, tokens)
         else:
