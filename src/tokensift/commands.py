@@ -50,6 +50,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "method (crag) chooses among them; the prompt, if given, is an instruction before them",
     )
     p.add_argument("--json", action="store_true", help="print text and stats as JSON")
+    add_device_arguments(p)
     p.add_argument(
         "--prefill-chunk",
         type=int,
@@ -111,6 +112,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="model weights and activations (default float32; the ruler-lite and leaderboard suites use "
         "auto: bfloat16 where a short cached probe finds it faster on this CPU, else float32)",
     )
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument(
         "--no-shared-prefill",
         action="store_true",
@@ -145,6 +147,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild summary.md, report.html and plots from DIR/results.jsonl")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_report)
+
+
+DEVICE_HELP = "cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu)"
+
+
+def add_device_arguments(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """`--device` (and `--dtype`) for a command that loads a model."""
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    if dtype:
+        p.add_argument(
+            "--dtype",
+            choices=["float32", "bfloat16", "float16", "auto"],
+            default="float32",
+            help="model weights and activations (default float32; auto: bfloat16 on a GPU, on a CPU "
+            "bfloat16 where a short cached probe finds it faster, else float32)",
+        )
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -234,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from tokensift.distributed.generate import runner_from_args
 
         run = runner_from_args(args)
-    model = load(args.model or DEFAULT_MODEL)
+    model = load(args.model or DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     result = run(
         model,
         prompt,
@@ -373,6 +391,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.prefill_chunk = args.prefill_chunk
     if args.dtype:
         config.dtype = args.dtype
+    if args.device:
+        config.device = args.device
     rows = []
     for protocol in protocols_of(config.protocol):
         rows = run_protocol(dataclasses.replace(config, protocol=protocol), args)

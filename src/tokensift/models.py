@@ -125,6 +125,10 @@ class Model:
         return next(self.model.parameters()).dtype
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Bytes one token occupies in a dense KV cache, over all layers (keys and values)."""
         elem = torch.empty((), dtype=self.dtype).element_size()
@@ -141,10 +145,12 @@ class Model:
             "head_dim": self.head_dim,
             "context_length": self.context_length,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
         }
 
 
-_LOADED: dict[tuple[str, str], Model] = {}
+_LOADED: dict[tuple[str, str, str], Model] = {}
+DEVICES = ("cpu", "cuda", "auto")  # and cuda:N; auto is cuda when torch sees a GPU, else cpu
 
 
 def cache_dir() -> Path:
@@ -161,13 +167,48 @@ def known_models() -> list[str]:
     return list(EMBEDDED)
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | torch.dtype = "float32") -> Model:
-    """Load a model once per process: an embedded name, a local directory, or a Hugging Face id."""
-    torch_dtype = _dtype(dtype)
-    key = (name_or_path, str(torch_dtype))
+def load(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+) -> Model:
+    """Load a model once per process: an embedded name, a local directory, or a Hugging Face id.
+
+    `device`: cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU, else cpu). Every
+    tensor tokensift's runtime and methods create follows the model's device and dtype."""
+    torch_device = resolve_device(device)
+    torch_dtype = _dtype(dtype, torch_device)
+    key = (name_or_path, str(torch_dtype), str(torch_device))
     if key not in _LOADED:
-        _LOADED[key] = _load(name_or_path, torch_dtype)
+        model = _load(name_or_path, torch_dtype)
+        if torch_device.type != "cpu":
+            model.model.to(torch_device)
+        _LOADED[key] = model
     return _LOADED[key]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from cpu, cuda, cuda:N or auto; a device torch cannot use is a one-line error."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        value = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TokensiftError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if value.type not in ("cpu", "cuda"):
+        raise TokensiftError(f"unsupported device {device!r}: use cpu, cuda, cuda:N or auto")
+    if value.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TokensiftError(f"device {device!r}: torch sees no CUDA GPU here (use --device cpu)")
+        if value.index is not None and value.index >= torch.cuda.device_count():
+            raise TokensiftError(
+                f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here"
+            )
+    return value
 
 
 def wrap(model: Any, tokenizer: Any | None = None, name: str | None = None) -> Model:
@@ -179,9 +220,11 @@ def wrap(model: Any, tokenizer: Any | None = None, name: str | None = None) -> M
     return Model(name=name or model.config.model_type, model=model, tokenizer=tokenizer, source="in-memory")
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto" and device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype == "auto":  # bf16 where a short measured probe (cached) finds it faster, else fp32
         from tokensift.dtype_probe import cpu_default_dtype
 

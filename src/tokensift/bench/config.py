@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokensift.errors import TokensiftError
-from tokensift.models import DEFAULT_MODEL, _dtype
+from tokensift.models import DEFAULT_MODEL, _dtype, resolve_device
 
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 # query-aware: methods compress the whole prompt; query-agnostic: the context alone, question after.
@@ -34,6 +34,7 @@ class BenchConfig:
     protocol: str = "query-aware"
     share_prefill: bool = True
     dtype: str = "float32"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (tokensift.models.resolve_device)
     prefill_chunk: int | None = None  # chunked prefill (then no shared prefill: it is one forward)
 
     def validate(self) -> None:
@@ -51,6 +52,7 @@ class BenchConfig:
             raise TokensiftError(f"unknown protocol {self.protocol!r}: use {', '.join(PROTOCOLS)} or both")
         if self.dtype != "auto":  # auto is resolved (probed) when the model loads
             _dtype(self.dtype)
+        resolve_device(self.device)
         check_prefill_chunk(self.prefill_chunk)
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:

@@ -101,7 +101,9 @@ class BenchWorker:
         import torch
 
         torch.set_num_threads(threads)
-        self.model = model_factory() if model_factory else load(config.model, dtype=config.dtype)
+        self.model = (
+            model_factory() if model_factory else load(config.model, dtype=config.dtype, device=config.device)
+        )
         if gpu and torch.cuda.is_available():
             self.model.model.to("cuda")
         self.config = config

@@ -161,7 +161,7 @@ def prepare_run(
     rows = read_rows(out / "results.jsonl")  # checked before anything is written: corrupt files stay
     read_meta(out / "meta.json")
     done = {row_key(r) for r in rows}
-    model = model or load(config.model, dtype=config.dtype)
+    model = model or load(config.model, dtype=config.dtype, device=config.device)
     tasks = [get_task(name) for name in config.tasks]
     for task in tasks:
         for length in _lengths(task, config):

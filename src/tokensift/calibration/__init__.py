@@ -54,7 +54,7 @@ def calibrators() -> dict[str, Calibrator]:
 def fingerprint(model: Model) -> dict[str, Any]:
     """Identifies the weights an artefact was computed on: name, GGUF hash, shape and a weight checksum."""
     first = next(p for n, p in model.model.named_parameters() if "layers.0." in n and p.dim() == 2)
-    digest = hashlib.sha256(first.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+    digest = hashlib.sha256(first.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
     return {
         "model": model.name,
         "sha256": model.sha256,
@@ -161,6 +161,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p = methods.add_parser(calibrator.name, help=calibrator.help)
         p.add_argument("--model", required=True, help="embedded model name, local directory or HF id")
         p.add_argument("--out", type=Path, help="artefact path (default: the user cache directory)")
+        p.add_argument(
+            "--device", default="cpu", help="cpu (default), cuda, cuda:N, or auto (cuda when torch has a GPU)"
+        )
         calibrator.add_arguments(p)
         p.set_defaults(func=_run, _calibrator=calibrator)
 
@@ -178,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.out is not None:
         check_out_dir(args.out.parent, "the folder of --out")
-    model = load(args.model)
+    model = load(args.model, device=args.device)
     payload = calibrator.run(model, args)
     command = shlex.join(["tokensift", *sys.argv[1:]])
     path = save_artefact(calibrator.name, model, payload, command, args.out)

@@ -38,9 +38,9 @@ def speculative_accept(
         residual = (p - q).clamp_min(0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is exact
             residual = p
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=decoding.generator))
+        return i, int(torch.multinomial((residual / residual.sum()).cpu(), 1, generator=decoding.generator))
     p = sampling_probs(rows[len(pending)], decoding.temperature, decoding.top_p)
-    return len(pending), int(torch.multinomial(p, 1, generator=decoding.generator))
+    return len(pending), int(torch.multinomial(p.cpu(), 1, generator=decoding.generator))
 
 
 @register
@@ -149,7 +149,7 @@ class BiLD(LoopMethod):
                         counts["fallbacks"] += 1
                         break
                     if sampling:
-                        best = torch.multinomial(probs, 1, generator=decoding.generator)[0]
+                        best = torch.multinomial(probs.cpu(), 1, generator=decoding.generator)[0]
                         drafts_q.append(probs)
                     pending.append(int(best))
                     seq.append(int(best))

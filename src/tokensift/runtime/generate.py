@@ -178,7 +178,10 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     """Greedy when temperature is 0; otherwise temperature and nucleus (top-p) sampling."""
     if temperature <= 0:
         return int(logits.argmax(dim=-1).item())
-    return int(torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).item())
+    probs = sampling_probs(logits, temperature, top_p)
+    if probs.device != generator.device:  # the seeded CPU generator: same draws on every device
+        probs = probs.cpu()
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

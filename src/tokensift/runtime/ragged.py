@@ -101,7 +101,7 @@ class RaggedLayer(CacheLayerMixin):
         flat = (self.starts + self.lengths).unsqueeze(1) + torch.arange(q)  # (H, q)
         self.keys[flat.flatten()] = key_states[0].reshape(heads * q, -1)
         self.values[flat.flatten()] = value_states[0].reshape(heads * q, -1)
-        self.pos[flat.flatten()] = torch.arange(self.seen, self.seen + q).repeat(heads)
+        self.pos[flat.flatten()] = torch.arange(self.seen, self.seen + q, device=self.device).repeat(heads)
         self.lengths = needed
         self.seen += q
         self.version += 1

@@ -22,6 +22,7 @@ HELP = {
     "allow_methods": "comma list of method names a request may choose (default: all)",
     "host": "bind address (default loopback)",
     "dtype": "model weights dtype",
+    "device": "cpu (default), cuda, cuda:N or auto (cuda when torch sees a GPU)",
     "served_model_name": "model name the API reports (default: --model)",
     "replica_id": "replica name echoed in responses (default hostname:pid)",
     "kv_pool_mib": "KV memory pool in MiB: requests reserve their plan's peak KV bytes",

@@ -77,7 +77,7 @@ class ServerState:
     def load_model(self) -> Model:
         with self._load_lock:
             if self.model is None:
-                self.model = load(self.config.model, dtype=self.config.dtype)
+                self.model = load(self.config.model, dtype=self.config.dtype, device=self.config.device)
         return self.model
 
     async def ensure_model(self) -> Model:

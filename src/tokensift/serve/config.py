@@ -25,6 +25,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "float32"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (tokensift.models.resolve_device)
     served_model_name: str | None = None  # the `model` name the API reports (default: `model`)
     replica_id: str | None = None  # echoed in every response (default hostname:pid)
     # KV memory pool and admission

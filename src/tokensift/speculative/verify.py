@@ -237,7 +237,7 @@ def accept_draft(
             out.append((token, row))
             continue
         p[token] = 0
-        out.append((int(torch.multinomial(p / p.sum(), 1, generator=decoding.generator)), row))
+        out.append((int(torch.multinomial((p / p.sum()).cpu(), 1, generator=decoding.generator)), row))
         return out
     row = rows[len(draft)]
     out.append((decoding.sample(row), row))
@@ -282,7 +282,7 @@ def accept_tree(
                     break
                 p[token] = 0
             if choice < 0:
-                choice = int(torch.multinomial(p / p.sum(), 1, generator=decoding.generator))
+                choice = int(torch.multinomial((p / p.sum()).cpu(), 1, generator=decoding.generator))
         out.append((choice, row))
         nxt = by_token.get(choice)
         if nxt is None:
