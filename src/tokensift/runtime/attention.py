@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from tokensift.errors import TokensiftError
 from tokensift.runtime import block_sparse
+from tokensift.runtime.batch import PENDING_ROWS
 from tokensift.runtime.cache import PENDING, TokenLayer
 from tokensift.runtime.scores import (
     ACTIVE_TREE,
@@ -46,29 +47,48 @@ def tokensift_attention(
             "tokensift attention received an attention mask; padded batches are not supported"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rows = PENDING_ROWS.get()
+    if rows is not None:
+        # A batched decode step (runtime.batch): each row attends over its own cache, as alone.
+        PENDING_ROWS.set(None)
+        outs = [attend(module, layer, query[b : b + 1], k, v, scale) for b, (layer, k, v) in enumerate(rows)]
+        return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
     layer = PENDING.get()
     if layer is not None:
         PENDING.set(None)
-        if layer.index != getattr(module, "layer_idx", layer.index):
-            raise RuntimeError(f"cache layer {layer.index} does not match attention layer {module.layer_idx}")
     if layer is None:
         out = dense_attention(query, key, value, scale)
     else:
-        if layer.cache.observer is not None:
-            layer.cache.observer(module, layer, query, key, value, scale)
-        tree = ACTIVE_TREE.get()
-        if tree is not None:
-            tree.used = False
-        with key_bias(bias_columns(layer, query)) as bias:
-            out = run_layer(layer, query, key, value, scale)
-        if bias is not None:
-            record_bias(layer, bias)
-        if tree is not None and query.shape[2] > 1 and not tree.used:
-            raise TokensiftError(
-                "a tree-masked forward reached an attention kernel that takes no tree mask "
-                "(sparse or per-head layers): verify drafts as paths with this plan"
-            )
+        out = attend(module, layer, query, key, value, scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def attend(
+    module: torch.nn.Module,
+    layer: TokenLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One cache layer's attention under its plan (observer, bias, method kernels, eviction)."""
+    if layer.index != getattr(module, "layer_idx", layer.index):
+        raise RuntimeError(f"cache layer {layer.index} does not match attention layer {module.layer_idx}")
+    if layer.cache.observer is not None:
+        layer.cache.observer(module, layer, query, key, value, scale)
+    tree = ACTIVE_TREE.get()
+    if tree is not None:
+        tree.used = False
+    with key_bias(bias_columns(layer, query)) as bias:
+        out = run_layer(layer, query, key, value, scale)
+    if bias is not None:
+        record_bias(layer, bias)
+    if tree is not None and query.shape[2] > 1 and not tree.used:
+        raise TokensiftError(
+            "a tree-masked forward reached an attention kernel that takes no tree mask "
+            "(sparse or per-head layers): verify drafts as paths with this plan"
+        )
+    return out
 
 
 def bias_columns(layer: TokenLayer, query: torch.Tensor) -> torch.Tensor | None:

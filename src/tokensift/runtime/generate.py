@@ -229,6 +229,9 @@ class Decoding:
     # Called after every committed token with (decoding, token, logits or None); a non-empty return
     # value ends the generation with that stop reason (streaming, cancellation, guards).
     on_token: Callable[[Decoding, int, torch.Tensor | None], str | None] | None = None
+    # Plain decoding's next-token logits (vocab,) for a committed token fed back (a batched decode
+    # step, see runtime.batch); None: `forward([token])`. Loop methods call `forward` themselves.
+    step: Callable[[Decoding, int], torch.Tensor] | None = None
 
     @property
     def done(self) -> bool:
@@ -279,7 +282,10 @@ def decode_plain(decoding: Decoding, logits: torch.Tensor) -> None:
         token = decoding.sample(logits)
         if decoding.accept(token, logits):
             return
-        logits = decoding.forward([token], last_only=True)[-1]
+        if decoding.step is not None:
+            logits = decoding.step(decoding, token)
+        else:
+            logits = decoding.forward([token], last_only=True)[-1]
 
 
 def check_prefill_chunk(chunk: int | None, shared: SharedPrefill | None = None) -> None:
@@ -330,6 +336,7 @@ def generate(
     on_token: Callable[[Decoding, int, torch.Tensor | None], str | None] | None = None,
     passages: Sequence[str] | None = None,
     prefill_chunk: int | None = None,
+    decode_step: Callable[[Decoding, int], torch.Tensor] | None = None,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
@@ -344,7 +351,9 @@ def generate(
     (many short texts) make the context: the plan's context method (CRAG) keeps some of them before
     tokenization, and `prompt`, if given, is an instruction put before them. `prefill_chunk` prefills
     the prompt (the context, with `question`) in chunks of that many tokens, the eviction method
-    compressing after each (see `prefill_chunked`).
+    compressing after each (see `prefill_chunked`). `decode_step` computes plain decoding's
+    next-token logits (a batched step, see `runtime.batch.DecodeBatcher`); plans with a loop method
+    refuse it.
     """
     if isinstance(model, str):
         model = load(model)
@@ -366,6 +375,10 @@ def generate(
         raise TokensiftError("empty prompt")
     check_context(model, len(ids) + len(question_ids), max_new_tokens)
     check_prefill_chunk(prefill_chunk, shared)
+    if decode_step is not None and plan.loop is not None:
+        raise TokensiftError(
+            f"{plan.loop.name} decodes several tokens per forward: it cannot take a decode_step"
+        )
 
     with torch.inference_mode():
         cache = TokenCache(model, plan, prompt_tokens=len(ids))
@@ -385,6 +398,7 @@ def generate(
             return_logits,
             prompt=ids + question_ids,
             on_token=on_token,
+            step=decode_step,
         )
         t0 = time.perf_counter()
         if shared is not None:

@@ -28,6 +28,7 @@ HELP = {
     "kv_pool_mib": "KV memory pool in MiB: requests reserve their plan's peak KV bytes",
     "max_queue": "requests that may wait for the pool; beyond it: 429 with Retry-After",
     "max_running": "generations running at once (worker threads)",
+    "max_batch": "requests sharing a plan decoded together, one forward per step (1: batching off)",
     "max_new_tokens_cap": "largest max_tokens a request may ask for",
     "default_max_tokens": "max_tokens when a request sets none",
     "max_body_bytes": "largest request body",

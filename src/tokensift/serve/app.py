@@ -28,6 +28,7 @@ from tokensift.models import Model, load
 from tokensift.runtime.generate import Generation, check_context, encode_split
 from tokensift.serve.config import ServeConfig
 from tokensift.serve.engine import (
+    Batchers,
     Job,
     KVPool,
     finish_reason,
@@ -63,6 +64,7 @@ class ServerState:
         self.pool = KVPool(config.kv_pool_bytes, config.max_queue, config.max_running, self._pool_changed)
         self.executor = ThreadPoolExecutor(config.max_running, thread_name_prefix="tokensift-serve")
         self.default_plan = parse_plan(config.method, None)
+        self.batchers = Batchers(config.max_batch)
         self._load_lock = threading.Lock()
         self.recent_e2e: list[float] = []
         self.started = time.time()
@@ -314,12 +316,15 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
 
     def start(job: Job, model: Model) -> asyncio.Future[Generation]:
         loop = asyncio.get_running_loop()
+        job.batcher, job.unbatched = state.batchers.acquire(job.plan, model)
         future = loop.run_in_executor(
             state.executor, run_job, model, job, state.pool.held, state.metrics.itl.observe
         )
 
         def finished(f: asyncio.Future[Generation]) -> None:
             state.pool.release(job.reserved)
+            if job.batcher is not None:
+                state.batchers.release(job.plan)
             e2e = time.monotonic() - job.arrival
             state.recent_e2e = [*state.recent_e2e[-31:], e2e]
             if f.cancelled() or f.exception() is not None:
@@ -447,6 +452,10 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
             "stop": job.stop,
             "kv_reserved_bytes": job.reserved,
             "queue_seconds": (job.admitted_at or job.arrival) - job.arrival,
+            "batched": job.batcher is not None,
+            "batch_size_max": job.batch_size_max if job.batcher else int(gen.stats.new_tokens > 1),
+            "batched_steps": job.batched_steps,
+            "unbatched_reason": job.unbatched,
             "stats": stats,
         }
         if job.eos_guard is not None:

@@ -32,6 +32,7 @@ class ServeConfig:
     kv_pool_mib: float = 512.0
     max_queue: int = 32
     max_running: int = 8  # generations running at once (worker threads)
+    max_batch: int = 8  # requests sharing a plan decoded in one forward per step (1: each alone)
     # limits
     max_new_tokens_cap: int = 1024
     default_max_tokens: int = 128
@@ -57,6 +58,7 @@ class ServeConfig:
             "kv_pool_mib",
             "max_queue",
             "max_running",
+            "max_batch",
             "max_new_tokens_cap",
             "default_max_tokens",
             "max_body_bytes",

@@ -24,6 +24,7 @@ from tokensift.errors import TokensiftError
 from tokensift.methods import parse_methods
 from tokensift.methods.base import Method
 from tokensift.models import Model
+from tokensift.runtime.batch import DecodeBatcher
 from tokensift.runtime.generate import Decoding, Generation, eos_ids, generate
 from tokensift.runtime.plan import Plan
 from tokensift.serve.guards import EosGuard, RepetitionGuard
@@ -189,6 +190,44 @@ class Job:
     first_token_at: float | None = None
     last_token_at: float | None = None
     stop: str = ""
+    batcher: DecodeBatcher | None = None  # decodes in lock-step batches with its plan's other requests
+    unbatched: str | None = None  # why it decodes alone, when it does
+    batch_size_max: int = 0  # the most requests in one of its decode forwards (0: it took none)
+    batched_steps: int = 0  # its decode forwards that ran through the batcher
+
+
+class Batchers:
+    """One `DecodeBatcher` per plan spec with requests in flight; event-loop only.
+
+    Requests that share a plan decode together: each keeps its own cache (its method prefilled and
+    compressed it alone), and every decode step of the batch is one forward. Loop methods (drafting,
+    routing) verify several tokens per forward per request, so they decode alone.
+    """
+
+    def __init__(self, max_batch: int):
+        self.max_batch = max_batch
+        self.active: dict[str, tuple[DecodeBatcher, int]] = {}
+
+    def acquire(self, plan: Plan, model: Model) -> tuple[DecodeBatcher | None, str | None]:
+        if self.max_batch <= 1:
+            return None, "batching is off (--max-batch 1)"
+        if plan.loop is not None:
+            return None, f"{plan.loop.name} is a loop method: it verifies several tokens per forward"
+        batcher, users = self.active.get(plan.spec, (None, 0))
+        if batcher is None:
+            batcher = DecodeBatcher(model, self.max_batch)
+        self.active[plan.spec] = (batcher, users + 1)
+        return batcher, None
+
+    def release(self, plan: Plan) -> None:
+        entry = self.active.get(plan.spec)
+        if entry is None:
+            return
+        batcher, users = entry
+        if users <= 1:
+            del self.active[plan.spec]
+        else:
+            self.active[plan.spec] = (batcher, users - 1)
 
 
 class Detokenizer:
@@ -242,6 +281,13 @@ def run_job(model: Model, job: Job, held: dict[str, int], observe_itl: Callable[
                 job.emit(("delta", text))
         return reason
 
+    batcher = job.batcher
+    step = None
+    if batcher is not None:
+
+        def step(decoding: Decoding, token: int) -> torch.Tensor:
+            return batcher.step(job.id, decoding.cache, token)
+
     try:
         with torch.inference_mode():
             gen = generate(
@@ -257,9 +303,12 @@ def run_job(model: Model, job: Job, held: dict[str, int], observe_itl: Callable[
                 question=job.question,
                 answer_prefix=job.answer_prefix,
                 on_token=on_token,
+                decode_step=step,
             )
     finally:
         held.pop(job.id, None)
+        if job.batcher is not None:
+            job.batch_size_max, job.batched_steps = job.batcher.leave(job.id)
     job.stop = gen.stats.stop_reason
     if detok is not None and job.emit is not None:
         tail = detok.final(gen.text)

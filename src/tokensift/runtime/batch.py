@@ -1,0 +1,176 @@
+"""Batched decoding over independent caches: one model forward for several generations' next tokens.
+
+Every generation keeps its own `TokenCache` (its method prefilled, compressed and keeps compressing
+it on its own), so caches of different lengths never need padding. A decode step stacks the
+generations' last tokens into a (B, 1) batch and runs one forward through a `RowsCache`: the
+embeddings, projections, MLPs and LM head run batched; in each layer `RowsLayer.update` appends row
+b's key/value to generation b's own cache layer, and the registered attention function then attends
+each row over its own cache with the same code as an unbatched forward (`attention.attend`), so
+eviction, sparse selection and biases behave exactly as they do alone.
+
+`DecodeBatcher` lets generations running on their own threads meet in lock-step rounds: each
+thread hands its token to `step` and gets its logits back; the round's forward runs once every
+member has handed in its token (a member that stops `leave`s and no longer holds the others back).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tokensift.runtime.cache import PENDING, TokenCache
+
+# Set by RowsLayer.update and read by the registered attention function in the same layer's
+# forward: per batch row, (its cache layer, the keys and values that layer returned).
+PENDING_ROWS: ContextVar[list[tuple[Any, torch.Tensor, torch.Tensor]] | None] = ContextVar(
+    "tokensift_pending_rows", default=None
+)
+
+
+class RowsLayer(CacheLayerMixin):
+    """Layer `index` of a batch whose row b lives in `caches[b]`."""
+
+    is_sliding = False
+
+    def __init__(self, caches: list[TokenCache], index: int):
+        super().__init__()
+        self.caches = caches
+        self.index = index
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        rows = []
+        for b, cache in enumerate(self.caches):
+            layer = cache.layers[self.index]
+            keys, values = layer.update(key_states[b : b + 1], value_states[b : b + 1])
+            rows.append((layer, keys, values))
+        PENDING.set(None)
+        PENDING_ROWS.set(rows)
+        # The attention function reads every row's own keys from PENDING_ROWS; these are not used.
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return max(c.layers[self.index].get_mask_sizes(query_length)[0] for c in self.caches), 0
+
+    def get_seq_length(self) -> int:
+        return max(c.layers[self.index].get_seq_length() for c in self.caches)
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class RowsCache(Cache):
+    """A transformers Cache over one `TokenCache` per batch row (no padding, no copies)."""
+
+    def __init__(self, caches: list[TokenCache]):
+        if not caches or len({c.num_layers for c in caches}) != 1:
+            raise ValueError("a batch needs one or more caches of the same model")
+        super().__init__(layers=[RowsLayer(caches, i) for i in range(caches[0].num_layers)])
+        self.caches = caches
+
+
+def decode_batch(model: Any, caches: list[TokenCache], tokens: list[int]) -> torch.Tensor:
+    """Next-token logits (B, vocab) for `tokens[b]` appended to `caches[b]`, in one forward."""
+    from tokensift.runtime.generate import _cache_kwarg
+
+    hf = model.model
+    device = next(hf.parameters()).device
+    ids = torch.tensor([[t] for t in tokens], device=device)
+    positions = torch.tensor([[c.next_position] for c in caches], device=device)
+    cache = RowsCache(caches)
+    with torch.inference_mode():
+        out = hf(
+            input_ids=ids,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{_cache_kwarg(hf): cache},
+        )
+    for c in caches:
+        c.count("batched_decode_steps")
+    return out.logits[:, -1]
+
+
+class DecodeBatcher:
+    """Lock-step decode rounds for generations on their own threads (at most `max_batch` at once).
+
+    A thread calls `step(key, cache, token)` for each token it feeds back and `leave(key)` when its
+    generation ends, whatever the reason. A round runs when every member has handed in its token;
+    the thread that completes it runs the forward for all (its wait is its own step anyway).
+    `batch_size_max[key]` and `steps[key]` record what each member saw.
+    """
+
+    def __init__(self, model: Any, max_batch: int):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.cond = threading.Condition()
+        self.members: set[Hashable] = set()
+        self.pending: dict[Hashable, tuple[TokenCache, int]] = {}
+        self.results: dict[Hashable, torch.Tensor | BaseException] = {}
+        self.running = False
+        self.batch_size_max: dict[Hashable, int] = {}
+        self.steps: dict[Hashable, int] = {}
+        self.forwards = 0
+
+    def _ready(self) -> bool:
+        return not self.running and bool(self.pending) and len(self.pending) == len(self.members)
+
+    def step(self, key: Hashable, cache: TokenCache, token: int) -> torch.Tensor:
+        """The logits (vocab,) after `token` is appended to `cache`, from a batched forward."""
+        with self.cond:
+            while key not in self.members and len(self.members) >= self.max_batch:
+                self.cond.wait()
+            self.members.add(key)
+            self.pending[key] = (cache, token)
+            while True:
+                if key in self.results:
+                    return self._take(key)
+                if self._ready():
+                    batch, self.pending, self.running = self.pending, {}, True
+                    break
+                self.cond.wait()
+        keys = list(batch)
+        try:
+            logits = decode_batch(self.model, [batch[k][0] for k in keys], [batch[k][1] for k in keys])
+            outcome: dict[Hashable, torch.Tensor | BaseException] = {k: logits[i] for i, k in enumerate(keys)}
+        except BaseException as exc:  # every row of the round fails with the forward's error
+            outcome = dict.fromkeys(keys, exc)
+        with self.cond:
+            self.forwards += 1
+            for k in keys:
+                self.batch_size_max[k] = max(self.batch_size_max.get(k, 0), len(keys))
+                self.steps[k] = self.steps.get(k, 0) + 1
+            self.results.update(outcome)
+            self.running = False
+            self.cond.notify_all()
+            return self._take(key)
+
+    def _take(self, key: Hashable) -> torch.Tensor:
+        result = self.results.pop(key)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def leave(self, key: Hashable) -> tuple[int, int]:
+        """Remove a finished member; returns (largest batch it decoded in, batched steps it took)."""
+        with self.cond:
+            self.members.discard(key)
+            self.pending.pop(key, None)
+            self.results.pop(key, None)
+            self.cond.notify_all()
+            return self.batch_size_max.pop(key, 0), self.steps.pop(key, 0)
+
+    @property
+    def size(self) -> int:
+        with self.cond:
+            return len(self.members)
