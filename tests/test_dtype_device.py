@@ -176,3 +176,51 @@ def test_generate_cli_refuses_a_missing_gpu(capsys: pytest.CaptureFixture[str]) 
     assert main(["generate", "hello", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "no CUDA GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_block_sparse_a_shape_equals_its_mask(dtype: torch.dtype) -> None:
+    """The block-sparse engine on the device (or, with TOKENSIFT_TRITON=1 on CUDA, the Triton kernel)
+    computes A-shape attention exactly: dense attention under the token-level A-shape mask."""
+    import torch.nn.functional as F
+
+    from tokensift.methods.a_shape import a_shape_dense_rows, a_shape_mask
+    from tokensift.runtime import block_sparse as bsa
+
+    torch.manual_seed(0)
+    b, hq, hkv, length, d, bs, sinks, local = 1, 4, 2, 200, 16, 16, 4, 40
+    q, k, v = torch.randn(b, hq, length, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    device = torch.device(DEVICE)
+    start = a_shape_dense_rows(length, length, sinks, local)
+    firsts = bsa.block_starts(length, length, start, bs).to(device)
+    past = bsa.a_shape_past(firsts, sinks, local, length)[None, None]
+    groups = bsa.Groups.per_kv_head(hkv, hq // hkv, device)
+    out = torch.zeros(b, hq, length, d, device=device, dtype=dtype)
+    qd, kd, vd = (t.to(device, dtype) for t in (q, k, v))
+    mask = bsa.a_shape_row_mask(sinks, local, bs)
+    bsa.sparse_attention(
+        qd,
+        kd,
+        vd,
+        d**-0.5,
+        past,
+        groups,
+        out,
+        block_size=bs,
+        start_row=start,
+        row_mask=mask,
+        window=(sinks, local),
+    )
+    # The reference sees the inputs as rounded to `dtype`, in float32.
+    q32, k32, v32 = (t.to(dtype).float() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(
+        q32,
+        k32.repeat_interleave(hq // hkv, 1),
+        v32.repeat_interleave(hq // hkv, 1),
+        attn_mask=a_shape_mask(length, sinks, local),
+        scale=d**-0.5,
+    )
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    error = (out.float().cpu()[:, :, start:] - ref[:, :, start:]).abs().max().item()
+    assert out.dtype == dtype and out.device.type == device.type
+    assert error < tolerance, error

@@ -195,6 +195,13 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return probs / probs.sum()
 
 
+def synchronize(tensor: torch.Tensor) -> None:
+    """Wait for the GPU's queued work on the tensor's device (a no-op on the CPU): timers that read
+    the clock after it see the work done, not only its launch."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+
+
 def check_context(model: Model, prompt_tokens: int, max_new_tokens: int) -> None:
     limit = model.context_length
     if limit and prompt_tokens + max_new_tokens > limit:
@@ -415,6 +422,7 @@ def generate(
             logits = decoding.forward(question_ids, last_only=True)[-1]
             cache.evicting = True
             cache.count("question_tokens", len(question_ids))
+        synchronize(logits)
         prefill_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         loop = cache.plan.loop
@@ -422,6 +430,7 @@ def generate(
             decode_plain(decoding, logits)
         else:
             loop.decode(decoding, logits)
+        synchronize(logits)
         decode_seconds = time.perf_counter() - t1
 
     new, text = decoding.tokens, ""
