@@ -71,26 +71,26 @@ EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$LOG" 2>&1
 
 # a. the dtype/device tests on the device, then the block-sparse ones through the Triton kernel
-part tests 150 env TOKENSIFT_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
+part tests 90 env TOKENSIFT_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider \
   tests/test_dtype_device.py ${TESTS_K:+-k "$TESTS_K"} --junitxml="$OUT/tests.xml"
 if [ "$DEVICE" != cpu ]; then
-  part tests_triton 90 env TOKENSIFT_TEST_DEVICE="$DEVICE" TOKENSIFT_TRITON=1 "$PY" -m pytest -q \
+  part tests_triton 45 env TOKENSIFT_TEST_DEVICE="$DEVICE" TOKENSIFT_TRITON=1 "$PY" -m pytest -q \
     -p no:cacheprovider tests/test_dtype_device.py -k block_sparse
 fi
 
 # c. the short long-context benchmark (before b: it is the headline figure)
-part long_context 200 "$PY" benchmarks/long_context.py --random-weights "$CONFIG" --device "$DEVICE" \
+part long_context 180 "$PY" benchmarks/long_context.py --random-weights "$CONFIG" --device "$DEVICE" \
   --dtype bfloat16 --lengths $LENGTHS --budgets $BUDGET --parts decode prefill --repeats $REPEATS \
   --new-tokens $NEW --out "$OUT/long_context.json"
 
 # b. the Triton kernel against the PyTorch engine
 if [ "$DEVICE" != cpu ]; then
-  part kernel 60 "$PY" benchmarks/block_sparse_kernel.py --lengths $KLEN --out "$OUT/block_sparse_kernel.json"
+  part kernel 50 "$PY" benchmarks/block_sparse_kernel.py --lengths $KLEN --out "$OUT/block_sparse_kernel.json"
 fi
 
 # d. tokensift's decode loop against transformers' generate (another part of the issue; if present)
 if [ -f benchmarks/decode_vs_generate.py ]; then
-  part decode_vs_generate 120 "$PY" benchmarks/decode_vs_generate.py --random-weights "$CONFIG" \
+  part decode_vs_generate 100 "$PY" benchmarks/decode_vs_generate.py --random-weights "$CONFIG" \
     --device "$DEVICE" --dtype bfloat16 --lengths $DVG_LENGTHS --new-tokens $DVG_NEW --repeats 3 \
     --out "$OUT/decode_vs_generate.json"
 else
