@@ -45,6 +45,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -241,8 +242,16 @@ def decode_part(model, ids, args, clock, base_row, results) -> None:  # type: ig
         try:
             sparse_decode.decode(model, spec, pre, 3, clock, True)
             usable.append(spec)
-        except TokensiftError as exc:
-            results.add({**base_row, "part": "decode", "spec": spec, "skipped": str(exc)})
+        except Exception as exc:  # TokensiftError: cannot apply here; anything else: a bug, recorded
+            results.add(
+                {
+                    **base_row,
+                    "error": not isinstance(exc, TokensiftError),
+                    "part": "decode",
+                    "spec": spec,
+                    "skipped": f"{type(exc).__name__}: {exc}",
+                }
+            )
             print(f"  {spec}: skipped ({exc})", flush=True)
     specs = usable
     runs: dict[str, list[sparse_decode.Run]] = {s: [] for s in specs}
@@ -295,8 +304,16 @@ def prefill_part(model, ids, args, clock, files, base_row, results) -> None:  # 
                 warnings.simplefilter("ignore", NoOpWarning)
                 tokensift.generate(model, ids[: len(ids) // 4], spec, max_new_tokens=1)
             usable.append(spec)
-        except TokensiftError as exc:
-            results.add({**base_row, "part": "prefill", "spec": spec, "skipped": str(exc)})
+        except Exception as exc:  # TokensiftError: cannot apply here; anything else: a bug, recorded
+            results.add(
+                {
+                    **base_row,
+                    "error": not isinstance(exc, TokensiftError),
+                    "part": "prefill",
+                    "spec": spec,
+                    "skipped": f"{type(exc).__name__}: {exc}",
+                }
+            )
             print(f"  {spec}: skipped ({exc})", flush=True)
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in usable}
     for r in range(args.repeats):
@@ -350,8 +367,16 @@ def eviction_part(model, ids, args, files, base_row, results) -> None:  # type: 
                 warnings.simplefilter("ignore", NoOpWarning)
                 tokensift.generate(model, ids[: len(ids) // 4], spec, max_new_tokens=2, ignore_eos=True)
             usable.append(spec)
-        except TokensiftError as exc:
-            results.add({**base_row, "part": "eviction", "spec": spec, "skipped": str(exc)})
+        except Exception as exc:  # TokensiftError: cannot apply here; anything else: a bug, recorded
+            results.add(
+                {
+                    **base_row,
+                    "error": not isinstance(exc, TokensiftError),
+                    "part": "eviction",
+                    "spec": spec,
+                    "skipped": f"{type(exc).__name__}: {exc}",
+                }
+            )
             print(f"  {spec}: skipped ({exc})", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoOpWarning)
@@ -509,12 +534,20 @@ def main() -> None:
             ids = prompt_ids(model, length, room)
             base_row = {"dtype": dtype_name, "length": len(ids), "device": str(device), "model": model.name}
             print(f"{dtype_name}, {len(ids)} tokens:", flush=True)
-            if "decode" in args.parts:
-                decode_part(model, ids, args, clock, base_row, results)
-            if "prefill" in args.parts:
-                prefill_part(model, ids, args, clock, files, base_row, results)
-            if "eviction" in args.parts:
-                eviction_part(model, ids, args, files, base_row, results)
+            parts = {
+                "decode": (decode_part, (model, ids, args, clock, base_row, results)),
+                "prefill": (prefill_part, (model, ids, args, clock, files, base_row, results)),
+                "eviction": (eviction_part, (model, ids, args, files, base_row, results)),
+            }
+            for name, (run, run_args) in parts.items():
+                if name not in args.parts:
+                    continue
+                try:
+                    run(*run_args)
+                except Exception as exc:  # one broken part must not cost the others their figures
+                    traceback.print_exc()
+                    message = f"{type(exc).__name__}: {exc}"
+                    results.add({**base_row, "part": name, "spec": "*", "skipped": message, "error": True})
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
