@@ -10,14 +10,13 @@ Starts the server with the documented command on 127.0.0.1 (a free port), then r
    capped at 2 s). Server RSS and /health are sampled every 2 s.
 2. admission: dense vs `snapkv:budget=0.25` on the same pool, 12 clients sending 2k-token prompts:
    admitted concurrency (requests running, sampled) and throughput.
-3. concurrency: 1, 4 and 8 clients on the same server (requests run concurrently on worker threads)
-   and on a second server with `--max-running 1` (one at a time).
-4. attack replay: an EOS-suppressing prompt and a looping prompt, and ordinary prompts, with the
+3. attack replay: an EOS-suppressing prompt and a looping prompt, and ordinary prompts, with the
    server's default guards.
 
 Pass: every request answered 200 or a clean 400/429 (no 5xx, no connection error), the pool back
 to 0 at the end, server RSS after warm-up within 15% of its value at warm-up end.
-Writes benchmarks/results/serve_load.json and .md.
+Writes benchmarks/results/serve_load.json and .md. Batched vs unbatched decoding at 1, 4 and 8
+clients is measured by benchmarks/serve_batching.py.
 """
 
 from __future__ import annotations
@@ -89,7 +88,7 @@ def rss_mib(pid: int) -> float:
 class Server:
     """`tokensift serve` as a child process on a free loopback port."""
 
-    def __init__(self, model: str, pool_mib: float, max_running: int, cap: int):
+    def __init__(self, model: str, pool_mib: float, max_running: int, cap: int, max_batch: int = 8):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("tokensift")
@@ -108,6 +107,8 @@ class Server:
             "16",
             "--max-running",
             str(max_running),
+            "--max-batch",
+            str(max_batch),
             "--max-new-tokens-cap",
             str(cap),
             "--request-timeout",
@@ -262,13 +263,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     prompts = build_prompts(args.model, args.seed)
     rec = Recorder()
     result: dict[str, Any] = {"model": args.model, "pool_mib": args.pool_mib, "clients": args.clients}
+    result["loadavg_start"] = os.getloadavg()
     server = Server(args.model, args.pool_mib, max_running=8, cap=512)
     result["command"] = " ".join(["tokensift", *server.command[1:]])
     t_load = time.monotonic()
     server.wait_ready()
     result["load_seconds"] = round(time.monotonic() - t_load, 1)
-    one = Server(args.model, args.pool_mib, max_running=1, cap=512)  # the one-at-a-time baseline
-    one.wait_ready()
     pid = server.proc.pid
     try:
         # warm-up: one request per prompt length
@@ -277,9 +277,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 await rec.post(
                     ac, server.base, "/v1/completions", {"prompt": prompts[n][0], "max_tokens": 4}, "warmup"
                 )
-            await rec.post(
-                ac, one.base, "/v1/completions", {"prompt": prompts[512][0], "max_tokens": 4}, "warmup"
-            )
         rss_warm = rss_mib(pid)
 
         def mixed(rng: random.Random) -> tuple[str, dict[str, Any]]:
@@ -317,25 +314,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             result["admission"][method] = await run_clients(
                 server.base, pid, 12, args.phase_seconds, long, f"admission:{method}", rec, args.seed
             )
-
-        def short(rng: random.Random) -> tuple[str, dict[str, Any]]:
-            return "/v1/completions", {"prompt": rng.choice(prompts[512]), "max_tokens": 32, "temperature": 0}
-
-        # Interleaved so that machine load drifts hit both alike.
-        result["concurrency"] = {"threads": {}, "one_at_a_time": {}}
-        for n in (1, 4, 8):
-            pair = [("threads", server), ("one_at_a_time", one)]
-            for key, target in pair if n != 4 else pair[::-1]:
-                result["concurrency"][key][n] = await run_clients(
-                    target.base,
-                    target.proc.pid,
-                    n,
-                    args.phase_seconds / 2,
-                    short,
-                    f"concurrency:{key}:{n}",
-                    rec,
-                    args.seed,
-                )
 
         attacks: dict[str, Any] = {}
         async with httpx.AsyncClient(timeout=300) as ac:
@@ -378,6 +356,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             )
         ]
         rss_end = rss_mib(pid)
+        result["loadavg_end"] = os.getloadavg()
         mixed_rss = [s["rss_mib"] for s in result["mixed"]["samples"]]
         result["rss_mib"] = {
             "after_warmup": round(rss_warm, 1),
@@ -389,7 +368,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         server.stop()
-        one.stop()
     result["rows"] = rec.rows
     return result
 
@@ -432,7 +410,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['bench_command']}`; server: `{result['command']}`.",
         f"Model {result['model']}, KV pool {result['pool_mib']} MiB, {result['machine']}. Other jobs shared "
-        "the 2 CPU cores during the run: absolute times are pessimistic; compare within a table.",
+        "the 2 CPU cores during the run: absolute times are pessimistic; compare within a table. "
+        f"Load average (1/5/15 min) at start {[round(x, 2) for x in result['loadavg_start']]}, at end "
+        f"{[round(x, 2) for x in result['loadavg_end']]}.",
         "",
         "## Pass criteria",
         "",
@@ -468,20 +448,6 @@ def markdown(result: dict[str, Any]) -> str:
             f"{s['status'].get('429', 0)} | {s['tokens_per_second']} | {s['requests_per_minute']} | "
             f"{s['latency_p50_s']} |"
         )
-    lines += [
-        "",
-        "## Concurrency: 512-token prompts, 32 new tokens",
-        "",
-        "Requests run concurrently on worker threads (no batched forward); `one at a time` is the same",
-        "server with `--max-running 1`.",
-        "",
-        "| clients | concurrent threads tok/s | one at a time tok/s | ratio |",
-        "|---|---|---|---|",
-    ]
-    conc = result["concurrency"]
-    for n in (1, 4, 8):
-        a, b = conc["threads"][n]["tokens_per_second"], conc["one_at_a_time"][n]["tokens_per_second"]
-        lines.append(f"| {n} | {a} | {b} | {a / b:.2f} |" if b else f"| {n} | {a} | {b} | - |")
     att = result["attack_replay"]
     lines += [
         "",
