@@ -196,13 +196,14 @@ class ZeroTuning(BiasMethod):
         if biases is None:
             config = cache.handle.model.config.get_text_config(decoder=True)
             q_heads = int(config.num_attention_heads)
+            device = next(cache.handle.model.parameters()).device  # built once, where the logits are
             biases = {}
             for layer, row in self.table(cache.num_layers, q_heads, cache.handle).items():
                 if row:
                     logs = torch.zeros(q_heads, 1)
                     for head, gamma in row.items():
                         logs[head, 0] = math.log(gamma)
-                    biases[layer] = logs
+                    biases[layer] = logs.to(device)
             if not biases:
                 cache.note(f"{self.name}: every chosen head has gamma = 1, so attention stays exact")
             cache.shared[self.name] = biases
@@ -212,4 +213,4 @@ class ZeroTuning(BiasMethod):
         logs = self._biases(layer.cache).get(layer.index)
         if logs is None:
             return None
-        return torch.zeros(1, dtype=torch.long), logs
+        return torch.zeros(1, dtype=torch.long, device=logs.device), logs

@@ -549,6 +549,7 @@ def _triton_kernel() -> Any:
         sib, sig, siq, sim,
         n_keys, q_len, offset, start_row, width, n_rep, sinks, window,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         h = tl.load(Heads + tl.program_id(1))
@@ -576,7 +577,7 @@ def _triton_kernel() -> Any:
                 mask=real[:, None],
                 other=0.0,
             )
-            qk = tl.dot(q, tl.trans(k)) * scale
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             seen = real[None, :] & (ids[None, :] <= pos[:, None])
             if WINDOW:
                 seen = seen & ((ids[None, :] < sinks) | (pos[:, None] - ids[None, :] < window))
@@ -590,7 +591,7 @@ def _triton_kernel() -> Any:
                 mask=real[:, None],
                 other=0.0,
             )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
         out = acc / l_i[:, None]
@@ -655,5 +656,8 @@ def triton_sparse_attention(
         n, length, n - length, start_row, m + block_size, hq // k.shape[1],
         sinks or 0, window or 0,
         BLOCK_M=block_size, BLOCK_N=32, HEAD_DIM=d, WINDOW=window is not None,
+        # float32 products in full precision: Triton's default (TF32 on Ampere and later) measured
+        # 2.7e-3 max abs error against the engine on an H200; half types ignore the setting.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
     return b * g * nq * rep * block_size * (m + block_size)
