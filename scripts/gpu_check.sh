@@ -2,13 +2,16 @@
 # GPU checks (issue 15, part 5), each part in its own timeout, every part run even if one fails:
 #   a. tests/test_dtype_device.py on the device (every method in float32/bfloat16/float16), then its
 #      block-sparse tests again with TOKENSIFT_TRITON=1 (the Triton kernel instead of the engine);
-#   b. benchmarks/block_sparse_kernel.py: the Triton kernel against the PyTorch engine (error, ms);
+#   b. benchmarks/block_sparse_kernel.py: the Triton kernel against the PyTorch engine (error, ms), in
+#      bfloat16 and float32;
 #   c. a short benchmarks/long_context.py: random weights of qwen2.5-coder-0.5b's architecture
 #      (benchmarks/configs/qwen2.5-coder-0.5b.json), bf16, 8k/16k/32k, budget 1024, dense against the
-#      four sparse-decode and three sparse-prefill methods, 5 repeats;
+#      four sparse-decode and three sparse-prefill methods, 5 repeats; then the prefill part again
+#      with the Triton kernel switched on (TOKENSIFT_TRITON=1);
 #   d. benchmarks/decode_vs_generate.py (if present): tokensift's dense decode loop against
 #      transformers' generate, 512/4k/16k, 256 new tokens, on the same random-weight model.
-# Everything is written under $OUT (log.txt and one JSON per benchmark).
+# Everything is written under $OUT (log.txt and one JSON per benchmark). About 9-10 minutes on an
+# H200; a part cut by its timeout keeps what its JSON recorded (benchmarks write after every cell).
 #
 #   OUT=/tmp/gpu scripts/gpu_check.sh                 # on a CUDA machine
 #   DEVICE=cpu SMOKE=1 OUT=/tmp/gpu scripts/gpu_check.sh   # tiny sizes on the CPU: catches typos
@@ -82,10 +85,17 @@ fi
 part long_context 180 "$PY" benchmarks/long_context.py --random-weights "$CONFIG" --device "$DEVICE" \
   --dtype bfloat16 --lengths $LENGTHS --budgets $BUDGET --parts decode prefill --repeats $REPEATS \
   --new-tokens $NEW --out "$OUT/long_context.json"
+if [ "$DEVICE" != cpu ]; then
+  part long_context_triton 60 env TOKENSIFT_TRITON=1 "$PY" benchmarks/long_context.py --random-weights "$CONFIG" \
+    --device "$DEVICE" --dtype bfloat16 --lengths $LENGTHS --parts prefill --repeats $REPEATS \
+    --out "$OUT/long_context_prefill_triton.json"
+fi
 
 # b. the Triton kernel against the PyTorch engine
 if [ "$DEVICE" != cpu ]; then
   part kernel 50 "$PY" benchmarks/block_sparse_kernel.py --lengths $KLEN --out "$OUT/block_sparse_kernel.json"
+  part kernel_fp32 30 "$PY" benchmarks/block_sparse_kernel.py --dtype float32 --lengths 8192 16384 \
+    --out "$OUT/block_sparse_kernel_fp32.json"
 fi
 
 # d. tokensift's decode loop against transformers' generate (another part of the issue; if present)
