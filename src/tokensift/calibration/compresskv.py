@@ -121,7 +121,7 @@ def detect_heads(model: Model, lengths: list[int], depths: list[float], max_new_
         cache.observer = observe
         generated: list[int] = []
         with torch.inference_mode():
-            logits = forward(model, torch.tensor([ids]), cache)[0, -1]
+            logits = forward(model, torch.tensor([ids], device=model.device), cache)[0, -1]
             for _ in range(max_new_tokens):
                 token = int(logits.argmax())
                 if token in eos:
@@ -129,7 +129,7 @@ def detect_heads(model: Model, lengths: list[int], depths: list[float], max_new_
                 if token in needle_tokens:
                     run_score += step_mass
                 generated.append(token)
-                logits = forward(model, torch.tensor([[token]]), cache)[0, -1]
+                logits = forward(model, torch.tensor([[token]], device=model.device), cache)[0, -1]
         runs += 1
         if rouge1_recall(model.tokenizer.decode(generated, skip_special_tokens=True), needle) > 0.5:
             total += run_score
@@ -179,7 +179,7 @@ def layer_errors(
             cache = TokenCache(model, None)
             cache.observer = observe
             with torch.inference_mode():
-                forward(model, torch.tensor([ids]), cache)
+                forward(model, torch.tensor([ids], device=model.device), cache)
         if not float(errors.sum()) > 0:
             raise TokensiftError(
                 f"compresskv layer profile measured no error: are the prompts ({group}) longer than "

@@ -162,7 +162,7 @@ def label(
     chosen = list(range(model.num_layers)) if layers is None else layers
     capture = LabelCapture(layers=frozenset(chosen))
     with torch.inference_mode():
-        forward(model, torch.tensor([ids]), TokenCache(model, capture))
+        forward(model, torch.tensor([ids], device=model.device), TokenCache(model, capture))
     return [capture.keys[i] for i in chosen], [capture.ratios[i] for i in chosen]
 
 

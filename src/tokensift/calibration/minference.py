@@ -275,7 +275,7 @@ def run(model: Model, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         cache = TokenCache(model, search)
-        forward(model, torch.tensor([ids]), cache)
+        forward(model, torch.tensor([ids], device=model.device), cache)
     seconds = time.perf_counter() - t0
     layers = [search.results[i] for i in range(model.num_layers)]
     cands = layers[0][0]

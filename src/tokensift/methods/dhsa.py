@@ -336,7 +336,7 @@ class DHSA(SparsePrefillMethod):
             document = load_artefact("dhsa", layer.cache.handle, self.predictor or None)
             shared["dhsa_predictor"] = BoundaryPredictor.from_state(
                 document["predictor"], document["weights"]
-            ).to(layer.device)  # float32 (key_features casts), on the model's device
+            ).to(layer.cache.handle.device)  # float32 (key_features casts), on the model's device
             shared["dhsa_threshold"] = (document.get("threshold") or {}).get("logit")
         return shared["dhsa_predictor"]
 

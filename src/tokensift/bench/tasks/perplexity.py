@@ -67,13 +67,13 @@ class Perplexity(Task):
 
     def evaluate(self, model: Model, plan: Plan, sample: Sample, *args: Any, **kwargs: Any) -> dict[str, Any]:
         from tokensift.runtime.cache import TokenCache
-        from tokensift.runtime.generate import collect_stats, forward
+        from tokensift.runtime.generate import collect_stats, forward, synchronize
 
         assert model.tokenizer is not None
         ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"][: sample.length]
         text_bytes = len(model.tokenizer.decode(ids).encode())
-        tokens = torch.tensor([ids])
-        nll = torch.zeros((), dtype=torch.float64)
+        tokens = torch.tensor([ids], device=model.device)
+        nll = torch.zeros((), dtype=torch.float64, device=model.device)
         previous: torch.Tensor | None = None
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -90,6 +90,7 @@ class Perplexity(Task):
                     logits[: len(targets)], targets, reduction="sum"
                 ).double()
                 previous = logits[-1:]
+        synchronize(nll)
         seconds = time.perf_counter() - t0
         scored = len(ids) - 1
         mean = float(nll) / scored
