@@ -114,7 +114,7 @@ def detect_heads(model: Model, lengths: list[int], depths: list[float], max_new_
         def observe(module, layer, query, keys, values, scale, ns=ns, ne=ne, step_mass=step_mass) -> None:
             q = query[:, :, -1:]  # the query whose output is the next generated token
             probs = window_scores(q, keys, scale)[0]  # (q_heads, n): one query, so its own softmax
-            step_mass[layer.index] = probs[:, ns:ne].sum(-1).double()
+            step_mass[layer.index] = probs[:, ns:ne].sum(-1).double().cpu()
 
         run_score = torch.zeros_like(total)
         cache = TokenCache(model, None)
@@ -167,7 +167,7 @@ def layer_errors(
                 ]
                 score = pool_scores(votes, 5, "avg").mean(dim=1)[0]
                 top = score.topk(budget - window).indices.sort().values
-                index = torch.cat([top, torch.arange(n - window, n)])
+                index = torch.cat([top, torch.arange(n - window, n, device=top.device)])
                 # The window's rows are the last of both key sets: causal by shape in each.
                 rows = query[:, :, -window:]
                 full = dense_attention(rows, keys, values, scale)

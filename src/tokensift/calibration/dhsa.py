@@ -60,29 +60,30 @@ def boundary_ratios(
     if length != n:
         raise TokensiftError("boundary labels need the whole window in one forward")
     band_width = 2 * window
-    colsum = torch.zeros(n, dtype=torch.float64)
+    device = query.device
+    colsum = torch.zeros(n, dtype=torch.float64, device=device)
     band = torch.zeros(
-        n, band_width, dtype=torch.float64
+        n, band_width, dtype=torch.float64, device=device
     )  # band[j, e] = mean attention of row j + e on key j
     kt = keys.unsqueeze(2).transpose(-1, -2)
     step = chunk_rows(n, hq, MAX_CHUNK_ELEMENTS)
-    cols = torch.arange(n)
+    cols = torch.arange(n, device=device)
     for r0 in range(0, length, step):
         r1 = min(length, r0 + step)
         qg = query[:, :, r0:r1].reshape(1, hkv, hq // hkv, r1 - r0, d)
         logits = torch.matmul(qg, kt).float().mul_(scale).reshape(hq, r1 - r0, n)
-        rows = torch.arange(r0, r1)
+        rows = torch.arange(r0, r1, device=device)
         logits.masked_fill_(cols[None, :] > rows[:, None], float("-inf"))
         mean = torch.softmax(logits, dim=-1).mean(0).double()  # (rows, n)
         colsum += mean.sum(0)
-        e = torch.arange(band_width)
+        e = torch.arange(band_width, device=device)
         j = rows[:, None] - e[None, :]  # key j of row r at distance e
         ok = j >= 0
         band[j[ok], e.expand_as(j)[ok]] = mean[(rows[:, None] - r0).expand_as(j)[ok], j[ok]]
     # below[j, e] = sum of band[j, :e]: rows j..j + e - 1 on key j.
     below = F.pad(band.cumsum(1), (1, 0))
-    t = torch.arange(length)
-    i = torch.arange(window)
+    t = torch.arange(length, device=device)
+    i = torch.arange(window, device=device)
 
     def mass(first: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
         """Sum over keys j = first + i of the attention from rows t + w onwards."""
@@ -130,8 +131,9 @@ class LabelCapture(SparsePrefillMethod):
 
     def prefill_attention(self, layer: Any, query: Any, keys: Any, values: Any, scale: float) -> torch.Tensor:
         if self.layers is None or layer.index in self.layers:
-            self.keys[layer.index] = key_features(keys)[0].half()  # float16 storage keeps memory small
-            self.ratios[layer.index] = boundary_ratios(query, keys, scale)
+            # On the CPU (where the predictor trains); float16 storage keeps memory small.
+            self.keys[layer.index] = key_features(keys)[0].half().cpu()
+            self.ratios[layer.index] = boundary_ratios(query, keys, scale).cpu()
         return dense_attention(query, keys, values, scale)
 
 

@@ -79,24 +79,25 @@ def pattern_recall(
     (H, rows, n) of forward rows row_start.., a multiple of block_size past `first_row`; past: (H or 1,
     nq, m) past keys of the blocks from `first_row`. Rows before `first_row` run dense: recall 1."""
     h, rows, _ = probs_rows.shape
-    out = torch.ones(h, rows, dtype=probs_rows.dtype)
+    device = probs_rows.device
+    out = torch.ones(h, rows, dtype=probs_rows.dtype, device=device)
     skip = max(0, first_row - row_start)
     if skip >= rows:
         return out
     j0 = (row_start + skip - first_row) // block_size
     blocks = -(-(rows - skip) // block_size)
     m = past.shape[-1]
-    firsts = first_row + (j0 + torch.arange(blocks)) * block_size  # the search prompt has no offset
+    firsts = first_row + (j0 + torch.arange(blocks, device=device)) * block_size  # the prompt has no offset
     return_rows = blocks * block_size
     p = torch.nn.functional.pad(probs_rows[:, skip:], (0, 0, 0, return_rows - (rows - skip)))
     p = p.view(h, blocks, block_size, n)
-    chunk_past = past[..., j0 : j0 + blocks, :].expand(h, blocks, m)
-    own = firsts[:, None] + torch.arange(block_size)
+    chunk_past = past[..., j0 : j0 + blocks, :].to(device).expand(h, blocks, m)
+    own = firsts[:, None] + torch.arange(block_size, device=device)
     ids = torch.cat([chunk_past, own.expand(h, blocks, block_size)], dim=-1)
     visible = (ids < n)[:, :, None, :].expand(h, blocks, block_size, m + block_size).clone()
     if row_mask is None:
         row_mask = torch.cat([torch.zeros(block_size, m), bsa.diagonal_mask(block_size)], dim=1)
-    visible &= (row_mask == 0)[None, None]
+    visible &= (row_mask.to(device) == 0)[None, None]
     gathered = p.gather(-1, ids.clamp(max=n - 1)[:, :, None, :].expand(h, blocks, block_size, m + block_size))
     kept = (gathered * visible).sum(-1).view(h, return_rows)[:, : rows - skip]
     out[:, skip:] = kept
@@ -129,10 +130,10 @@ def search_layer(
     built: list[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # first, past, mask, ok
     verticals: dict[int, torch.Tensor] = {}
     for ci, cand in enumerate(cands):
-        ok = torch.ones(hq, dtype=torch.bool)
+        ok = torch.ones(hq, dtype=torch.bool, device=query.device)
         if cand.kind == "a_shape":
             first = a_shape_dense_rows(length, n, cand.a, cand.b)
-            firsts = bsa.block_starts(length, n, first, block_size)
+            firsts = bsa.block_starts(length, n, first, block_size).to(query.device)
             past = a_shape_past(firsts, cand.a, cand.b, n)[None]
             mask = a_shape_row_mask(cand.a, cand.b, block_size)
         elif cand.kind == "block_sparse":
@@ -140,7 +141,7 @@ def search_layer(
             past = block_sparse_past(query, keys, first, cand.a, block_size)[0]
             mask = None
         else:
-            slash = torch.full((hq,), cand.b)
+            slash = torch.full((hq,), cand.b, device=query.device)
             bands = slash_bands(probs, slash, block_size=block_size, recent_slashes=recent_slashes)[0].sum(-1)
             vert = budget - block_size - bands
             ok = vert >= vertical_sinks
@@ -160,14 +161,16 @@ def search_layer(
 
     # Exact attention rows, chunk by chunk, scored against every candidate.
     b, hkv, d = query.shape[0], keys.shape[1], query.shape[-1]
-    total = torch.zeros(hq, len(cands), dtype=torch.float64)
+    total = torch.zeros(hq, len(cands), dtype=torch.float64, device=query.device)
     start = min_row // block_size * block_size
     kt = keys.unsqueeze(2).transpose(-1, -2)
     for r0 in range(start, length, ROW_CHUNK):
         r1 = min(length, r0 + ROW_CHUNK)
         qg = query[:, :, r0:r1].reshape(b, hkv, hq // hkv, r1 - r0, d)
         logits = torch.matmul(qg, kt).float().mul_(scale).reshape(hq, r1 - r0, n)
-        future = torch.arange(n)[None, :] > torch.arange(r0, r1)[:, None]
+        future = (
+            torch.arange(n, device=query.device)[None, :] > torch.arange(r0, r1, device=query.device)[:, None]
+        )
         probs_rows = torch.softmax(logits.masked_fill_(future, float("-inf")), dim=-1)
         for ci, (first, past, mask, _) in enumerate(built):
             kept = pattern_recall(probs_rows, r0, past, first, block_size, mask, n)
@@ -183,7 +186,7 @@ def search_layer(
         cand = cands[int(best[head])]
         a = int(verticals[int(best[head])][head]) if cand.kind == "vertical_slash" else cand.a
         chosen.append((cand.kind, a, cand.b))
-    return cands, recall, chosen
+    return cands, recall.cpu(), chosen
 
 
 @dataclass
