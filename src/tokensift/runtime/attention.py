@@ -20,6 +20,7 @@ from tokensift.runtime import block_sparse
 from tokensift.runtime.batch import PENDING_ROWS
 from tokensift.runtime.cache import PENDING, TokenLayer
 from tokensift.runtime.scores import (
+    ACTIVE_BIAS,
     ACTIVE_TREE,
     KeyBias,
     attention_with_colsums,
@@ -79,10 +80,14 @@ def attend(
     tree = ACTIVE_TREE.get()
     if tree is not None:
         tree.used = False
-    with key_bias(bias_columns(layer, query)) as bias:
-        out = run_layer(layer, query, key, value, scale)
-    if bias is not None:
-        record_bias(layer, bias)
+    columns = bias_columns(layer, query)
+    if columns is None and ACTIVE_BIAS.get() is None:
+        out = run_layer(layer, query, key, value, scale)  # no bias to set or clear: skip the context
+    else:
+        with key_bias(columns) as bias:
+            out = run_layer(layer, query, key, value, scale)
+        if bias is not None:
+            record_bias(layer, bias)
     if tree is not None and query.shape[2] > 1 and not tree.used:
         raise TokensiftError(
             "a tree-masked forward reached an attention kernel that takes no tree mask "

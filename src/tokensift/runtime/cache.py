@@ -195,29 +195,34 @@ class TokenLayer(CacheLayerMixin):
     # -- mutation ------------------------------------------------------------------------------------
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         q = key_states.shape[-2]
-        b, h = key_states.shape[:2]
-        device = key_states.device
-        new_pos = torch.arange(self.seen, self.seen + q, device=device).expand(b, h, q)
         if self.cache.rope is not None:
             # Callers rotate new keys to position `next_position`, which is n for these methods.
             key_states = self.cache.rope.unrotate(key_states, self.n)
         if self.n == 0 and not self.states:
             # First fill (prefill): adopt the projected tensors, no copy and no headroom.
+            b, h = key_states.shape[:2]
             self.keys, self.values = key_states, value_states
-            self.pos = new_pos.contiguous()
+            self.pos = (
+                torch.arange(self.seen, self.seen + q, device=key_states.device).expand(b, h, q).contiguous()
+            )
+            self.cache._account(self)
         else:
+            # Appends write into the preallocated buffers; only a reallocation (`_reserve`, which
+            # accounts for it) changes the bytes held, so a plain append does no bookkeeping.
             self._reserve(self.n + q)
             assert self.keys is not None and self.values is not None and self.pos is not None
             end = self.n + q
             self.keys[..., self.n : end, :] = key_states
             self.values[..., self.n : end, :] = value_states
-            self.pos[..., self.n : end] = new_pos
+            if q == 1:  # a decode step: one position, written as a scalar (no index tensor built)
+                self.pos[..., self.n] = self.seen
+            else:
+                self.pos[..., self.n : end] = torch.arange(self.seen, self.seen + q, device=self.pos.device)
             for t in self.states.values():
                 t[..., self.n : end] = 0
         self.n += q
         self.seen += q
         self.last_query_len = q
-        self.cache._account(self)
 
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:

@@ -139,9 +139,17 @@ def eos_ids(model: Model) -> set[int]:
     return ids
 
 
+_CACHE_KWARG: dict[type, str] = {}
+
+
 def _cache_kwarg(hf_model: Any) -> str:
-    params = inspect.signature(hf_model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    """The name the model's forward takes its cache by, read once per model class (every decode step
+    asks; `inspect.signature` on a bound method is not free)."""
+    kind = type(hf_model)
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(hf_model.forward).parameters
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[kind]
 
 
 def forward(

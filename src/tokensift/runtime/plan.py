@@ -34,6 +34,8 @@ class Plan:
                         "compose methods that use different hooks"
                     )
                 owner[hook] = method
+        # The runtime asks for each hook's method in every layer of every forward: look them up once.
+        object.__setattr__(self, "_owner", owner)
         evict = owner.get(Hook.EVICT)
         sparse = [owner[h] for h in (Hook.SELECT, Hook.PREFILL) if h in owner and owner[h] is not evict]
         if isinstance(evict, EvictionMethod) and evict.needs_colsums and sparse:
@@ -66,7 +68,7 @@ class Plan:
         return Plan(tuple(m.resolve(prompt_tokens) for m in self.methods), prompt_tokens)
 
     def by_hook(self, hook: Hook) -> Method | None:
-        return next((m for m in self.methods if hook in m.hooks), None)
+        return self._owner.get(hook)  # type: ignore[attr-defined, no-any-return]
 
     @property
     def evict(self) -> EvictionMethod | None:
