@@ -147,8 +147,19 @@ def torch_profile(model: tokensift.Model, which: str, ids: list[int], steps: int
 
 
 def report(name: str, r: dict[str, Any]) -> str:
-    lines = [f"== {name}: {r['wall_ms_per_step']:.2f} ms/step unprofiled (median of {r['steps']} steps)"]
-    c = r["cprofile"]
+    wall = r.get("wall_ms_per_step")
+    lines = [
+        f"== {name}: " + (f"{wall:.2f} ms/step unprofiled (median of {r['steps']} steps)" if wall else "")
+    ]
+    if "cprofile" in r:
+        lines += _report_cprofile(r["cprofile"])
+    if "torch_profiler" in r:
+        lines += _report_torch(r["torch_profiler"])
+    return "\n".join(lines)
+
+
+def _report_cprofile(c: dict[str, Any]) -> list[str]:
+    lines = []
     lines.append(f"  cProfile: {c['ms_per_step_profiled']:.2f} ms/step; by where:")
     lines += [f"    {k:45s} {v:7.3f} ms" for k, v in c["ms_per_step_by_where"].items()]
     lines.append("  top Python functions (own time):")
@@ -161,7 +172,11 @@ def report(name: str, r: dict[str, Any]) -> str:
         f"    {x['function'][:70]:70s} {x['ms_per_step']:7.3f} ms  {x['calls_per_step']:6.1f}/step"
         for x in c["top_builtins"]
     ]
-    t = r["torch_profiler"]
+    return lines
+
+
+def _report_torch(t: dict[str, Any]) -> list[str]:
+    lines = []
     lines.append(
         f"  torch.profiler: {t['self_cpu_ms_per_step']:.2f} ms self CPU/step, "
         f"{t['op_calls_per_step']:.0f} op calls/step"
@@ -170,7 +185,7 @@ def report(name: str, r: dict[str, Any]) -> str:
         f"    {x['op'][:50]:50s} {x['self_ms_per_step']:7.3f} ms  {x['calls_per_step']:6.1f}/step"
         for x in t["top_ops"]
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -181,6 +196,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--paths", nargs="+", default=["ours", "generate"], choices=list(CALLS))
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=["wall", "cprofile", "torch"],
+        choices=["wall", "cprofile", "torch"],
+        help="what to run per path (each is one generation, i.e. one prefill)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     from tokensift.models import _dtype
@@ -204,10 +226,13 @@ def main() -> None:
     for which in args.paths:
         getattr(switch, which)()
         step_times(model, which, ids[:64], 4)  # warm-up
-        times = step_times(model, which, ids, args.steps)
-        r = {"steps": len(times), "wall_ms_per_step": 1e3 * statistics.median(times)}
-        r["cprofile"] = cprofile(model, which, ids, args.steps)
-        r["torch_profiler"] = torch_profile(model, which, ids, args.steps)
+        r: dict[str, Any] = {"steps": args.steps}
+        if "wall" in args.parts:
+            r["wall_ms_per_step"] = 1e3 * statistics.median(step_times(model, which, ids, args.steps))
+        if "cprofile" in args.parts:
+            r["cprofile"] = cprofile(model, which, ids, args.steps)
+        if "torch" in args.parts:
+            r["torch_profiler"] = torch_profile(model, which, ids, args.steps)
         result["paths"][which] = r
         print(report(which, r), flush=True)
     switch.ours()
