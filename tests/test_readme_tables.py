@@ -1,0 +1,68 @@
+"""The README's bench tables are the ones printed from the committed raw results (issue 12, part 7):
+a hand edit of a figure, or a results file replaced without regenerating the README, fails here."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _printed(argv: list[str], main) -> str:
+    buf = io.StringIO()
+    old = sys.argv
+    sys.argv = argv
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
+            main()
+    finally:
+        sys.argv = old
+    return buf.getvalue()
+
+
+def _readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize(("table", "folder"), [("demo", "demo")])
+def test_bench_table_in_readme_is_the_committed_results(table: str, folder: str) -> None:
+    directory = RESULTS / folder
+    if not (directory / "results.jsonl").is_file():
+        pytest.fail(f"{directory}/results.jsonl is not committed: the README's {table} table has no source")
+    tables = _load("readme_tables")
+    printed = _printed(["readme_tables.py", table, str(directory)], tables.main).strip()
+    assert printed.count("\n") >= 3, printed
+    assert printed in _readme(), f"README's {table} table differs from readme_tables.py's output:\n{printed}"
+
+
+def test_eviction_tables_in_readme_are_the_committed_results() -> None:
+    eviction = _load("eviction")
+    saved = json.loads((RESULTS / "eviction.json").read_text())
+    assert set(saved["cost"]) == {"query-aware", "query-agnostic"}, "cost cells per protocol"
+    out = _printed(["eviction.py", "--render", str(RESULTS / "eviction.json")], eviction.main)
+    agnostic = out.split("### query-agnostic")[1].strip()
+    # Every query-agnostic cost cell is measured (no "-" left in the cost columns).
+    for line in agnostic.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[5] != "-" and cells[6] != "-", line
+    readme = _readme()
+    assert agnostic in readme
+    # The query-aware table's rows (the README's header names the single run, so compare rows).
+    aware = out.split("### query-aware")[1].split("###")[0].strip().splitlines()[2:]
+    for row in aware:
+        assert row.replace(" (1 run)", "") in readme, row
