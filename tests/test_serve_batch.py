@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import tokensift
-from tests.conftest import prompt_ids, tiny_model
+from tests.conftest import prompt_ids
 from tokensift.errors import TokensiftError
 from tokensift.runtime.batch import DecodeBatcher
 from tokensift.runtime.generate import Generation, generate
@@ -54,7 +54,7 @@ def run_batched(
                 ignore_eos=True,
                 decode_step=lambda d, t: batcher.step(i, d.cache, t),
             )
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
         finally:
             info[i] = batcher.leave(i)
@@ -73,9 +73,12 @@ def run_batched(
 def test_batched_decode_matches_each_request_alone(tiny: tokensift.Model, spec: str) -> None:
     prompts = [prompt_ids(n, seed=i) for i, n in enumerate((60, 70, 45, 90))]
     max_new = [20, 6, 30, 14]  # the short ones leave the batch while the others go on
-    alone = [generate(tiny, p, spec, max_new_tokens=k, ignore_eos=True) for p, k in zip(prompts, max_new)]
+    alone = [
+        generate(tiny, p, spec, max_new_tokens=k, ignore_eos=True)
+        for p, k in zip(prompts, max_new, strict=True)
+    ]
     batched, info, batcher = run_batched(tiny, prompts, spec, max_new)
-    for a, b in zip(alone, batched):
+    for a, b in zip(alone, batched, strict=True):
         assert b.token_ids == a.token_ids
         assert b.stats.kv_bytes_peak == a.stats.kv_bytes_peak
         assert b.stats.tokens_evicted == a.stats.tokens_evicted
@@ -112,8 +115,8 @@ def test_generate_refuses_a_decode_step_with_a_loop_method(tiny: tokensift.Model
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from tests.test_serve import NO_REPETITION, serving, wait_idle  # noqa: E402
 from tests.conftest import tiny_smol_model  # noqa: E402
+from tests.test_serve import NO_REPETITION, serving, wait_idle  # noqa: E402
 
 PROMPTS = ["Tell a story about a cat", "The weather today", "List some numbers: 1, 2,", "Once upon a time"]
 
@@ -180,7 +183,7 @@ def test_server_batches_concurrent_requests_like_alone(smol: tokensift.Model, me
                 return alone, list(together), health_after_short, reserved
 
         alone, together, health, reserved = asyncio.run(scenario())
-        for a, b in zip(alone, together):
+        for a, b in zip(alone, together, strict=True):
             assert b["choices"][0]["text"] == a["choices"][0]["text"]
             assert b["tokensift"]["stats"]["new_tokens"] == a["tokensift"]["stats"]["new_tokens"]
             assert b["tokensift"]["stats"]["kv_bytes_peak"] == a["tokensift"]["stats"]["kv_bytes_peak"]
@@ -204,3 +207,24 @@ def test_server_max_batch_1_and_loop_methods_decode_alone(smol: tokensift.Model)
         r = httpx.post(f"{base}/v1/completions", json=body(0, 8, "prompt_lookup"), timeout=60).json()
         assert not r["tokensift"]["batched"] and "loop method" in r["tokensift"]["unbatched_reason"]
         wait_idle(base)
+
+
+def test_batchers_share_one_batcher_per_plan_and_forget_it_when_idle(tiny: tokensift.Model) -> None:
+    from tokensift.runtime.plan import Plan
+    from tokensift.serve.engine import Batchers
+
+    batchers = Batchers(max_batch=4)
+    dense, snap = Plan.of("dense"), Plan.of("snapkv:budget=0.25")
+    a, _ = batchers.acquire(dense, tiny)
+    b, _ = batchers.acquire(dense, tiny)
+    c, _ = batchers.acquire(snap, tiny)
+    assert a is b and a is not c
+    batchers.release(dense)
+    assert batchers.active["dense"] == (a, 1)
+    batchers.release(dense)
+    batchers.release(snap)
+    assert batchers.active == {}
+    loop, reason = batchers.acquire(Plan.of("prompt_lookup"), tiny)
+    assert loop is None and reason and "loop method" in reason
+    off, reason = Batchers(max_batch=1).acquire(dense, tiny)
+    assert off is None and reason and "--max-batch 1" in reason
