@@ -42,7 +42,7 @@ def _generate_call(model: tokensift.Model, ids: list[int], steps: int, hook: Any
             hook()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    config = GenerationConfig(do_sample=False, max_new_tokens=steps + 1, eos_token_id=None, pad_token_id=0)
+    config = GenerationConfig(do_sample=False, max_new_tokens=steps + 1, eos_token_id=[], pad_token_id=0)
     with torch.inference_mode():
         x = torch.tensor([ids])
         return model.model.generate(

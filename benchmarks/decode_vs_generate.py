@@ -135,7 +135,7 @@ def run_generate(model: tokensift.Model, ids: list[int], new_tokens: int, device
     config = GenerationConfig(
         do_sample=False,
         max_new_tokens=new_tokens,
-        eos_token_id=None,  # fixed-length decoding, as ignore_eos on our side
+        eos_token_id=[],  # no EOS (None would mean the model's): fixed length, as our ignore_eos
         pad_token_id=0,
     )
     hf = model.model

@@ -84,6 +84,13 @@ def test_ours_and_generate_agree_on_tokens() -> None:
     assert len(ours.tokens) == len(theirs.tokens) == 20
     assert ours.tokens == theirs.tokens
     assert ours.prefill_seconds > 0 and ours.decode_seconds > 0 and theirs.decode_seconds > 0
+    # EOS is off on both sides: with a generated token made the EOS, both still decode 20 tokens
+    # (transformers fills an unset eos_token_id from the model's generation config)
+    model.model.generation_config.eos_token_id = ours.tokens[3]
+    switch.generate()
+    again = bench.run_generate(model, ids, 20, cpu)
+    switch.ours()
+    assert again.tokens == ours.tokens
 
 
 def test_bookkeeping_after_decode_matches_a_recount() -> None:
