@@ -45,6 +45,8 @@ def run_batched(
 
     def run(i: int) -> None:
         try:
+            if i < max_batch:  # the first rows join before any prefill ends: no timing race
+                batcher.join(i)
             start.wait()
             out[i] = generate(
                 model,

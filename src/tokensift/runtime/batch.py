@@ -155,6 +155,13 @@ class DecodeBatcher:
             self.cond.notify_all()
             return self._take(key)
 
+    def join(self, key: Hashable) -> None:
+        """Make `key` a member before its first step, so rounds wait for its token from then on."""
+        with self.cond:
+            while key not in self.members and len(self.members) >= self.max_batch:
+                self.cond.wait()
+            self.members.add(key)
+
     def _take(self, key: Hashable) -> torch.Tensor:
         result = self.results.pop(key)
         if isinstance(result, BaseException):
