@@ -39,7 +39,7 @@ def _readme() -> str:
     return (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize(("table", "folder"), [("demo", "demo")])
+@pytest.mark.parametrize(("table", "folder"), [("demo", "demo"), ("ruler-lite", "ruler_lite")])
 def test_bench_table_in_readme_is_the_committed_results(table: str, folder: str) -> None:
     directory = RESULTS / folder
     if not (directory / "results.jsonl").is_file():
