@@ -42,32 +42,21 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import long_context
 import tokensift
 from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats, speedup
 
 TARGET = 1.0  # ours / generate decode tokens/s, at the lower quartile of the paired ratios
 
 
-def build_random(config_path: str, dtype: torch.dtype, seed: int = 0) -> tokensift.Model:
+def build_random(
+    config_path: str, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+) -> tokensift.Model:
     """A model built from a Hugging Face config.json (a file, or a directory holding one) with seeded
-    random weights; no tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(config_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"--random-weights: no config file at {config_path}")
-    data = json.loads(path.read_text())
-    model_type = data.pop("model_type", None)
-    if model_type is None:
-        raise SystemExit(f"--random-weights: {path} has no model_type")
-    for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
-        data.pop(key, None)
-    config = AutoConfig.for_model(model_type, **data)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return tokensift.wrap(model, None, name=f"random:{path.name}:{model_type}")
+    random weights; no tokenizer. The one loader of the benchmarks (`long_context.build_random`)."""
+    return long_context.build_random(config_path, dtype, torch.device(device), seed)
 
 
 def prompt_ids(model: tokensift.Model, length: int, seed: int = 0) -> list[int]:
