@@ -115,8 +115,8 @@ class TidalDecode(SparseDecodeMethod):
     0.36 (Quest: 0.04 / 0.26 / 0.28), measured with `recent=0`, the former default; rerun with the
     current default at 1024 on the same prompts: 0.36 vs Quest's 0.28
     (benchmarks/results/tidaldecode_agreement.md). `head_selection=shared` (one top-k of the summed
-    probabilities for every head, plus 4 sinks and 64 recent tokens) keeps more mass (0.84 / 0.89 / 0.93) but did
-    not agree longer (0.23 / 0.26 / 0.26). Passkey on Qwen2.5-Coder-0.5B at 8k, budget 1024, ten
+    probabilities for every head, plus 4 sinks and 64 recent tokens) keeps more mass (0.84 / 0.89 /
+    0.93) but did not agree longer (0.23 / 0.26 / 0.26). Passkey on Qwen2.5-Coder-0.5B at 8k, budget 1024, ten
     held-out prompts (seed 1212, depths 0.1-0.9; benchmarks/results/tidaldecode_passkey_qwen.md):
     10 / 10, as dense (10 / 10) and Quest at 1024 (10 / 10), so that target is met; dense missed
     none, so these prompts do not separate the methods.
