@@ -81,8 +81,7 @@ def decode_batch(model: Any, caches: list[TokenCache], tokens: list[int]) -> tor
     """Next-token logits (B, vocab) for `tokens[b]` appended to `caches[b]`, in one forward."""
     from tokensift.runtime.generate import _cache_kwarg
 
-    hf = model.model
-    device = next(hf.parameters()).device
+    hf, device = model.model, model.device
     ids = torch.tensor([[t] for t in tokens], device=device)
     positions = torch.tensor([[c.next_position] for c in caches], device=device)
     cache = RowsCache(caches)
