@@ -23,7 +23,9 @@ def kill_busy_workers(finished: threading.Event, killed: list[dict[str, Any]], t
                 continue
             try:
                 handle = ray.get_actor(name)
-                info = ray.get(handle.info.remote(), timeout=2)
+                # A short wait: a worker still starting (loading the model) must not hold the scan up
+                # while the other worker finishes the remaining cells unseen.
+                info = ray.get(handle.info.remote(), timeout=0.1)
             except (ray.exceptions.RayError, ValueError):
                 continue
             if info["cell"] is None:
