@@ -59,6 +59,17 @@ def _identifier(rng: random.Random, taken: set[str]) -> str:
             return name
 
 
+def _distinct(fractions: Sequence[float], n: int) -> list[int]:
+    """Indices in [0, n) picked by `fractions` of n, moved on to the next free one while n allows."""
+    picked: list[int] = []
+    for f in fractions:
+        i = int(f * n)
+        while i in picked and len(picked) < n:
+            i = (i + 1) % n
+        picked.append(i)
+    return picked
+
+
 def _output_budget(count_tokens: TokenCounter, expected: str, slack: int = 24) -> int:
     """New tokens enough for the expected output: its token count (template overhead removed) plus slack."""
     return count_tokens(expected, "") - count_tokens("", "") + slack
@@ -349,8 +360,205 @@ class SummarizeQuote(_Workload):
         return split_sentences(items[int(setting["pick"] * len(items))])
 
 
+class EditRecords(_Workload):
+    """Apply a few field edits to JSON or CSV records and print every record again, in the same format."""
+
+    name = "edit_records"
+    description = (
+        "apply 3 field edits to JSON/CSV records and print them all again; scored by rows reproduced"
+    )
+    source = "tokensift workload for generation loops (synthetic, seeded)"
+    max_units = 120
+
+    def items(self, rng: random.Random, n: int) -> list[dict[str, Any]]:
+        return ReformatRecords().items(rng, n)
+
+    def setting(self, rng: random.Random, items: list[Any]) -> dict[str, Any]:
+        edits = []
+        for _ in range(3):
+            field = rng.choice(("city", "amount", "status"))
+            value = {
+                "city": rng.choice(CITIES),
+                "amount": f"{rng.uniform(5, 500):.2f}",
+                "status": rng.choice(STATUSES),
+            }[field]
+            edits.append((rng.random(), field, value))
+        return {"format": rng.choice(["json", "csv"]), "edits": edits}
+
+    @staticmethod
+    def _edits(items: list[dict[str, Any]], setting: dict[str, Any]) -> list[tuple[int, str, str]]:
+        """(record index, field, new value) of each edit."""
+        rows = _distinct([f for f, _, _ in setting["edits"]], len(items))
+        return [(i, field, value) for i, (_, field, value) in zip(rows, setting["edits"], strict=True)]
+
+    @staticmethod
+    def _render(records: list[dict[str, Any]], fmt: str) -> list[str]:
+        if fmt == "json":
+            return [json.dumps(r) for r in records]
+        return [",".join(FIELDS)] + [",".join(str(r[f]) for f in FIELDS) for r in records]
+
+    def context(self, items: list[dict[str, Any]], setting: dict[str, Any]) -> str:
+        head = "Records (one JSON object per line):" if setting["format"] == "json" else "Records (CSV):"
+        return head + "\n" + "\n".join(self._render(items, setting["format"]))
+
+    def question(self, items: list[dict[str, Any]], setting: dict[str, Any]) -> str:
+        edits = "; ".join(
+            f"record id {items[i]['id']}: set {field} to {value}"
+            for i, field, value in self._edits(items, setting)
+        )
+        return (
+            f"Apply these edits: {edits}. Print every record again, updated, in the same format and "
+            "order, and nothing else."
+        )
+
+    def expected(self, items: list[dict[str, Any]], setting: dict[str, Any]) -> list[str]:
+        records = [dict(r) for r in items]
+        for i, field, value in self._edits(items, setting):
+            records[i][field] = value
+        return self._render(records, setting["format"])
+
+
+HELPER = "@HELPER"  # where the renamed function's name goes in the templates below
+
+CALLER_TEMPLATES: tuple[Callable[[str, str, int], list[str]], ...] = (
+    lambda name, noun, k: [
+        f"def {name}(items):",
+        f'    """Normalise every {noun} item."""',
+        f"    return [{HELPER}(item) for item in items]",
+    ],
+    lambda name, noun, k: [
+        f"def {name}(total, count={k}):",
+        f'    """Average {noun} after normalising."""',
+        "    if count == 0:",
+        f"        return {HELPER}(0)",
+        f"    return {HELPER}(total / count)",
+    ],
+    lambda name, noun, k: [
+        f"def {name}(rows):",
+        f'    """Normalise the {noun} column of each row."""',
+        "    out = []",
+        "    for row in rows:",
+        f"        row['{noun}'] = {HELPER}(row['{noun}'], scale={k})",
+        "        out.append(row)",
+        "    return out",
+    ],
+    lambda name, noun, k: [
+        f"def {name}(a, b):",
+        f'    """Larger of two normalised {noun} values."""',
+        f"    left, right = {HELPER}(a), {HELPER}(b)",
+        "    return left if left > right else right",
+    ],
+)
+
+
+class RenameIdentifier(_Workload):
+    """Refactor: rename a helper function through a whole Python file (definition and every call)."""
+
+    name = "rename_identifier"
+    description = (
+        "rename a helper through a Python file (definition and calls), print the file; scored by lines"
+    )
+    source = "tokensift workload for generation loops (synthetic, seeded)"
+    max_units = 60
+
+    def items(self, rng: random.Random, n: int) -> list[list[str]]:
+        taken: set[str] = set()
+        return [
+            rng.choice(CALLER_TEMPLATES)(
+                _identifier(rng, taken), rng.choice(wonderwords("noun")), rng.randint(2, 99)
+            )
+            for _ in range(n)
+        ]
+
+    def setting(self, rng: random.Random, items: list[list[str]]) -> dict[str, Any]:
+        taken = {f[0][len("def ") : f[0].index("(")] for f in items}
+        return {"old": _identifier(rng, taken), "new": _identifier(rng, taken)}
+
+    @staticmethod
+    def _lines(items: list[list[str]], name: str) -> list[str]:
+        helper = [
+            f"def {HELPER}(value, scale=2):",
+            '    """Scale one value and round it to two decimals."""',
+            "    return round(value * scale, 2)",
+        ]
+        lines = list(helper)
+        for f in items:
+            lines += ["", "", *f]
+        return [line.replace(HELPER, name) for line in lines]
+
+    def context(self, items: list[list[str]], setting: dict[str, Any]) -> str:
+        return "File `utils.py`:\n```python\n" + "\n".join(self._lines(items, setting["old"])) + "\n```"
+
+    def question(self, items: list[list[str]], setting: dict[str, Any]) -> str:
+        return (
+            f"Rename the function `{setting['old']}` to `{setting['new']}` everywhere in the file: its "
+            "definition and every call. Print the whole updated file `utils.py` and nothing else."
+        )
+
+    def expected(self, items: list[list[str]], setting: dict[str, Any]) -> list[str]:
+        return [line for line in self._lines(items, setting["new"]) if line]
+
+
+class AgentLoop(_Workload):
+    """An agent that prints its whole task list again after every tool result (repeating earlier outputs)."""
+
+    name = "agent_loop"
+    description = "agent turn: print the task list again with the finished task checked; scored by lines"
+    source = "tokensift workload for generation loops (synthetic, seeded)"
+    max_units = 60
+
+    def items(self, rng: random.Random, n: int) -> list[str]:
+        return [
+            f"{rng.choice(wonderwords('verb')).lower()} the {rng.choice(wonderwords('noun'))} "
+            f"in {rng.choice(CITIES)} (owner: {_name(rng)})"
+            for _ in range(n)
+        ]
+
+    def setting(self, rng: random.Random, items: list[str]) -> dict[str, Any]:
+        return {"picks": [rng.random() for _ in range(3)]}
+
+    @staticmethod
+    def _done(items: list[str], setting: dict[str, Any]) -> list[int]:
+        """The tasks finished in turns 1, 2 and 3 (distinct where there are enough tasks)."""
+        return _distinct(setting["picks"], len(items))
+
+    @staticmethod
+    def _plan(items: list[str], done: list[int]) -> list[str]:
+        return [f"- [{'x' if i in done else ' '}] {i + 1}. {task}" for i, task in enumerate(items)]
+
+    def context(self, items: list[str], setting: dict[str, Any]) -> str:
+        done = self._done(items, setting)
+        turns = [
+            "You are an agent working through a task list. After every tool result, print the full "
+            "task list again with the finished tasks checked.",
+            "Task list:\n" + "\n".join(self._plan(items, [])),
+        ]
+        for turn in (1, 2):
+            turns.append(f"Tool result: task {done[turn - 1] + 1} finished.")
+            turns.append("Assistant:\n" + "\n".join(self._plan(items, done[:turn])))
+        return "\n\n".join(turns)
+
+    def question(self, items: list[str], setting: dict[str, Any]) -> str:
+        return (
+            f"Tool result: task {self._done(items, setting)[2] + 1} finished. Print the full task list "
+            "again, updated, in the same format, and nothing else."
+        )
+
+    def expected(self, items: list[str], setting: dict[str, Any]) -> list[str]:
+        return self._plan(items, self._done(items, setting))
+
+
 WORKLOADS: dict[str, type[_Workload]] = {
-    t.name: t for t in (ReformatRecords, EditCode, SelfRefine, SummarizeQuote)
+    t.name: t
+    for t in (
+        ReformatRecords,
+        EditCode,
+        SelfRefine,
+        SummarizeQuote,
+        EditRecords,
+        RenameIdentifier,
+        AgentLoop,
+    )
 }
 
 
