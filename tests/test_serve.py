@@ -344,9 +344,10 @@ def test_repetition_guard_unit() -> None:
     assert not RepetitionGuard(2, 4, 3).check([1, 2, 1, 2, 1])
 
 
-def suppressed_eos_model(scale: float) -> tokensift.Model:
+def suppressed_eos_model(scale: float, favourite: int | None = None) -> tokensift.Model:
     """The tiny model with its EOS logits pinned at -1e4 (it never ends) and its head scaled by `scale`
-    (large: confident, low-entropy output; 1: near-uniform, high-entropy output)."""
+    (large: confident, low-entropy output; 1: near-uniform, high-entropy output); with `favourite`,
+    that token's logit is raised by 1e4 so the output repeats it (a degenerate loop)."""
     model = tiny_smol_model(seed=3)
     old = model.model.lm_head
     head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
@@ -354,12 +355,27 @@ def suppressed_eos_model(scale: float) -> tokensift.Model:
         head.weight.copy_(old.weight * scale)
         head.bias.zero_()
         head.bias[sorted(eos_ids(model))] = -1e4
+        if favourite is not None:
+            head.bias[favourite] = 1e4
     model.model.lm_head = head
     return model
 
 
+def test_eos_guard_default_stops_a_repetitive_eos_suppressing_model() -> None:
+    """Default criteria (the low-entropy one off): suppressed EOS plus a repetitive window stops it."""
+    assert ServeConfig().eos_guard_entropy == 0
+    body = {"prompt": "Write", "max_tokens": 200, "temperature": 0, "repetition_detection": NO_REPETITION}
+    with serving(
+        suppressed_eos_model(scale=1.0, favourite=7), eos_guard_after=24, eos_guard_window=16
+    ) as base:
+        r = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        assert r["choices"][0]["stop_reason"] == "eos_suppressed", r["tokensift"]
+        assert 24 <= r["usage"]["completion_tokens"] < 200
+
+
 def test_eos_guard_stops_an_eos_suppressing_model() -> None:
-    guard = {"eos_guard_after": 24, "eos_guard_window": 16}
+    """The low-entropy criterion (off by default, `--eos-guard-entropy`) stops confident output."""
+    guard = {"eos_guard_after": 24, "eos_guard_window": 16, "eos_guard_entropy": 0.5}
     body = {"prompt": "Write", "max_tokens": 200, "temperature": 0, "repetition_detection": NO_REPETITION}
     with serving(suppressed_eos_model(scale=400.0), **guard) as base:
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
@@ -470,3 +486,44 @@ def test_cli_config_and_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "fastapi" else real(n, *a))
     with pytest.raises(TokensiftError, match=r"pip install 'tokensift\[serve\]'"):
         require_extra()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("eos_guard_entropy", -0.1),
+        ("eos_guard_floor", 0.0),
+        ("eos_guard_distinct", 1.5),
+        ("eos_guard_window", 0),
+    ],
+)
+def test_bad_eos_guard_settings_are_refused(option: str, value: float) -> None:
+    with pytest.raises(TokensiftError, match=option):
+        ServeConfig(**{option: value})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tuning", [True, False])
+def test_health_reports_the_allocator_settings(smol: tokensift.Model, tuning: bool) -> None:
+    from tokensift.serve import memory
+
+    with serving(smol, malloc_tuning=tuning) as base:
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        allocator = wait_idle(base)["allocator"]
+    glibc = memory._LIBC is not None
+    assert allocator["applied"] is (tuning and glibc), allocator
+    if tuning and glibc:
+        assert (
+            allocator["mmap_threshold"] == memory.MMAP_THRESHOLD
+            and allocator["arena_max"] == memory.ARENA_MAX
+        )
+
+
+def test_trim_is_rate_limited() -> None:
+    from tokensift.serve import memory
+
+    if memory._LIBC is None:
+        pytest.skip("not glibc")
+    memory.trim(min_interval=0)
+    assert not memory.trim(min_interval=60)  # just ran
+    assert memory.trim(min_interval=0)

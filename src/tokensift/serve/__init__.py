@@ -39,8 +39,9 @@ HELP = {
     "eos_guard_after": "tokens generated before the EOS guard may act",
     "eos_guard_window": "steps the EOS probability must stay below the floor",
     "eos_guard_floor": "EOS probability floor",
-    "eos_guard_entropy": "mean entropy (nats) below which the window counts as low-entropy",
+    "eos_guard_entropy": "mean entropy (nats) below which the window is low-entropy (0: criterion off)",
     "eos_guard_distinct": "distinct-token share at or below which the window counts as repetitive",
+    "malloc_tuning": "glibc malloc settings for a steady RSS (mmap threshold, 2 arenas, trim per request)",
 }
 
 

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from tokensift.errors import NoOpWarning, TokensiftError, one_line
 from tokensift.models import Model, load
 from tokensift.runtime.generate import Generation, check_context, encode_split
+from tokensift.serve import memory
 from tokensift.serve.config import ServeConfig
 from tokensift.serve.engine import (
     Batchers,
@@ -68,6 +69,7 @@ class ServerState:
         self._load_lock = threading.Lock()
         self.recent_e2e: list[float] = []
         self.started = time.time()
+        self.allocator = memory.tune_malloc() if config.malloc_tuning else {"applied": False, "reason": "off"}
 
     def _pool_changed(self) -> None:
         m, pool = self.metrics, self.pool
@@ -169,6 +171,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
                 "reserved_bytes": pool.reserved,
                 "held_bytes": pool.held_bytes,
             },
+            "allocator": state.allocator,
         }
 
     @app.get("/v1/models")
@@ -317,9 +320,15 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
     def start(job: Job, model: Model) -> asyncio.Future[Generation]:
         loop = asyncio.get_running_loop()
         job.batcher, job.unbatched = state.batchers.acquire(job.plan, model)
-        future = loop.run_in_executor(
-            state.executor, run_job, model, job, state.pool.held, state.metrics.itl.observe
-        )
+
+        def work() -> Generation:
+            try:
+                return run_job(model, job, state.pool.held, state.metrics.itl.observe)
+            finally:  # the request's tensors are gone: hand their pages back (see serve.memory)
+                if config.malloc_tuning:
+                    memory.trim()
+
+        future = loop.run_in_executor(state.executor, work)
 
         def finished(f: asyncio.Future[Generation]) -> None:
             state.pool.release(job.reserved)

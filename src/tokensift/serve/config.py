@@ -49,8 +49,9 @@ class ServeConfig:
     eos_guard_after: int = 128  # generated tokens before the guard may act
     eos_guard_window: int = 64  # steps the EOS probability must stay below the floor
     eos_guard_floor: float = 1e-4  # EOS probability floor
-    eos_guard_entropy: float = 0.5  # mean next-token entropy (nats) below which output is low-entropy
+    eos_guard_entropy: float = 0.0  # mean entropy (nats) below which output is low-entropy; 0: off
     eos_guard_distinct: float = 0.25  # distinct-token share in the window at or below which it repeats
+    malloc_tuning: bool = True  # glibc: fixed mmap threshold, 2 arenas, trim after each request
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels (e.g. a deployment name)
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class ServeConfig:
             raise TokensiftError("repetition_min_pattern_size exceeds repetition_max_pattern_size")
         if not 0 < self.eos_guard_floor < 1 or not 0 < self.eos_guard_distinct <= 1:
             raise TokensiftError("eos_guard_floor must lie in (0, 1) and eos_guard_distinct in (0, 1]")
+        if self.eos_guard_entropy < 0:
+            raise TokensiftError(f"eos_guard_entropy must be >= 0 (0: off), got {self.eos_guard_entropy}")
         if self.default_max_tokens > self.max_new_tokens_cap:
             self.default_max_tokens = self.max_new_tokens_cap
 

@@ -4,9 +4,14 @@ Repetition detection follows vLLM's `repetition_detection` request schema. The E
 new: energy-latency attacks (Engorgio, arXiv 2412.19394; Verbose Images, arXiv 2404.16557) craft
 inputs so that the model never emits end-of-sequence and runs to the output cap. The guard tracks
 the EOS probability at every step; once the output is past `after` tokens, if that probability has
-stayed below `floor` for a whole window *and* the output in that window is low-entropy or
-repetitive, it ends the request with stop reason "eos_suppressed". Ordinary long answers keep a
-high next-token entropy, so the floor alone never fires.
+stayed below `floor` for a whole window *and* the output in that window is repetitive (few
+distinct tokens) or, when `entropy` > 0, low-entropy, it ends the request with stop reason
+"eos_suppressed". The floor alone never suffices: inside any long answer the EOS probability is tiny.
+
+The low-entropy criterion is off by default (`entropy=0`): copying outputs (rewriting records,
+editing code) are as confident as an attack while they legitimately postpone the end, and it
+stopped such ordinary outputs in benchmarks/serve_eos_guard.py's calibration split, while the
+distinct-token criterion stopped only outputs that had already fallen into a verbatim loop.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class EosGuard:
     after: int = 128
     window: int = 64
     floor: float = 1e-4
-    entropy: float = 0.5
+    entropy: float = 0.0  # nats; 0 turns the low-entropy criterion off
     distinct: float = 0.25
     eos_probs: deque[float] = field(init=False)
     entropies: deque[float] = field(init=False)
@@ -84,7 +89,7 @@ class EosGuard:
         return sum(self.entropies) / len(self.entropies) if self.entropies else math.nan
 
     def low_entropy(self, tokens: Sequence[int]) -> bool:
-        return self.mean_entropy() < self.entropy
+        return self.entropy > 0 and self.mean_entropy() < self.entropy
 
     def repetitive(self, tokens: Sequence[int]) -> bool:
         recent = tokens[-self.window :]
