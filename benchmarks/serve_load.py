@@ -14,7 +14,8 @@ Starts the server with the documented command on 127.0.0.1 (a free port), then r
    server's default guards.
 
 Pass: every request answered 200 or a clean 400/429 (no 5xx, no connection error), the pool back
-to 0 at the end, server RSS after warm-up within 15% of its value at warm-up end.
+to 0 at the end, server RSS at the end within 15% of its value after warm-up (which ends with
+`max_running` concurrent longest prompts for each mixed method: the server's peak working set).
 Writes benchmarks/results/serve_load.json and .md. Batched vs unbatched decoding at 1, 4 and 8
 clients is measured by benchmarks/serve_batching.py.
 """
@@ -91,6 +92,7 @@ class Server:
     """`tokensift serve` as a child process on a free loopback port."""
 
     def __init__(self, model: str, pool_mib: float, max_running: int, cap: int, max_batch: int = 8):
+        self.max_running = max_running
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("tokensift")
@@ -273,11 +275,29 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     result["load_seconds"] = round(time.monotonic() - t_load, 1)
     pid = server.proc.pid
     try:
-        # warm-up: one request per prompt length
-        async with httpx.AsyncClient(timeout=150) as ac:
+        # warm-up: one request per prompt length, then the server's peak working set: for each mixed
+        # method, `max_running` concurrent requests of the longest prompt. "RSS after warm-up" is
+        # read after that, so later growth is what the server keeps, not the first time it meets its
+        # largest concurrent shapes.
+        async with httpx.AsyncClient(timeout=300) as ac:
             for n in LENGTHS:
                 await rec.post(
                     ac, server.base, "/v1/completions", {"prompt": prompts[n][0], "max_tokens": 4}, "warmup"
+                )
+            longest = prompts[max(LENGTHS)]
+            for method in MIXED_METHODS:
+                extra = {"tokensift": {"method": method}} if method else {}
+                await asyncio.gather(
+                    *(
+                        rec.post(
+                            ac,
+                            server.base,
+                            "/v1/completions",
+                            {"prompt": longest[i % len(longest)], "max_tokens": 16, **extra},
+                            "warmup",
+                        )
+                        for i in range(server.max_running)
+                    )
                 )
         rss_warm = rss_mib(pid)
 
@@ -363,8 +383,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["rss_mib"] = {
             "after_warmup": round(rss_warm, 1),
             "mixed_first": round(mixed_rss[0], 1) if mixed_rss else None,
-            # warm-up ends a quarter into the mixed phase: every prompt length and method has run
-            "after_warmup_quarter": round(mixed_rss[len(mixed_rss) // 4], 1) if mixed_rss else None,
+            "mixed_quarter": round(mixed_rss[len(mixed_rss) // 4], 1) if mixed_rss else None,
+            "mixed_half": round(mixed_rss[len(mixed_rss) // 2], 1) if mixed_rss else None,
             "mixed_max": round(max(mixed_rss), 1) if mixed_rss else None,
             "end": round(rss_end, 1),
         }
@@ -380,7 +400,7 @@ def verdict(result: dict[str, Any]) -> dict[str, Any]:
     bad = [r for r in rows if r["status"] not in (200, 400, 429)]
     pool = result["final_health"]["kv_pool"]
     rss = result["rss_mib"]
-    base = rss["after_warmup_quarter"]
+    base = rss["after_warmup"]
     growth = (rss["end"] - base) / base if base else float("nan")
     streams_done = all(r.get("done", True) for r in rows if r["stream"] and r["status"] == 200)
     attack = result["attack_replay"]
@@ -424,8 +444,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"| no 5xx, no connection error | {v['no_5xx_or_errors']} |",
         f"| every 200 stream ended with `data: [DONE]` | {v['streams_end_with_done']} |",
         f"| pool back to 0 (reserved, held, running, waiting) | {v['pool_back_to_zero']} |",
-        f"| server RSS (MiB): a quarter into the mixed phase → end of all phases | "
-        f"{result['rss_mib']['after_warmup_quarter']} → "
+        f"| server RSS (MiB): after warm-up (peak concurrency of every mixed method) → end of all phases | "
+        f"{result['rss_mib']['after_warmup']} → "
         f"{result['rss_mib']['end']} ({100 * v['rss_growth_after_warmup']:+.1f}%), "
         f"steady: {v['rss_steady']} |",
         f"| attacks stopped by the guards | {v['attacks_stopped']} |",
@@ -438,6 +458,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['mixed']['tokens_per_second']} tok/s, "
         f"{result['mixed']['requests_per_minute']} requests/min; "
         f"requests running: mean {result['mixed']['running_mean']}, max {result['mixed']['running_max']}.",
+        "",
+        "Server RSS through the mixed phase (MiB, every 10 s): "
+        + ", ".join(str(round(x["rss_mib"])) for x in result["mixed"]["samples"][::5])
+        + f"; after warm-up {result['rss_mib']['after_warmup']}, at the end {result['rss_mib']['end']}.",
         "",
         f"## Admission: dense vs snapkv:budget=0.25, same {result['pool_mib']} MiB pool, "
         "2k-token prompts, 12 clients",
