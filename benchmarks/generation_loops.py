@@ -506,9 +506,9 @@ def one_model_prompts(model: tokensift.Model, args: argparse.Namespace) -> list[
         wanted = p.sample.max_new_tokens if p.sample is not None else args.new_tokens
         counts[p.group] = counts.get(p.group, -1) + 1
         rows.append((counts[p.group], Row(p, min(wanted, args.new_tokens), encode(model, p.text))))
-    # First prompt of every workload, then the second of every workload, ...: a run cut short still
-    # covers every workload.
-    return [row for _, row in sorted(rows, key=lambda x: x[0])]
+    # The first prompt of every workload (the open-chat control first), then the second of every
+    # workload, ...: a run cut short still covers every workload.
+    return [row for _, row in sorted(rows, key=lambda x: (x[0], x[1].prompt.group != CONTROL))]
 
 
 def warm_up(model: tokensift.Model, lookups: list[int], ours: list[str]) -> None:
