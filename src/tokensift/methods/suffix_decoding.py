@@ -65,8 +65,10 @@ class SuffixDecoding(LoopMethod):
         CPU core: ~0.7 for smollm2-135m, ~1.0 for the Qwen2.5-Coder models; 0 on a GPU, where the
         paper verifies every draft).
     tree:
-        Draft and verify token trees instead of single paths (default off: tree vs single path
-        has not been measured on a real model yet, and a wider forward is not free on a CPU).
+        Draft and verify token trees instead of single paths. Default off, from the measurement:
+        on qwen2.5-coder-0.5b (2 CPU threads, 7 repetitive workloads, 35 paired repeats; README,
+        benchmarks/results/generation_loops.json) tree vs single path was 1.02x [0.93-1.06], so
+        the tree does not win at the lower quartile: a wider forward is not free on a CPU.
     max_branches:
         Most children per tree node (0: no limit); only with `tree`.
     """
