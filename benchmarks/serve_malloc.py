@@ -1,8 +1,8 @@
-"""What the server's glibc malloc tuning (`--malloc-tuning`, the default) costs and saves.
+"""What the server's glibc malloc tuning (`--malloc-tuning`, off by default) costs and saves.
 
     flock /tmp/tokensift-heavy.lock python benchmarks/serve_malloc.py [--model smollm2-135m] [--repeats 5]
 
-Two servers on 127.0.0.1 with the same options, one with the default `--malloc-tuning` (fixed
+Two servers on 127.0.0.1 with the same options, one with `--malloc-tuning` (fixed
 mmap threshold, two arenas, `malloc_trim` after each request: tokensift.serve.memory) and one with
 `--no-malloc-tuning` (glibc's defaults). Each repeat sends one round to each server in turn (the
 order alternating between repeats): `--max-running` simultaneous requests, half 2k-token passkey
@@ -68,7 +68,7 @@ def main() -> None:
     check_repeats(args.repeats)
     prompts = build_prompts(args.model, seed=7)[2048]
     servers = {
-        "tuned": Server(args.model, args.pool_mib, args.max_running, cap=64),
+        "tuned": Server(args.model, args.pool_mib, args.max_running, cap=64, extra=("--malloc-tuning",)),
         "untuned": Server(args.model, args.pool_mib, args.max_running, cap=64, extra=("--no-malloc-tuning",)),
     }
     result: dict[str, Any] = {"model": args.model, "loadavg_start": os.getloadavg(), "runs": []}

@@ -51,7 +51,7 @@ class ServeConfig:
     eos_guard_floor: float = 1e-4  # EOS probability floor
     eos_guard_entropy: float = 0.0  # mean entropy (nats) below which output is low-entropy; 0: off
     eos_guard_distinct: float = 0.25  # distinct-token share in the window at or below which it repeats
-    malloc_tuning: bool = True  # glibc: fixed mmap threshold, 2 arenas, trim after each request
+    malloc_tuning: bool = False  # glibc: fixed mmap threshold, 2 arenas, trim per request (slower)
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels (e.g. a deployment name)
 
     def __post_init__(self) -> None:
