@@ -255,8 +255,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Ordinary prompts: {s['ordinary_prompts']}, of which {s['looping_outputs']} fell into a "
         "verbatim loop (repetition detection flags the whole unguarded output). A stop of a looping "
-        "output loses "
-        "nothing the user wanted; a false positive is a stop of a non-looping output.",
+        "output loses nothing the user wanted; a false positive is a stop of a non-looping output.",
         "",
         "| setting | outputs long enough for the guard to act | stops | of which looping | false positives |",
         "|---|---|---|---|---|",

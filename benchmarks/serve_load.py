@@ -92,7 +92,13 @@ class Server:
     """`tokensift serve` as a child process on a free loopback port."""
 
     def __init__(
-        self, model: str, pool_mib: float, max_running: int, cap: int, max_batch: int = 8, extra: tuple = ()
+        self,
+        model: str,
+        pool_mib: float,
+        max_running: int,
+        cap: int,
+        max_batch: int = 8,
+        extra: tuple[str, ...] = (),
     ):
         self.max_running = max_running
         self.port = free_port()

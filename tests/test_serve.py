@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -502,10 +504,21 @@ def test_bad_eos_guard_settings_are_refused(option: str, value: float) -> None:
         ServeConfig(**{option: value})  # type: ignore[arg-type]
 
 
+def _tune_in_a_child() -> dict:
+    """The real `memory.tune_malloc`, run in a fresh interpreter: mallopt settings are process-wide and
+    cannot be undone, so this test process's allocator (and the rest of the suite's speed) stays as is."""
+    code = "import json; from tokensift.serve import memory; print(json.dumps(memory.tune_malloc()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 @pytest.mark.parametrize("tuning", [True, False])
-def test_health_reports_the_allocator_settings(smol: tokensift.Model, tuning: bool) -> None:
+def test_health_reports_the_allocator_settings(
+    smol: tokensift.Model, tuning: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tokensift.serve import memory
 
+    monkeypatch.setattr(memory, "tune_malloc", _tune_in_a_child)
     with serving(smol, malloc_tuning=tuning) as base:
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200

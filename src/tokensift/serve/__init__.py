@@ -41,7 +41,7 @@ HELP = {
     "eos_guard_floor": "EOS probability floor",
     "eos_guard_entropy": "mean entropy (nats) below which the window is low-entropy (0: criterion off)",
     "eos_guard_distinct": "distinct-token share at or below which the window counts as repetitive",
-    "malloc_tuning": "glibc malloc settings for a steady RSS (mmap threshold, 2 arenas, trim per request)",
+    "malloc_tuning": "glibc malloc tuning, steadier RSS but slower (mmap threshold, 2 arenas, trim)",
 }
 
 
