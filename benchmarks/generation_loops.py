@@ -58,7 +58,7 @@ from tokensift.runtime.generate import encode, eos_ids
 from tokensift.speculative import clear_global_caches
 
 OURS = ["prompt_lookup", "suffix_decoding", "suffix_decoding:tree=true"]  # --ours replaces this list
-HF_GREEDY, OUR_GREEDY = "hf_greedy", "greedy"
+HF_GREEDY, HF_ASSISTED, OUR_GREEDY = "hf_greedy", "hf_assisted", "greedy"
 SUFFIX, TREE = "suffix_decoding", "suffix_decoding:tree=true"
 CONTROL = "open-ended"
 
@@ -69,34 +69,6 @@ class Prompt:
     text: str
     task: Any = None
     sample: Any = None
-
-
-@dataclass
-class Runs:
-    seconds: list[float] = field(default_factory=list)  # decode wall-clock, per repeat
-    cpu: list[float] = field(default_factory=list)  # decode CPU seconds of this process, per repeat
-    tokens: list[int] = field(default_factory=list)
-    counters: dict[str, float] = field(default_factory=dict)
-    score: float | None = None
-
-    @property
-    def tps(self) -> float:
-        return (len(self.tokens) - 1) / statistics.median(self.seconds)
-
-    def vs(self, base: Runs) -> tuple[list[float], list[float]]:
-        """(wall-clock, CPU-time) speed-ups over `base` (its time / this time, per token), one per
-        paired repeat."""
-        per = (len(self.tokens) - 1) / max(1, len(base.tokens) - 1)
-        wall = [per * b / s for b, s in zip(base.seconds, self.seconds, strict=True)]
-        cpu = [per * b / s for b, s in zip(base.cpu, self.cpu, strict=True)]
-        return wall, cpu
-
-
-def pooled(rows: list[dict[str, Runs]], key: str, base: str) -> tuple[Spread, Spread]:
-    """Wall and CPU speed-ups of `key` over `base`: median [IQR] over every paired repeat of every
-    prompt of a group."""
-    pairs = [rows_[key].vs(rows_[base]) for rows_ in rows]
-    return Spread.of(w for wall, _ in pairs for w in wall), Spread.of(c for _, cpu in pairs for c in cpu)
 
 
 def prompts(
@@ -117,106 +89,18 @@ def prompts(
     return out
 
 
-def prefill_cpu(model: tokensift.Model, prompt: Prompt) -> float:
-    start = time.process_time()
-    tokensift.generate(model, prompt.text, None, max_new_tokens=1)
-    return time.process_time() - start
-
-
-def run(
-    model: tokensift.Model, prompt: Prompt, method: Any, new_tokens: int, runs: Runs, prefill: float
-) -> None:
-    clear_global_caches()
-    start = time.process_time()
-    out = tokensift.generate(model, prompt.text, method, max_new_tokens=new_tokens)
-    runs.cpu.append(max(1e-9, time.process_time() - start - prefill))
-    runs.seconds.append(out.stats.decode_seconds)
-    runs.tokens = out.token_ids
-    runs.counters = out.stats.counters
-    if prompt.task is not None:
-        runs.score = prompt.task.score(prompt.sample, out.text)
-
-
-def by_group(items: list[Prompt], results: list[dict[str, Runs]]) -> dict[str, list[dict[str, Runs]]]:
-    groups: dict[str, list[dict[str, Runs]]] = {}
-    for prompt, row in zip(items, results, strict=True):
-        groups.setdefault(prompt.group, []).append(row)
-    return groups
-
-
-def _fmt(spread: dict[str, float]) -> str:
-    return Spread(spread["median"], spread["q1"], spread["q3"], spread["n"]).format(2, "x")
-
-
 def agreement(tokens: list[int], reference: list[int]) -> float:
+    """Share of positions where the two token lists agree (over the longer one)."""
     n = max(len(tokens), len(reference))
     return sum(a == b for a, b in zip(tokens, reference, strict=False)) / n if n else 1.0
 
 
-def pair_table(
-    large: str, small: str, items: list[Prompt], results: list[dict[str, Runs]], keys: list[str]
-) -> list[dict[str, Any]]:
-    """Print the pair table; returns its rows."""
-    print(f"\n#### {large} with {small}: speed vs the large model and agreement with its greedy output\n")
-    print(
-        "| workload | method | tok/s | vs large (wall / CPU) | agreement | identical | small/routed share "
-        "| score |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    table = []
-    for group, rows in by_group(items, results).items():
-        for key in keys:
-            label = key.split(":")[0] if key.startswith(("bild", "entropy")) else key
-            share, share_text = None, ""
-            if key.startswith("bild"):
-                share = statistics.mean(r[key].counters["bild_small_share"] for r in rows)
-                share_text = f"{share:.2f} small"
-            elif key.startswith("entropy"):
-                share = statistics.mean(r[key].counters["routing_share"] for r in rows)
-                share_text = f"{share:.2f} routed"
-            scores = [r[key].score for r in rows if r[key].score is not None]
-            entry = {
-                "workload": group,
-                "method": key,
-                "prompts": len(rows),
-                "tokens_per_second": statistics.mean(r[key].tps for r in rows),
-                "speedup_wall": pooled(rows, key, "large")[0].as_dict(),
-                "speedup_cpu": pooled(rows, key, "large")[1].as_dict(),
-                "agreement": statistics.mean(agreement(r[key].tokens, r["large"].tokens) for r in rows),
-                "identical": sum(r[key].tokens == r["large"].tokens for r in rows),
-                "share": share,
-                "score": statistics.mean(scores) if scores else None,
-            }
-            table.append(entry)
-            print(
-                f"| {group} | {label} | {entry['tokens_per_second']:.2f} | "
-                f"{_fmt(entry['speedup_wall'])} / {_fmt(entry['speedup_cpu'])} | "
-                f"{entry['agreement']:.2f} | {entry['identical']}/{len(rows)} | {share_text} | "
-                + (f"{entry['score']:.2f} |" if scores else "- |")
-            )
-    return table
-
-
-def raw(items: list[Prompt], results: list[dict[str, Runs]]) -> list[dict[str, Any]]:
-    """Per prompt and method: every repeat's timings, the tokens and the loop counters."""
-    return [
-        {
-            "group": prompt.group,
-            "prompt_chars": len(prompt.text),
-            "runs": {
-                key: {
-                    "decode_seconds": r.seconds,
-                    "decode_cpu_seconds": r.cpu,
-                    "new_tokens": len(r.tokens),
-                    "token_ids": r.tokens,
-                    "score": r.score,
-                    "counters": r.counters,
-                }
-                for key, r in row.items()
-            },
-        }
-        for prompt, row in zip(items, results, strict=True)
-    ]
+def first_divergence(tokens: list[int], reference: list[int]) -> int:
+    """Index of the first token that differs from `reference` (its length if none does)."""
+    for i, (a, b) in enumerate(zip(tokens, reference, strict=False)):
+        if a != b:
+            return i
+    return len(reference) if len(tokens) >= len(reference) else len(tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +117,7 @@ class Timed:
     stable: bool = True  # the same tokens in every repeat
     counters: dict[str, float] = field(default_factory=dict)
     score: float | None = None
+    exact: bool | None = None  # the task's exact match (the JSON/CSV rewrite), where it has one
 
     def add(self, tokens: list[int], total: float, decode: float) -> None:
         if self.total and tokens != self.tokens:
@@ -264,9 +149,14 @@ def hf_key(n: int) -> str:
 
 
 def hf_generate(
-    model: tokensift.Model, ids: list[int], new_tokens: int, lookup: int | None
+    model: tokensift.Model,
+    ids: list[int],
+    new_tokens: int,
+    lookup: int | None,
+    assistant: tokensift.Model | None = None,
 ) -> tuple[list[int], float]:
-    """transformers' own greedy `generate` (with prompt lookup when `lookup`): new tokens, seconds."""
+    """transformers' own greedy `generate` (with prompt lookup when `lookup`, assisted generation with
+    `assistant` drafting): new tokens, seconds."""
     hf = model.model
     eos = sorted(eos_ids(model))
     pad = hf.generation_config.pad_token_id
@@ -278,6 +168,8 @@ def hf_generate(
     }
     if lookup:
         kwargs["prompt_lookup_num_tokens"] = lookup
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant.model
     input_ids = torch.tensor([ids], device=model.device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -293,11 +185,14 @@ def our_generate(model: tokensift.Model, ids: list[int], method: str | None, new
     return out, time.perf_counter() - start
 
 
-def run_method(model: tokensift.Model, row: Row, key: str, prefill: float) -> None:
+def run_method(
+    model: tokensift.Model, row: Row, key: str, prefill: float, assistant: tokensift.Model | None = None
+) -> None:
     timed = row.runs.setdefault(key, Timed())
-    if key == HF_GREEDY or key.startswith("hf_lookup_"):
-        lookup = None if key == HF_GREEDY else int(key.rsplit("_", 1)[1])
-        tokens, seconds = hf_generate(model, row.ids, row.new_tokens, lookup)
+    if key.startswith("hf_"):
+        lookup = int(key.rsplit("_", 1)[1]) if key.startswith("hf_lookup_") else None
+        helper = assistant if key == HF_ASSISTED else None
+        tokens, seconds = hf_generate(model, row.ids, row.new_tokens, lookup, helper)
         timed.add(tokens, seconds, seconds - prefill)
         text = model.tokenizer.decode(tokens, skip_special_tokens=True)
     else:
@@ -307,6 +202,8 @@ def run_method(model: tokensift.Model, row: Row, key: str, prefill: float) -> No
         text = out.text
     if row.prompt.task is not None:
         timed.score = row.prompt.task.score(row.prompt.sample, text)
+        if hasattr(row.prompt.task, "exact"):
+            timed.exact = row.prompt.task.exact(row.prompt.sample, text)
 
 
 def measure_prompt(
@@ -317,13 +214,20 @@ def measure_prompt(
         for n in lookups:
             row.selection[str(n)] = hf_generate(model, row.ids, row.new_tokens, n)[1]
         lookups = [int(min(row.selection, key=lambda n: row.selection[n]))]
-    keys = [HF_GREEDY, *map(hf_key, lookups), OUR_GREEDY, *ours]
+    measure_keys(model, row, [HF_GREEDY, *map(hf_key, lookups), OUR_GREEDY, *ours], repeats)
+    row.load.append(os.getloadavg())
+
+
+def measure_keys(
+    model: tokensift.Model, row: Row, keys: list[str], repeats: int, assistant: tokensift.Model | None = None
+) -> None:
+    """Every method of `keys` once per repeat, in an order rotated per repeat, after a transformers
+    1-token call that gives the repeat's prefill time."""
     for r in range(repeats):
         prefill = hf_generate(model, row.ids, 1, None)[1]
         row.prefill.append(prefill)
-        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotated per repeat
-            run_method(model, row, key, prefill)
-    row.load.append(os.getloadavg())
+        for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            run_method(model, row, key, prefill, assistant)
 
 
 def best_lookup(rows: list[Row]) -> str:
@@ -492,6 +396,10 @@ def row_json(row: Row) -> dict[str, Any]:
                 else None,
                 "token_ids": t.tokens,
                 "score": t.score,
+                "exact_match": t.exact,
+                "first_divergence_from_hf_greedy": first_divergence(t.tokens, row.runs[HF_GREEDY].tokens)
+                if HF_GREEDY in row.runs
+                else None,
                 "counters": t.counters,
             }
             for key, t in row.runs.items()
@@ -501,11 +409,16 @@ def row_json(row: Row) -> dict[str, Any]:
 
 def one_model_prompts(model: tokensift.Model, args: argparse.Namespace) -> list[Row]:
     items = prompts(model, args.workloads, args.length, args.samples, args.chats, args.seed, args.chat_start)
+    return make_rows(model, items, args.new_tokens)
+
+
+def make_rows(model: tokensift.Model, items: list[Prompt], cap: int) -> list[Row]:
+    """One row per prompt: its ids and new-token budget (the workload's own, at most `cap`)."""
     rows, counts = [], {}
     for p in items:
-        wanted = p.sample.max_new_tokens if p.sample is not None else args.new_tokens
+        wanted = p.sample.max_new_tokens if p.sample is not None else cap
         counts[p.group] = counts.get(p.group, -1) + 1
-        rows.append((counts[p.group], Row(p, min(wanted, args.new_tokens), encode(model, p.text))))
+        rows.append((counts[p.group], Row(p, min(wanted, cap), encode(model, p.text))))
     # The first prompt of every workload (the open-chat control first), then the second of every
     # workload, ...: a run cut short still covers every workload.
     return [row for _, row in sorted(rows, key=lambda x: (x[0], x[1].prompt.group != CONTROL))]
@@ -535,6 +448,178 @@ def save_one_model(args: argparse.Namespace, report: dict[str, Any], name: str, 
     }
     report["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save(args.json, report)
+    write_markdown(args.json.with_suffix(".md"), report)
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2: a large/small pair, transformers' greedy and assisted generation beside our two-model loops
+
+PAIR_OURS = ["bild:lossless=true", "bild", "entropy_routing"]  # --pair-ours replaces this list
+
+
+def with_small(spec: str, small: str) -> str:
+    """`spec` with the pair's small model as its `small` parameter."""
+    return f"{spec}{',' if ':' in spec else ':'}small={small}"
+
+
+def label(key: str, small: str) -> str:
+    return key.replace(f",small={small}", "").replace(f":small={small}", "")
+
+
+def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
+    """One method on a group's rows: speed against transformers, identity with the large model's
+    greedy output (transformers'), and task quality."""
+    scores = [r.runs[key].score for r in rows if r.runs[key].score is not None]
+    exact = [r.runs[key].exact for r in rows if r.runs[key].exact is not None]
+    shares = [
+        r.runs[key].counters.get("bild_small_share", r.runs[key].counters.get("routing_share")) for r in rows
+    ]
+    return {
+        "decode_tokens_per_second": statistics.median(x for r in rows for x in r.runs[key].rates("decode")),
+        "vs_hf_greedy": ratio(rows, key, HF_GREEDY, "decode").as_dict(),
+        "vs_hf_assisted": ratio(rows, key, HF_ASSISTED, "decode").as_dict(),
+        "vs_hf_greedy_end_to_end": ratio(rows, key, HF_GREEDY, "total").as_dict(),
+        "vs_hf_assisted_end_to_end": ratio(rows, key, HF_ASSISTED, "total").as_dict(),
+        "identical_to_hf_greedy": sum(r.runs[key].tokens == r.runs[HF_GREEDY].tokens for r in rows),
+        "prefix_agreement": statistics.mean(
+            first_divergence(r.runs[key].tokens, r.runs[HF_GREEDY].tokens)
+            / max(1, len(r.runs[HF_GREEDY].tokens))
+            for r in rows
+        ),
+        "first_divergence": [first_divergence(r.runs[key].tokens, r.runs[HF_GREEDY].tokens) for r in rows],
+        "agreement": statistics.mean(agreement(r.runs[key].tokens, r.runs[HF_GREEDY].tokens) for r in rows),
+        "score": statistics.mean(scores) if scores else None,
+        "exact_match": sum(exact) if exact else None,
+        "small_share": statistics.mean(shares) if all(x is not None for x in shares) else None,
+        "same_tokens_every_repeat": all(r.runs[key].stable for r in rows),
+    }
+
+
+def pair_table(rows: list[Row], keys: list[str], small: str) -> tuple[list[dict[str, Any]], str]:
+    """Per workload and method: the figures of `pair_row_stats`; returns the rows and the markdown."""
+    lines = [
+        "| workload | prompts | new tokens | method | decode tok/s | vs transformers greedy | "
+        "vs transformers assisted | end-to-end vs assisted | identical to large greedy | "
+        "prefix agreement | small share | rows reproduced | exact match |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    table = []
+    for group, grows in groups(rows).items():
+        new = statistics.mean(len(r.runs[HF_GREEDY].tokens) for r in grows)
+        for key in keys:
+            entry = {"workload": group, "method": key, "prompts": len(grows), "new_tokens": new}
+            entry |= pair_row_stats(grows, key)
+            table.append(entry)
+            share, score, exact = entry["small_share"], entry["score"], entry["exact_match"]
+            lines.append(
+                f"| {group} | {len(grows)} | {new:.0f} | {label(key, small)} | "
+                f"{entry['decode_tokens_per_second']:.2f} | {_spread(entry['vs_hf_greedy'])} | "
+                f"{_spread(entry['vs_hf_assisted'])} | {_spread(entry['vs_hf_assisted_end_to_end'])} | "
+                f"{entry['identical_to_hf_greedy']}/{len(grows)} | {entry['prefix_agreement']:.2f} | "
+                + ("-" if share is None else f"{share:.2f}")
+                + " | "
+                + ("-" if score is None else f"{score:.2f}")
+                + " | "
+                + ("-" if exact is None else f"{exact}/{len(grows)}")
+                + " |"
+            )
+    return table, "\n".join(lines)
+
+
+def pair_targets(rows: list[Row], lossless: str) -> dict[str, Any]:
+    """Issue 16: the lossless mode token-identical to the large model's greedy and >= 1.2x
+    transformers' assisted generation (decode rate, paired per repeat; met if the lower quartile is)."""
+    if lossless not in rows[0].runs:
+        return {}
+    out: dict[str, Any] = {}
+    for group, grows in [("all", rows), *groups(rows).items()]:
+        s = ratio(grows, lossless, HF_ASSISTED, "decode")
+        same = sum(r.runs[lossless].tokens == r.runs[HF_GREEDY].tokens for r in grows)
+        out[group] = {
+            "target": f"{lossless} identical to transformers greedy and >= 1.2x transformers assisted",
+            "spread": s.as_dict(),
+            "identical": f"{same}/{len(grows)}",
+            "met": s.meets(1.2) and same == len(grows),
+        }
+    return out
+
+
+def warm_pair(large: tokensift.Model, small: tokensift.Model, ours: list[str]) -> None:
+    ids = encode(large, "Repeat after me: one two three, one two three, one two three.")
+    hf_generate(large, ids, 8, None)
+    hf_generate(large, ids, 8, None, small)
+    for method in [None, *ours]:
+        our_generate(large, ids, method, 8)
+
+
+def save_pair(
+    args: argparse.Namespace, report: dict[str, Any], rows: list[Row], keys: list[str], small: tokensift.Model
+) -> None:
+    done = [r for r in rows if r.runs]
+    if not done:
+        return
+    ours = keys[3:]
+    table, markdown = pair_table(done, keys, small.name)
+    loads = [x[0] for r in done for x in r.load]
+    gen = small.model.generation_config
+    report["pair"] |= {
+        "keys": keys,
+        "table": table,
+        "targets": pair_targets(done, ours[0]) if ours and "lossless=true" in ours[0] else {},
+        "assistant_generation_config": {
+            k: getattr(gen, k, None)
+            for k in (
+                "num_assistant_tokens",
+                "num_assistant_tokens_schedule",
+                "assistant_confidence_threshold",
+            )
+        },
+        "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+        "prompts": [row_json(r) for r in done],
+        "markdown": markdown,
+    }
+    report["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save(args.json, report)
+    write_markdown(args.json.with_suffix(".md"), report)
+
+
+def run_pair(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    large_name, small_name = args.pair.split(":")
+    large, small = tokensift.load(large_name), tokensift.load(small_name)
+    keys = [HF_GREEDY, HF_ASSISTED, OUR_GREEDY, *(with_small(s, small_name) for s in args.pair_ours)]
+    warm_pair(large, small, keys[3:])
+    items = prompts(
+        large,
+        args.pair_workloads,
+        args.pair_length,
+        args.pair_samples,
+        args.pair_chats,
+        args.seed,
+        args.chat_start,
+    )
+    rows = make_rows(large, items, args.pair_new_tokens)
+    report["pair"] = {"large": large_name, "small": small_name, "dtype": str(large.dtype)}
+    print(f"\n{large_name} + {small_name} ({large.dtype}): {len(rows)} prompts", flush=True)
+    for i, row in enumerate(rows):
+        start = time.perf_counter()
+        row.load.append(os.getloadavg())
+        measure_keys(large, row, keys, args.repeats, small)
+        row.load.append(os.getloadavg())
+        save_pair(args, report, rows, keys, small)
+        print(
+            f"  [{i + 1}/{len(rows)}] {row.prompt.group} ({len(row.ids)} prompt tokens, "
+            f"{row.new_tokens} new, {time.perf_counter() - start:.0f} s): "
+            + ", ".join(
+                f"{label(k, small_name)} {statistics.median(t.rates('decode')):.2f}"
+                for k, t in row.runs.items()
+            ),
+            flush=True,
+        )
+    print("\n" + report["pair"]["markdown"])
+    print("targets: " + json.dumps(report["pair"]["targets"]))
+
+
+def write_markdown(path: Path, report: dict[str, Any]) -> None:
     md = [
         f"# {report['command']}",
         "",
@@ -543,7 +628,20 @@ def save_one_model(args: argparse.Namespace, report: dict[str, Any], name: str, 
     for model_name, part in report["one_model"].items():
         md += ["", f"## {model_name} (1-min load average {part['loadavg_1min']})", "", part["markdown"], ""]
         md += ["targets: " + json.dumps(part["targets"])]
-    args.json.with_suffix(".md").write_text("\n".join(md) + "\n")
+    pair = report.get("pair") or {}
+    if "markdown" in pair:
+        md += [
+            "",
+            f"## {pair['large']} with {pair['small']} ({pair['dtype']}; "
+            f"1-min load average {pair['loadavg_1min']})",
+            "",
+            pair["markdown"],
+            "",
+            "targets: " + json.dumps(pair["targets"]),
+            "",
+            "transformers assistant settings: " + json.dumps(pair["assistant_generation_config"]),
+        ]
+    path.write_text("\n".join(md) + "\n")
 
 
 def main() -> None:
@@ -561,9 +659,14 @@ def main() -> None:
     )
     parser.add_argument("--pair", default="", help="LARGE:SMALL, e.g. qwen2.5-coder-1.5b:qwen2.5-coder-0.5b")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
-    parser.add_argument("--pair-workloads", nargs="+", default=["edit_code", "self_refine"])
+    parser.add_argument("--pair-workloads", nargs="+", default=["edit_records", "edit_code"])
+    parser.add_argument(
+        "--pair-ours", nargs="+", default=PAIR_OURS, help="our two-model loop specs (small= is added)"
+    )
+    parser.add_argument("--pair-samples", type=int, default=2, help="prompts per workload for the pair")
+    parser.add_argument("--pair-chats", type=int, default=0, help="open-ended chat prompts for the pair")
     parser.add_argument("--length", type=int, default=400, help="prompt tokens of the workloads")
-    parser.add_argument("--pair-length", type=int, default=300, help="prompt tokens of the pair's workloads")
+    parser.add_argument("--pair-length", type=int, default=200, help="prompt tokens of the pair's workloads")
     parser.add_argument("--samples", type=int, default=2, help="prompts per workload")
     parser.add_argument("--seed", type=int, default=2026, help="workload seed (held out: tuning used seed 0)")
     parser.add_argument("--chats", type=int, default=2, help="open-ended chat prompts")
@@ -573,7 +676,9 @@ def main() -> None:
     parser.add_argument(
         "--new-tokens", type=int, default=128, help="cap on the workloads' own output budgets"
     )
-    parser.add_argument("--pair-new-tokens", type=int, default=40)
+    parser.add_argument(
+        "--pair-new-tokens", type=int, default=96, help="cap on the pair workloads' own output budgets"
+    )
     add_repeats_argument(parser)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own default)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/generation_loops.json"))
@@ -625,33 +730,7 @@ def main() -> None:
         gc.collect()
 
     if args.pair:
-        large_name, small_name = args.pair.split(":")
-        large, small = tokensift.load(large_name), tokensift.load(small_name)
-        tokensift.generate(large, "Hello", None, max_new_tokens=2)
-        items = prompts(large, args.pair_workloads, args.pair_length, 1, min(args.chats, 2))
-        bild = f"bild:small={small_name}"
-        routing = f"entropy_routing:small={small_name}"
-        print(f"\n{large_name} + {small_name}: {len(items)} prompts")
-        results = []
-        for i, prompt in enumerate(items):
-            row = {k: Runs() for k in ["large", "small", bild, routing]}
-            prefill, small_prefill = prefill_cpu(large, prompt), prefill_cpu(small, prompt)
-            for _ in range(args.repeats):
-                run(large, prompt, None, args.pair_new_tokens, row["large"], prefill)
-                run(small, prompt, None, args.pair_new_tokens, row["small"], small_prefill)
-                run(large, prompt, bild, args.pair_new_tokens, row[bild], prefill)
-                run(large, prompt, routing, args.pair_new_tokens, row[routing], prefill)
-            results.append(row)
-            print(
-                f"  [{i + 1}/{len(items)}] {prompt.group}: "
-                + ", ".join(f"{k} {r.tps:.2f}" for k, r in row.items())
-            )
-        report["pair"] = {
-            "large": large_name,
-            "small": small_name,
-            "table": pair_table(large_name, small_name, items, results, ["large", "small", bild, routing]),
-            "prompts": raw(items, results),
-        }
+        run_pair(args, report)
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save(args.json, report)
     print(f"\nwrote {args.json}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -131,6 +132,8 @@ class BiLD(LoopMethod):
         seq.append(token)
         counts = dict.fromkeys(["large_forwards", "small_tokens", "fallbacks", "rollbacks"], 0)
         drafted = 0  # small tokens the large model checked
+        seconds = {"small": 0.0, "large": 0.0}  # in small-model steps, in large-model forwards
+        begin = time.perf_counter()
         try:
             if decoding.accept(token, logits):
                 return
@@ -139,12 +142,14 @@ class BiLD(LoopMethod):
                 pending: list[int] = []
                 drafts_q: list[torch.Tensor] = []  # the small model's sampling distributions
                 while True:
+                    clock = time.perf_counter()
                     small_logits = small.step(seq)
                     if sampling:
                         probs = sampling_probs(small_logits, decoding.temperature, decoding.top_p)
                     else:
                         probs = torch.softmax(small_logits.float(), dim=-1)
                     confidence, best = probs.max(dim=-1)
+                    seconds["small"] += time.perf_counter() - clock
                     if self.fallback_threshold >= 1.0 or float(confidence) < self.fallback_threshold:
                         counts["fallbacks"] += 1
                         break
@@ -160,7 +165,9 @@ class BiLD(LoopMethod):
                     ):
                         break
                 # Large mode: one forward over [last committed token, *pending].
+                clock = time.perf_counter()
                 rows = large.forward(seq[len(seq) - len(pending) - 1 :])
+                seconds["large"] += time.perf_counter() - clock
                 counts["large_forwards"] += 1
                 drafted += len(pending)
                 if self.lossless:
@@ -184,6 +191,11 @@ class BiLD(LoopMethod):
             for name, value in counts.items():
                 cache.count(f"bild_{name}", value)
             cache.count("bild_small_forwards", small.forwards)
+            # Where the decode time went (host clock; on an accelerator it includes waits on queued work).
+            total = time.perf_counter() - begin
+            cache.count("bild_small_seconds", seconds["small"])
+            cache.count("bild_large_seconds", seconds["large"])
+            cache.count("bild_other_seconds", total - seconds["small"] - seconds["large"])
             cache.count("bild_small_share", counts["small_tokens"] / max(1, len(decoding.tokens)))
             record_loop(
                 cache,

@@ -45,6 +45,13 @@ def reproduced(expected: Sequence[str], prediction: str) -> float:
     return sum(u in got for u in units) / len(units)
 
 
+def exact_match(expected: Sequence[str], prediction: str) -> bool:
+    """The prediction is exactly the expected lines: blank lines and Markdown code-fence lines
+    dropped, whitespace inside a line normalised, nothing missing, extra or out of order."""
+    lines = [_norm(line) for line in prediction.splitlines()]
+    return [x for x in lines if x and not x.startswith("```")] == [_norm(u) for u in expected if _norm(u)]
+
+
 def _name(rng: random.Random) -> str:
     return (
         f"{rng.choice(wonderwords('adjective')).capitalize()} {rng.choice(wonderwords('noun')).capitalize()}"
@@ -117,6 +124,10 @@ class _Workload(Task):
 
     def score(self, sample: Sample, prediction: str) -> float:
         return reproduced(sample.answer, prediction)
+
+    def exact(self, sample: Sample, prediction: str) -> bool:
+        """Whether the prediction is the expected output exactly (see `exact_match`)."""
+        return exact_match(sample.answer, prediction)
 
     # Subclasses: the data, per-sample settings, and how they render.
     def items(self, rng: random.Random, n: int) -> list[Any]:
