@@ -27,9 +27,15 @@ With --hf-lookup-mode select, each prompt first runs transformers' lookup once p
 Torch runs on its default thread count (what a user gets) unless --threads is given; the thread
 count and the load average (before and after every prompt) are recorded.
 
-Part 2 (--pair LARGE:SMALL, models sharing a tokenizer; not re-measured for issue 16): the large
-model alone, the small model alone, bild and entropy_routing at their default thresholds: tokens/s
-relative to the large model and agreement with its greedy output.
+Part 2 (--pair LARGE:SMALL, models sharing a tokenizer; --models with no names skips part 1), on the
+large model in one process, same prompt ids, warm, rotated repeats as above: transformers' greedy
+and assisted generation (`generate(..., assistant_model=small)`, its own default drafting schedule),
+our dense greedy and --pair-ours (default `bild:lossless=true`, `bild`, `entropy_routing`, each at its
+default thresholds, with small=SMALL). Per workload: decode rate ratios vs transformers' greedy and
+assisted (paired per repeat, median [IQR]), token identity and first divergence from the large
+model's greedy, rows reproduced and exact match of the rewrite (edit_records), and the target
+`bild:lossless=true` >= 1.2x assisted (lower quartile) and identical. Then, for each lossy loop, both
+models' probabilities at the first token where it left the large model's greedy output.
 """
 
 from __future__ import annotations
@@ -469,6 +475,7 @@ def label(key: str, small: str) -> str:
 def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
     """One method on a group's rows: speed against transformers, identity with the large model's
     greedy output (transformers'), and task quality."""
+    assisted = HF_ASSISTED in rows[0].runs
     scores = [r.runs[key].score for r in rows if r.runs[key].score is not None]
     exact = [r.runs[key].exact for r in rows if r.runs[key].exact is not None]
     shares = [
@@ -477,9 +484,9 @@ def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
     return {
         "decode_tokens_per_second": statistics.median(x for r in rows for x in r.runs[key].rates("decode")),
         "vs_hf_greedy": ratio(rows, key, HF_GREEDY, "decode").as_dict(),
-        "vs_hf_assisted": ratio(rows, key, HF_ASSISTED, "decode").as_dict(),
+        "vs_hf_assisted": ratio(rows, key, HF_ASSISTED, "decode").as_dict() if assisted else None,
         "vs_hf_greedy_end_to_end": ratio(rows, key, HF_GREEDY, "total").as_dict(),
-        "vs_hf_assisted_end_to_end": ratio(rows, key, HF_ASSISTED, "total").as_dict(),
+        "vs_hf_assisted_end_to_end": ratio(rows, key, HF_ASSISTED, "total").as_dict() if assisted else None,
         "identical_to_hf_greedy": sum(r.runs[key].tokens == r.runs[HF_GREEDY].tokens for r in rows),
         "prefix_agreement": statistics.mean(
             first_divergence(r.runs[key].tokens, r.runs[HF_GREEDY].tokens)
@@ -493,6 +500,10 @@ def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
         "small_share": statistics.mean(shares) if all(x is not None for x in shares) else None,
         "same_tokens_every_repeat": all(r.runs[key].stable for r in rows),
     }
+
+
+def _opt(d: dict[str, float] | None) -> str:
+    return "-" if d is None else _spread(d)
 
 
 def pair_table(rows: list[Row], keys: list[str], small: str) -> tuple[list[dict[str, Any]], str]:
@@ -514,7 +525,7 @@ def pair_table(rows: list[Row], keys: list[str], small: str) -> tuple[list[dict[
             lines.append(
                 f"| {group} | {len(grows)} | {new:.0f} | {label(key, small)} | "
                 f"{entry['decode_tokens_per_second']:.2f} | {_spread(entry['vs_hf_greedy'])} | "
-                f"{_spread(entry['vs_hf_assisted'])} | {_spread(entry['vs_hf_assisted_end_to_end'])} | "
+                f"{_opt(entry['vs_hf_assisted'])} | {_opt(entry['vs_hf_assisted_end_to_end'])} | "
                 f"{entry['identical_to_hf_greedy']}/{len(grows)} | {entry['prefix_agreement']:.2f} | "
                 + ("-" if share is None else f"{share:.2f}")
                 + " | "
@@ -558,14 +569,16 @@ def save_pair(
     done = [r for r in rows if r.runs]
     if not done:
         return
-    ours = keys[3:]
+    ours = [k for k in keys if k not in (HF_GREEDY, HF_ASSISTED, OUR_GREEDY)]
     table, markdown = pair_table(done, keys, small.name)
     loads = [x[0] for r in done for x in r.load]
     gen = small.model.generation_config
     report["pair"] |= {
         "keys": keys,
         "table": table,
-        "targets": pair_targets(done, ours[0]) if ours and "lossless=true" in ours[0] else {},
+        "targets": pair_targets(done, ours[0])
+        if ours and "lossless=true" in ours[0] and HF_ASSISTED in keys
+        else {},
         "assistant_generation_config": {
             k: getattr(gen, k, None)
             for k in (
@@ -583,11 +596,55 @@ def save_pair(
     write_markdown(args.json.with_suffix(".md"), report)
 
 
+def next_token(model: tokensift.Model, ids: list[int]) -> torch.Tensor:
+    """The model's next-token probabilities after `ids` (one uncached forward)."""
+    with torch.inference_mode():
+        logits = model.model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1]
+    return torch.softmax(logits.float(), dim=-1)
+
+
+def divergence(
+    large: tokensift.Model, small: tokensift.Model, rows: list[Row], keys: list[str]
+) -> list[dict[str, Any]]:
+    """For each lossy loop and prompt, both models' view of the first token where the loop left the
+    large model's greedy output: the large model's probability of the loop's token (its BiLD
+    cross-entropy) and of its own argmax, the small model's confidence and entropy there."""
+    out = []
+    for row in rows:
+        ref = row.runs[HF_GREEDY].tokens
+        for key in keys:
+            tokens = row.runs[key].tokens
+            d = first_divergence(tokens, ref)
+            entry: dict[str, Any] = {"group": row.prompt.group, "method": key, "first_divergence": d}
+            if d < min(len(tokens), len(ref)):
+                prefix = row.ids + ref[:d]
+                p, q = next_token(large, prefix), next_token(small, prefix)
+                ours, theirs = tokens[d], ref[d]
+                entry |= {
+                    "new_tokens": len(ref),
+                    "loop_token": ours,
+                    "large_token": theirs,
+                    "text_before": large.tokenizer.decode(ref[max(0, d - 8) : d]) if large.tokenizer else "",
+                    "loop_text": large.tokenizer.decode([ours]) if large.tokenizer else "",
+                    "large_text": large.tokenizer.decode([theirs]) if large.tokenizer else "",
+                    "large_p_loop_token": float(p[ours]),
+                    "large_cross_entropy_loop_token": float(-torch.log(p[ours].clamp_min(1e-30))),
+                    "large_p_own_token": float(p[theirs]),
+                    "small_p_loop_token": float(q[ours]),
+                    "small_p_large_token": float(q[theirs]),
+                    "small_top_p": float(q.max()),
+                    "small_entropy_nats": float(-(q * q.clamp_min(1e-30).log()).sum()),
+                }
+            out.append(entry)
+    return out
+
+
 def run_pair(args: argparse.Namespace, report: dict[str, Any]) -> None:
     large_name, small_name = args.pair.split(":")
     large, small = tokensift.load(large_name), tokensift.load(small_name)
-    keys = [HF_GREEDY, HF_ASSISTED, OUR_GREEDY, *(with_small(s, small_name) for s in args.pair_ours)]
-    warm_pair(large, small, keys[3:])
+    ours = [with_small(s, small_name) for s in args.pair_ours]
+    keys = [HF_GREEDY, *args.pair_baselines, *ours]
+    warm_pair(large, small, ours)
     items = prompts(
         large,
         args.pair_workloads,
@@ -615,6 +672,11 @@ def run_pair(args: argparse.Namespace, report: dict[str, Any]) -> None:
             ),
             flush=True,
         )
+    lossy = [k for k in ours if "lossless=true" not in k]
+    report["pair"]["divergence"] = divergence(large, small, rows, lossy)
+    save(args.json, report)
+    for d in report["pair"]["divergence"]:
+        print("  divergence " + json.dumps(d), flush=True)
     print("\n" + report["pair"]["markdown"])
     print("targets: " + json.dumps(report["pair"]["targets"]))
 
@@ -662,6 +724,13 @@ def main() -> None:
     parser.add_argument("--pair-workloads", nargs="+", default=["edit_records", "edit_code"])
     parser.add_argument(
         "--pair-ours", nargs="+", default=PAIR_OURS, help="our two-model loop specs (small= is added)"
+    )
+    parser.add_argument(
+        "--pair-baselines",
+        nargs="*",
+        default=[HF_ASSISTED, OUR_GREEDY],
+        choices=[HF_ASSISTED, OUR_GREEDY],
+        help="besides transformers' greedy (always run: the reference)",
     )
     parser.add_argument("--pair-samples", type=int, default=2, help="prompts per workload for the pair")
     parser.add_argument("--pair-chats", type=int, default=0, help="open-ended chat prompts for the pair")

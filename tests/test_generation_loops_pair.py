@@ -122,3 +122,19 @@ def test_exact_match() -> None:
     assert not exact_match(expected, '{"id": 1, "city": "Oslo"}')  # a record missing
     assert not exact_match(expected, '{"id": 2, "city": "Lima"}\n{"id": 1, "city": "Oslo"}')  # order
     assert not exact_match(expected, '{"id": 1, "city": "Oslo"}\n{"id": 2, "city": "Lima"}\nDone.')
+
+
+def test_divergence_reads_both_models_at_the_first_difference() -> None:
+    bench = _bench()
+    large, small = _pair()
+    ids = prompt_ids(20, seed=5)
+    ref, _ = bench.hf_generate(large, ids, 6, None)
+    other = [*ref[:2], (ref[2] + 1) % 128, *ref[3:]]
+    row = _row(bench, "g", {bench.HF_GREEDY: (ref, [1.0]), "loop": (other, [1.0]), "same": (ref, [1.0])})
+    row.ids = ids
+    found = {d["method"]: d for d in bench.divergence(large, small, [row], ["loop", "same"])}
+    assert found["same"]["first_divergence"] == len(ref) and "loop_token" not in found["same"]
+    d = found["loop"]
+    assert d["first_divergence"] == 2 and d["loop_token"] == other[2] and d["large_token"] == ref[2]
+    assert d["large_p_own_token"] > d["large_p_loop_token"]  # the large model's greedy is its argmax
+    assert 0 < d["small_top_p"] <= 1 and d["small_entropy_nats"] >= 0
