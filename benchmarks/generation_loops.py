@@ -576,9 +576,11 @@ def save_pair(
     report["pair"] |= {
         "keys": keys,
         "table": table,
-        "targets": pair_targets(done, ours[0])
-        if ours and "lossless=true" in ours[0] and HF_ASSISTED in keys
-        else {},
+        "targets": {
+            label(k, small.name): pair_targets(done, k)
+            for k in ours
+            if "lossless=true" in k and HF_ASSISTED in keys
+        },
         "assistant_generation_config": {
             k: getattr(gen, k, None)
             for k in (

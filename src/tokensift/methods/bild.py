@@ -12,6 +12,7 @@ from tokensift.errors import TokensiftError
 from tokensift.methods.base import LoopMethod, register
 from tokensift.models import Model
 from tokensift.runtime.generate import sampling_probs
+from tokensift.speculative.drafting import NgramDrafter
 from tokensift.speculative.pair import Follower, small_model
 from tokensift.speculative.verify import Verifier, record_loop
 
@@ -70,6 +71,13 @@ class BiLD(LoopMethod):
     probability min(1, p(y) / q(y)), and at the first rejection the token is drawn from
     norm(max(0, p - q)), so the output follows the large model's sampling distribution.
 
+    `lookup=N` (off by default; not in the paper) first tries a prompt-lookup draft: the up to N
+    tokens that followed the earliest earlier occurrence of the last `lookup_ngram` tokens in the
+    prompt or output (Saxena, "Prompt Lookup Decoding", 2023; transformers' `prompt_lookup_num_tokens`).
+    When there is one, the large model verifies it under the same rule (a deterministic draft: q is
+    one-hot) and the small model only catches up on the accepted tokens, in one forward; otherwise
+    the small model drafts as above. It pays where the output copies the prompt.
+
     Based on Kim et al., "Speculative Decoding with Big Little Decoder", NeurIPS 2023
     (reference: kssteven418/BigLittleDecoder).
 
@@ -90,6 +98,10 @@ class BiLD(LoopMethod):
     lossless:
         Verify with the standard speculative rule (above): the large model's own output, greedy or
         sampled; `rollback_threshold` and `skip_agreeing` are then unused.
+    lookup:
+        Longest prompt-lookup draft tried before the small model drafts (0: never).
+    lookup_ngram:
+        Tokens matched by the lookup.
     """
 
     name = "bild"
@@ -102,6 +114,8 @@ class BiLD(LoopMethod):
     num_small_iters: int = 10
     skip_agreeing: bool = False
     lossless: bool = False
+    lookup: int = 0
+    lookup_ngram: int = 3
     small_model: Model | None = field(default=None, repr=False, compare=False)  # an in-memory model
 
     def __post_init__(self) -> None:
@@ -111,6 +125,10 @@ class BiLD(LoopMethod):
             raise TokensiftError(f"bild rollback_threshold must be >= 0, got {self.rollback_threshold}")
         if self.num_small_iters < 1:
             raise TokensiftError(f"bild num_small_iters must be >= 1, got {self.num_small_iters}")
+        if self.lookup < 0 or self.lookup_ngram < 1:
+            raise TokensiftError(
+                f"bild needs lookup >= 0 and lookup_ngram >= 1, got {self.lookup} and {self.lookup_ngram}"
+            )
 
     def params(self) -> dict[str, Any]:
         params = super().params()
@@ -130,7 +148,12 @@ class BiLD(LoopMethod):
         seq = list(decoding.prompt)
         token = decoding.sample(logits)  # the large model's prefill writes the first token
         seq.append(token)
-        counts = dict.fromkeys(["large_forwards", "small_tokens", "fallbacks", "rollbacks"], 0)
+        counts = dict.fromkeys(
+            ["large_forwards", "small_tokens", "fallbacks", "rollbacks", "lookup_drafts", "lookup_tokens"], 0
+        )
+        lookup = NgramDrafter(self.lookup, self.lookup_ngram, self.lookup_ngram) if self.lookup else None
+        if lookup is not None:
+            lookup.start(seq)
         drafted = 0  # small tokens the large model checked
         seconds = {"small": 0.0, "large": 0.0}  # in small-model steps, in large-model forwards
         begin = time.perf_counter()
@@ -138,10 +161,20 @@ class BiLD(LoopMethod):
             if decoding.accept(token, logits):
                 return
             while True:
-                # Small mode: greedy tokens until unsure, out of turns, or at the end.
                 pending: list[int] = []
-                drafts_q: list[torch.Tensor] = []  # the small model's sampling distributions
-                while True:
+                drafts_q: list[torch.Tensor] = []  # the distributions the drafts were sampled from
+                room = decoding.max_new_tokens - len(decoding.tokens) - 1  # the large model adds one
+                guess = lookup.propose(room) if lookup is not None and room > 0 else []
+                for t in guess:
+                    pending.append(t)
+                    if sampling:  # a deterministic draft: q is one-hot
+                        drafts_q.append(torch.zeros(logits.shape[-1]).index_fill_(0, torch.tensor([t]), 1.0))
+                    if t in eos:
+                        break
+                seq += pending
+                counts["lookup_drafts"] += bool(pending)
+                # Small mode: greedy tokens until unsure, out of turns, or at the end.
+                while not guess:
                     clock = time.perf_counter()
                     small_logits = small.step(seq)
                     if sampling:
@@ -181,8 +214,10 @@ class BiLD(LoopMethod):
                 del seq[len(seq) - len(pending) + keep :]
                 small.truncate(len(seq))
                 seq.append(new)
+                if lookup is not None:
+                    lookup.observe([*pending[:keep], new])
                 for i in range(keep):
-                    counts["small_tokens"] += 1
+                    counts["lookup_tokens" if guess else "small_tokens"] += 1
                     if decoding.accept(pending[i], rows[i]):
                         return
                 if decoding.accept(new, rows[keep]):
@@ -200,11 +235,11 @@ class BiLD(LoopMethod):
             record_loop(
                 cache,
                 drafted=drafted,
-                accepted=counts["small_tokens"],
+                accepted=counts["small_tokens"] + counts["lookup_tokens"],
                 forwards_saved=len(decoding.tokens) - 1 - counts["large_forwards"],
                 small_model_tokens=counts["small_tokens"],
             )
-            if not counts["small_tokens"]:
+            if not counts["small_tokens"] and not counts["lookup_tokens"]:
                 cache.note(
                     f"bild: the large model wrote all {len(decoding.tokens)} tokens (the small model "
                     f"fell back {counts['fallbacks']} times; {drafted} of its tokens were checked, none kept)"
