@@ -277,7 +277,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     rec = Recorder()
     result: dict[str, Any] = {"model": args.model, "pool_mib": args.pool_mib, "clients": args.clients}
     result["loadavg_start"] = os.getloadavg()
-    server = Server(args.model, args.pool_mib, max_running=8, cap=512, extra=("--malloc-tuning",))
+    server = Server(args.model, args.pool_mib, max_running=8, cap=512)
     result["command"] = " ".join(["tokensift", *server.command[1:]])
     t_load = time.monotonic()
     server.wait_ready()

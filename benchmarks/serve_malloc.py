@@ -1,15 +1,15 @@
-"""What the server's glibc malloc tuning (`--malloc-tuning`, off by default) costs and saves.
+"""What each glibc malloc tuning of the server (`--malloc-tuning`) costs and saves.
 
-    flock /tmp/tokensift-heavy.lock python benchmarks/serve_malloc.py [--model smollm2-135m] [--repeats 5]
+    flock /tmp/tokensift-heavy.lock python benchmarks/serve_malloc.py [--variants off trim all] [--repeats 5]
 
-Two servers on 127.0.0.1 with the same options, one with `--malloc-tuning` (fixed
-mmap threshold, two arenas, `malloc_trim` after each request: tokensift.serve.memory) and one with
-`--no-malloc-tuning` (glibc's defaults). Each repeat sends one round to each server in turn (the
-order alternating between repeats): `--max-running` simultaneous requests, half 2k-token passkey
-completions (prefill-heavy, 16 new tokens), half open-ended chat requests (decode-heavy, 48 new
-tokens), the long ones cycling through dense, SnapKV, H2O and Quest. Reported per server: round
-seconds and RSS after each round, median [IQR]; the paired untuned/tuned time ratio per repeat
-(above 1: tuning is faster).
+One server on 127.0.0.1 per `--variants` entry (a `--malloc-tuning` value: off = glibc's defaults,
+all, or a comma list of tokensift.serve.memory.NAMES), all with the same options. Each repeat sends
+one round to each server in turn (the order rotating between repeats): `--max-running`
+simultaneous requests, half 2k-token passkey completions (prefill-heavy, 16 new tokens), half
+open-ended chat requests (decode-heavy, 48 new tokens), the long ones cycling through dense,
+SnapKV, H2O and Quest. Reported per server: round seconds and RSS after each round, median [IQR];
+the paired time ratio baseline / variant per repeat, the baseline being the first variant (above
+1: the variant is faster).
 Writes benchmarks/results/serve_malloc.json and .md.
 """
 
@@ -62,14 +62,15 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--max-running", type=int, default=8)
     ap.add_argument("--pool-mib", type=float, default=1024.0)
+    ap.add_argument("--variants", nargs="+", default=["off", "trim", "all"], help="--malloc-tuning values")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve_malloc")
     add_repeats_argument(ap)
     args = ap.parse_args()
     check_repeats(args.repeats)
     prompts = build_prompts(args.model, seed=7)[2048]
     servers = {
-        "tuned": Server(args.model, args.pool_mib, args.max_running, cap=64, extra=("--malloc-tuning",)),
-        "untuned": Server(args.model, args.pool_mib, args.max_running, cap=64, extra=("--no-malloc-tuning",)),
+        v: Server(args.model, args.pool_mib, args.max_running, cap=64, extra=("--malloc-tuning", v))
+        for v in args.variants
     }
     result: dict[str, Any] = {"model": args.model, "loadavg_start": os.getloadavg(), "runs": []}
     try:
@@ -80,7 +81,8 @@ def main() -> None:
             result[f"allocator_{name}"] = httpx.get(f"{s.base}/health").json()["allocator"]
             result[f"rss_after_warmup_{name}"] = round(rss_mib(s.proc.pid), 1)
         for rep in range(args.repeats):
-            order = list(servers) if rep % 2 == 0 else list(reversed(servers))
+            names = list(servers)
+            order = names[rep % len(names) :] + names[: rep % len(names)]
             for name in order:
                 s = servers[name]
                 seconds = asyncio.run(one_round(s.base, prompts, args.max_running))
@@ -101,18 +103,22 @@ def main() -> None:
         }
         for n, rs in by.items()
     }
-    ratio = speedup([r["seconds"] for r in by["untuned"]], [r["seconds"] for r in by["tuned"]])
-    result["untuned_over_tuned_time"] = ratio.as_dict()
+    base = args.variants[0]
+    ratios = {
+        n: speedup([r["seconds"] for r in by[base]], [r["seconds"] for r in by[n]]) for n in args.variants[1:]
+    }
+    result["baseline"] = base
+    result["baseline_over_variant_time"] = {n: r.as_dict() for n, r in ratios.items()}
     result["command"] = "python benchmarks/serve_malloc.py " + " ".join(sys.argv[1:])
     result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result, ratio))
-    print(markdown(result, ratio))
+    args.out.with_suffix(".md").write_text(markdown(result, ratios))
+    print(markdown(result, ratios))
 
 
-def markdown(result: dict[str, Any], ratio: Spread) -> str:
-    s = result["summary"]
+def markdown(result: dict[str, Any], ratios: dict[str, Spread]) -> str:
+    s, base = result["summary"], result["baseline"]
     lines = [
         "# Server allocator tuning: cost and saving",
         "",
@@ -120,21 +126,18 @@ def markdown(result: dict[str, Any], ratio: Spread) -> str:
         f"{[round(x, 2) for x in result['loadavg_start']]} at start, "
         f"{[round(x, 2) for x in result['loadavg_end']]} at end.",
         "",
-        "| server | round seconds, median [IQR] | RSS after warm-up MiB | RSS after rounds MiB, median [IQR] "
-        "| RSS at the end MiB |",
-        "|---|---|---|---|---|",
+        f"| `--malloc-tuning` | round seconds, median [IQR] | {base} / this, paired | RSS after warm-up MiB "
+        "| RSS after rounds MiB, median [IQR] | RSS at the end MiB |",
+        "|---|---|---|---|---|---|",
     ]
-    for name in ("tuned", "untuned"):
+    for name in s:
         sec, rss = Spread(**s[name]["seconds"]), Spread(**s[name]["rss_mib"])
+        ratio = ratios[name].format(3) + "x" if name in ratios else "baseline"
         lines.append(
-            f"| {name} | {sec.format(2)} | {result[f'rss_after_warmup_{name}']} | {rss.format(0)} "
+            f"| {name} | {sec.format(2)} | {ratio} | {result[f'rss_after_warmup_{name}']} | {rss.format(0)} "
             f"| {s[name]['rss_last']:.0f} |"
         )
-    lines += [
-        "",
-        f"Paired untuned / tuned round time: {ratio.format(3)}x (above 1: the tuned server is faster).",
-        "",
-    ]
+    lines += ["", f"Above 1x the variant's rounds are faster than {base}'s.", ""]
     return "\n".join(lines)
 
 

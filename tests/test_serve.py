@@ -46,7 +46,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(model: tokensift.Model, **options: object) -> Iterator[str]:
-    """A uvicorn server for `create_app` on a free loopback port, stopped on exit."""
+    """A uvicorn server for `create_app` on a free loopback port, stopped on exit. Allocator tuning is
+    off unless asked for: mallopt settings are process-wide and would outlive the server."""
+    options.setdefault("malloc_tuning", "off")
     config = ServeConfig(model="tiny-smol", host="127.0.0.1", port=free_port(), **options)  # type: ignore[arg-type]
     server = uvicorn.Server(
         uvicorn.Config(
@@ -504,32 +506,60 @@ def test_bad_eos_guard_settings_are_refused(option: str, value: float) -> None:
         ServeConfig(**{option: value})  # type: ignore[arg-type]
 
 
-def _tune_in_a_child() -> dict:
+def _tune_in_a_child(names: tuple[str, ...]) -> dict:
     """The real `memory.tune_malloc`, run in a fresh interpreter: mallopt settings are process-wide and
     cannot be undone, so this test process's allocator (and the rest of the suite's speed) stays as is."""
-    code = "import json; from tokensift.serve import memory; print(json.dumps(memory.tune_malloc()))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = (
+        "import json, sys; from tokensift.serve import memory; "
+        "print(json.dumps(memory.tune_malloc(tuple(sys.argv[1:]))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("tuning", [True, False])
+@pytest.mark.parametrize("tuning", ["all", "off", "trim", "arena_max,trim"])
 def test_health_reports_the_allocator_settings(
-    smol: tokensift.Model, tuning: bool, monkeypatch: pytest.MonkeyPatch
+    smol: tokensift.Model, tuning: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tokensift.serve import memory
 
+    trims: list[bool] = []
     monkeypatch.setattr(memory, "tune_malloc", _tune_in_a_child)
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(True) or True)
     with serving(smol, malloc_tuning=tuning) as base:
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 4}, timeout=60)
         assert r.status_code == 200
         allocator = wait_idle(base)["allocator"]
     glibc = memory._LIBC is not None
-    assert allocator["applied"] is (tuning and glibc), allocator
-    if tuning and glibc:
-        assert (
-            allocator["mmap_threshold"] == memory.MMAP_THRESHOLD
-            and allocator["arena_max"] == memory.ARENA_MAX
-        )
+    names = memory.parse_tuning(tuning)
+    assert allocator["applied"] is (bool(names) and glibc), allocator
+    assert bool(trims) is ("trim" in names), (tuning, trims)
+    if names and glibc:
+        assert allocator["settings"] == list(names)
+        assert ("mmap_threshold" in allocator) is ("mmap_threshold" in names)
+        if "arena_max" in names:
+            assert allocator["arena_max"] == memory.ARENA_MAX
+        if tuning == "all":
+            assert allocator["mmap_threshold"] == memory.MMAP_THRESHOLD
+
+
+def test_malloc_tuning_names_are_checked() -> None:
+    from tokensift.serve import memory
+
+    assert memory.parse_tuning("all") == memory.NAMES
+    assert memory.parse_tuning(" OFF ") == ()
+    assert memory.parse_tuning("trim, arena_max") == ("arena_max", "trim")
+    with pytest.raises(TokensiftError, match=r"unknown setting.*arenas"):
+        ServeConfig(malloc_tuning="arenas,trim")
+    from tokensift.cli import build_parser, main
+
+    def parsed(*argv: str) -> tuple[str, ...]:
+        return config_from_args(build_parser().parse_args(["serve", *argv])).malloc_settings
+
+    assert parsed() == ServeConfig().malloc_settings == ("arena_max", "trim")  # the documented default
+    assert parsed("--malloc-tuning") == memory.NAMES and parsed("--malloc-tuning", "off") == ()
+    assert parsed("--malloc-tuning", "trim") == ("trim",)
+    assert main(["serve", "--malloc-tuning", "arenas"]) == 2  # one-line error, no traceback
 
 
 def test_trim_is_rate_limited() -> None:

@@ -41,7 +41,8 @@ HELP = {
     "eos_guard_floor": "EOS probability floor",
     "eos_guard_entropy": "mean entropy (nats) below which the window is low-entropy (0: criterion off)",
     "eos_guard_distinct": "distinct-token share at or below which the window counts as repetitive",
-    "malloc_tuning": "glibc malloc tuning, steadier RSS but slower (mmap threshold, 2 arenas, trim)",
+    "malloc_tuning": "glibc malloc tuning: off, all, or a comma list of mmap_threshold, arena_max, "
+    "trim_threshold, trim (malloc_trim after each request); a bare --malloc-tuning means all",
 }
 
 
@@ -54,6 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.name == "allow_methods":
             p.add_argument(flag, default=None, help=HELP[f.name])
+        elif f.name == "malloc_tuning":
+            text = f"{HELP[f.name]} (default {default})"
+            p.add_argument(flag, nargs="?", const="all", default=default, help=text)
         elif isinstance(default, bool):
             p.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=default, help=HELP.get(f.name)

@@ -51,7 +51,7 @@ class ServeConfig:
     eos_guard_floor: float = 1e-4  # EOS probability floor
     eos_guard_entropy: float = 0.0  # mean entropy (nats) below which output is low-entropy; 0: off
     eos_guard_distinct: float = 0.25  # distinct-token share in the window at or below which it repeats
-    malloc_tuning: bool = False  # glibc: fixed mmap threshold, 2 arenas, trim per request (slower)
+    malloc_tuning: str = "arena_max,trim"  # glibc: off, all, or a comma list of serve.memory.NAMES
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels (e.g. a deployment name)
 
     def __post_init__(self) -> None:
@@ -81,12 +81,19 @@ class ServeConfig:
             raise TokensiftError("eos_guard_floor must lie in (0, 1) and eos_guard_distinct in (0, 1]")
         if self.eos_guard_entropy < 0:
             raise TokensiftError(f"eos_guard_entropy must be >= 0 (0: off), got {self.eos_guard_entropy}")
+        self.malloc_settings  # noqa: B018 -- validates the setting names
         if self.default_max_tokens > self.max_new_tokens_cap:
             self.default_max_tokens = self.max_new_tokens_cap
 
     @property
     def replica(self) -> str:
         return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def malloc_settings(self) -> tuple[str, ...]:
+        from tokensift.serve.memory import parse_tuning
+
+        return parse_tuning(self.malloc_tuning)
 
     @property
     def model_name(self) -> str:

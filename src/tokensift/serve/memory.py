@@ -7,11 +7,14 @@ memory is returned to the system only from the top of a heap, so the process's R
 every new mix of sizes although no object outlives its request (benchmarks/serve_load.py measured
 +92% over a 170 s mixed load with glibc's defaults).
 
-`tune_malloc` fixes the mmap threshold (blocks above it are mapped and unmapped with each tensor,
-which also turns off the dynamic raise) and caps the number of arenas; `trim` hands free pages
-back (`malloc_trim`), called by the server when a request ends. Both are no-ops off glibc. The
-server applies them only with `--malloc-tuning` (off by default): benchmarks/serve_malloc.py
-measured rounds 1.47x slower with them, for half the RSS.
+`tune_malloc` applies the chosen mallopt settings: a fixed mmap threshold (blocks above it are
+mapped and unmapped with each tensor, which also turns off the dynamic raise), a cap on the number
+of arenas, a trim threshold; `trim` hands free pages back (`malloc_trim`), called by the server when
+a request ends. All are no-ops off glibc. The server's default (`--malloc-tuning arena_max,trim`)
+was chosen by benchmarks/serve_malloc.py: two arenas plus a trim per request held RSS at about
+half of glibc's defaults with round times within noise of theirs (paired 0.93x and 1.05x in two
+runs), while the fixed mmap threshold (256 KiB or 2 MiB) cost 17-26% of the throughput (every
+large activation is then a fresh, page-faulted mapping).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+from tokensift.errors import TokensiftError
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -29,12 +34,31 @@ M_ARENA_MAX = -8
 MMAP_THRESHOLD = 256 * 1024
 ARENA_MAX = 2
 TRIM_THRESHOLD = 1024 * 1024
-# what tune_malloc sets: name -> (mallopt parameter, value)
+# the mallopt settings: name -> (mallopt parameter, value)
 SETTINGS = {
     "mmap_threshold": (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
     "arena_max": (M_ARENA_MAX, ARENA_MAX),
     "trim_threshold": (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
 }
+TRIM = "trim"  # not a mallopt setting: `malloc_trim` when a request ends
+NAMES = (*SETTINGS, TRIM)
+
+
+def parse_tuning(text: str) -> tuple[str, ...]:
+    """`off`, `all`, or a comma list of NAMES -> the names, in NAMES order."""
+    text = text.strip().lower()
+    if text in ("off", "none", ""):
+        return ()
+    if text == "all":
+        return NAMES
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(NAMES))
+    if unknown:
+        raise TokensiftError(
+            f"malloc_tuning: unknown setting(s) {', '.join(unknown)}; use off, all or a comma list of "
+            f"{', '.join(NAMES)}"
+        )
+    return tuple(n for n in NAMES if n in names)
 
 
 def _glibc() -> Any | None:
@@ -55,13 +79,22 @@ _lock = threading.Lock()
 _last_trim = 0.0
 
 
-def tune_malloc() -> dict[str, Any]:
-    """Apply the settings above; what was applied (`applied` False off glibc or if mallopt refused)."""
+def tune_malloc(names: tuple[str, ...] = NAMES) -> dict[str, Any]:
+    """Apply the named settings (see NAMES); what was applied (`applied` False when none was asked
+    for, off glibc, or if mallopt refused)."""
+    if not names:
+        return {"applied": False, "reason": "off"}
     if _LIBC is None:
         return {"applied": False, "reason": "not glibc"}
-    ok = all(_LIBC.mallopt(param, value) == 1 for param, value in SETTINGS.values())
-    values = {name: value for name, (_, value) in SETTINGS.items()}
-    return {"applied": ok, "glibc": _LIBC.gnu_get_libc_version().decode(), **values}
+    chosen = {name: SETTINGS[name] for name in names if name in SETTINGS}
+    ok = all(_LIBC.mallopt(param, value) == 1 for param, value in chosen.values())
+    values = {name: value for name, (_, value) in chosen.items()}
+    return {
+        "applied": ok,
+        "glibc": _LIBC.gnu_get_libc_version().decode(),
+        "settings": list(names),
+        **values,
+    }
 
 
 def trim(min_interval: float = 0.5) -> bool:
