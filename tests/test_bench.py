@@ -7,32 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokensift
+from tests.conftest import tiny_smol_model
 from tokensift.bench.report import aggregate, write_report
 from tokensift.bench.results import read_rows
 from tokensift.bench.runner import BenchConfig, run_bench
-from tokensift.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def small_real_tokenizer_model() -> tokensift.Model:
     """A tiny random Llama over SmolLM2's tokenizer: real prompts, fast forwards."""
-    tok = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    return tokensift.wrap(LlamaForCausalLM(config), tok, name="tiny-smol")
+    return tiny_smol_model()
 
 
 def _config() -> BenchConfig:

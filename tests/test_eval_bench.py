@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import tokensift
+from tests.conftest import tiny_smol_model
 from tokensift.bench.report import write_report
 from tokensift.bench.results import read_rows
 from tokensift.bench.runner import PRESETS, BenchConfig, run_bench, token_counter
@@ -18,26 +17,12 @@ from tokensift.bench.suites import SUITES, get_suite
 from tokensift.bench.tasks import RULER_TASKS, get_task
 from tokensift.cli import main
 from tokensift.commands import split_tasks
-from tokensift.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_smol() -> tokensift.Model:
     """A tiny random Llama over SmolLM2's tokenizer: real prompts and chat template, fast forwards."""
-    tok = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    return tokensift.wrap(LlamaForCausalLM(config), tok, name="tiny-smol")
+    return tiny_smol_model()
 
 
 def test_suites() -> None:

@@ -7,16 +7,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-import tokensift
+from tests.conftest import tiny_smol_model
 from tokensift import NoOpWarning
 from tokensift.bench.runner import BenchConfig, run_bench
 from tokensift.bench.tasks import LOOP_TASKS, TASKS, get_task
 from tokensift.bench.tasks.loop_workloads import OPEN_ENDED_PROMPTS, WORKLOADS, get_workload, reproduced
 from tokensift.errors import TokensiftError
-from tokensift.models import load_tokenizer
 
 
 def words(prompt: str, answer_prefix: str = "") -> int:
@@ -68,20 +65,7 @@ def test_registered_for_the_bench(tmp_path: Path) -> None:
     """The bench finds the workloads by name and runs them under a loop method, losslessly."""
     assert set(LOOP_TASKS) == set(WORKLOADS) and not set(LOOP_TASKS) & set(TASKS)
     assert type(get_task("edit_code")) is WORKLOADS["edit_code"]
-    tok = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
-    model = tokensift.wrap(LlamaForCausalLM(config), tok, name="tiny-smol")
+    model = tiny_smol_model()
     bench = BenchConfig(
         tasks=["self_refine", "reformat_records"],
         methods=["dense", "suffix_decoding"],
