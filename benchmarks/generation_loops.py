@@ -109,6 +109,21 @@ def first_divergence(tokens: list[int], reference: list[int]) -> int:
     return len(reference) if len(tokens) >= len(reference) else len(tokens)
 
 
+def rows_and_load(done: list[Row]) -> dict[str, Any]:
+    """The report's per-prompt rows and the 1-minute load averages seen while they ran."""
+    loads = [x[0] for r in done for x in r.load]
+    return {
+        "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
+        "prompts": [row_json(r) for r in done],
+    }
+
+
+def save_report(path: Path, report: dict[str, Any]) -> None:
+    report["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save(path, report)
+    write_markdown(path.with_suffix(".md"), report)
+
+
 # ---------------------------------------------------------------------------------------------
 # Part 1: one model, transformers beside ours
 
@@ -444,17 +459,13 @@ def save_one_model(args: argparse.Namespace, report: dict[str, Any], name: str, 
     if not done:
         return
     table, markdown = one_model_table(name, done, args.ours)
-    loads = [x[0] for r in done for x in r.load]
     report["one_model"][name] = {
         "table": table,
         "targets": targets(done),
-        "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
-        "prompts": [row_json(r) for r in done],
+        **rows_and_load(done),
         "markdown": markdown,
     }
-    report["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save(args.json, report)
-    write_markdown(args.json.with_suffix(".md"), report)
+    save_report(args.json, report)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,7 +582,6 @@ def save_pair(
         return
     ours = [k for k in keys if k not in (HF_GREEDY, HF_ASSISTED, OUR_GREEDY)]
     table, markdown = pair_table(done, keys, small.name)
-    loads = [x[0] for r in done for x in r.load]
     gen = small.model.generation_config
     report["pair"] |= {
         "keys": keys,
@@ -589,13 +599,10 @@ def save_pair(
                 "assistant_confidence_threshold",
             )
         },
-        "loadavg_1min": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
-        "prompts": [row_json(r) for r in done],
+        **rows_and_load(done),
         "markdown": markdown,
     }
-    report["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save(args.json, report)
-    write_markdown(args.json.with_suffix(".md"), report)
+    save_report(args.json, report)
 
 
 def next_token(model: tokensift.Model, ids: list[int]) -> torch.Tensor:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -64,3 +68,29 @@ def tiny_smol_model(seed: int = 0, context: int = 2048) -> tokensift.Model:
         bos_token_id=1,
     )
     return tokensift.wrap(LlamaForCausalLM(config), tok, name="tiny-smol")
+
+
+@contextlib.contextmanager
+def fresh_speculative_state() -> Iterator[None]:
+    """Fresh global suffix trees and one torch thread (tiny models run ~30x slower on busy shared
+    cores with more); the thread count is restored afterwards."""
+    from tokensift.speculative import clear_global_caches
+
+    clear_global_caches()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def noisy_pair(noise: float) -> tuple[tokensift.Model, tokensift.Model]:
+    """A large tiny model and a 'small' one: its weights plus `noise` x each tensor's std of noise."""
+    large = tiny_model("qwen2", seed=0, layers=2)
+    clone = copy.deepcopy(large.model)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
+    return large, tokensift.wrap(clone, name="tiny-small")

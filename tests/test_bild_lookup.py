@@ -3,7 +3,6 @@ draft keeps the sampling distribution under the speculative rule, and the lookup
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Iterator
 
@@ -14,30 +13,16 @@ import tokensift
 from tokensift.errors import TokensiftError
 from tokensift.methods.bild import BiLD, speculative_accept
 from tokensift.runtime.generate import Decoding
-from tokensift.speculative import clear_global_caches
 
-from .conftest import prompt_ids, tiny_model
+from .conftest import fresh_speculative_state, noisy_pair, prompt_ids
 
 NEW = 48
 
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> Iterator[None]:
-    clear_global_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _pair(noise: float) -> tuple[tokensift.Model, tokensift.Model]:
-    large = tiny_model("qwen2", seed=0, layers=2)
-    clone = copy.deepcopy(large.model)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
-    return large, tokensift.wrap(clone, name="tiny-small")
+    with fresh_speculative_state():
+        yield
 
 
 def _prompts() -> list[list[int]]:
@@ -50,7 +35,7 @@ def _prompts() -> list[list[int]]:
 
 @pytest.mark.parametrize("fallback", [0.0, 0.6])
 def test_lookup_keeps_large_greedy(fallback: float) -> None:
-    large, small = _pair(noise=0.3)
+    large, small = noisy_pair(noise=0.3)
     looked = small_kept = 0
     for ids in _prompts():
         target = tokensift.generate(large, ids, max_new_tokens=NEW, ignore_eos=True).token_ids
@@ -69,7 +54,7 @@ def test_lookup_keeps_large_greedy(fallback: float) -> None:
 
 
 def test_lookup_off_counts_nothing() -> None:
-    large, small = _pair(noise=0.3)
+    large, small = noisy_pair(noise=0.3)
     out = tokensift.generate(
         large,
         _prompts()[0],
@@ -102,7 +87,7 @@ def test_deterministic_draft_keeps_the_distribution() -> None:
 
 
 def test_lookup_samples_reproducibly() -> None:
-    large, small = _pair(noise=0.1)
+    large, small = noisy_pair(noise=0.1)
     method = BiLD(small_model=small, fallback_threshold=0.0, lossless=True, lookup=8, lookup_ngram=2)
     runs = [
         tokensift.generate(

@@ -29,7 +29,7 @@ from tokensift.speculative.drafting import NgramDrafter
 from tokensift.speculative.pair import entropy
 from tokensift.speculative.verify import accept_draft
 
-from .conftest import VOCAB, prompt_ids, tiny_model
+from .conftest import VOCAB, fresh_speculative_state, noisy_pair, prompt_ids, tiny_model
 
 NEW = 48
 
@@ -46,12 +46,8 @@ PROMPTS = [repetitive_prompt(s) for s in range(4)] + [prompt_ids(50, seed=9)]
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> Iterator[None]:
-    """Fresh global suffix trees; one thread (tiny models run ~30x slower on busy shared cores)."""
-    clear_global_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with fresh_speculative_state():
+        yield
 
 
 def _greedy(
@@ -369,14 +365,8 @@ def test_method_specs_and_errors() -> None:
 
 
 def _pair(noise: float = 0.02) -> tuple[tokensift.Model, tokensift.Model]:
-    """A large tiny model and a 'small' one: its weights plus noise, so the two mostly agree."""
-    large = tiny_model("qwen2", seed=0, layers=2)
-    clone = copy.deepcopy(large.model)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
-    return large, tokensift.wrap(clone, name="tiny-small")
+    """The two mostly agree at this noise."""
+    return noisy_pair(noise)
 
 
 def test_bild_limits_are_greedy_large() -> None:

@@ -4,7 +4,6 @@ identical; sampling: the same distribution)."""
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Iterator
 
@@ -14,31 +13,16 @@ import torch
 import tokensift
 from tokensift.methods.bild import BiLD, speculative_accept
 from tokensift.runtime.generate import Decoding
-from tokensift.speculative import clear_global_caches
 
-from .conftest import prompt_ids, tiny_model
+from .conftest import fresh_speculative_state, noisy_pair, prompt_ids
 
 NEW = 48
 
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> Iterator[None]:
-    clear_global_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _pair(noise: float) -> tuple[tokensift.Model, tokensift.Model]:
-    """A large tiny model and a 'small' one: its weights plus noise."""
-    large = tiny_model("qwen2", seed=0, layers=2)
-    clone = copy.deepcopy(large.model)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
-    return large, tokensift.wrap(clone, name="tiny-small")
+    with fresh_speculative_state():
+        yield
 
 
 def _prompts() -> list[list[int]]:
@@ -51,7 +35,7 @@ def _prompts() -> list[list[int]]:
 
 def test_lossless_bild_is_large_greedy() -> None:
     """At thresholds where the lossy rule leaves the large model's output, lossless stays on it."""
-    large, small = _pair(noise=0.3)
+    large, small = noisy_pair(noise=0.3)
     kept = rollbacks = diverged = 0
     for ids in _prompts():
         target = tokensift.generate(large, ids, max_new_tokens=NEW, ignore_eos=True).token_ids
@@ -113,7 +97,7 @@ def test_speculative_rule_keeps_the_distribution() -> None:
 
 
 def test_lossless_bild_samples() -> None:
-    large, small = _pair(noise=0.1)
+    large, small = noisy_pair(noise=0.1)
     ids = _prompts()[0]
     method = BiLD(small_model=small, fallback_threshold=0.0, lossless=True)
     runs = [

@@ -20,7 +20,7 @@ from tokensift.speculative import clear_global_caches
 from tokensift.speculative.drafting import first_path
 from tokensift.speculative.verify import Verifier, accept_tree, tree_visibility
 
-from .conftest import prompt_ids, tiny_model
+from .conftest import fresh_speculative_state, prompt_ids, tiny_model
 
 NEW = 48
 TREE = "suffix_decoding:tree=true,verify_cost=0,max_spec_offset=4,min_token_prob=0.05"
@@ -28,11 +28,8 @@ TREE = "suffix_decoding:tree=true,verify_cost=0,max_spec_offset=4,min_token_prob
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> Iterator[None]:
-    clear_global_caches()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with fresh_speculative_state():
+        yield
 
 
 def branching_prompt(seed: int) -> list[int]:
