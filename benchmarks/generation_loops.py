@@ -492,6 +492,7 @@ def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
     shares = [
         r.runs[key].counters.get("bild_small_share", r.runs[key].counters.get("routing_share")) for r in rows
     ]
+    diverged = [first_divergence(r.runs[key].tokens, r.runs[HF_GREEDY].tokens) for r in rows]
     return {
         "decode_tokens_per_second": statistics.median(x for r in rows for x in r.runs[key].rates("decode")),
         "vs_hf_greedy": ratio(rows, key, HF_GREEDY, "decode").as_dict(),
@@ -500,11 +501,9 @@ def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
         "vs_hf_assisted_end_to_end": ratio(rows, key, HF_ASSISTED, "total").as_dict() if assisted else None,
         "identical_to_hf_greedy": sum(r.runs[key].tokens == r.runs[HF_GREEDY].tokens for r in rows),
         "prefix_agreement": statistics.mean(
-            first_divergence(r.runs[key].tokens, r.runs[HF_GREEDY].tokens)
-            / max(1, len(r.runs[HF_GREEDY].tokens))
-            for r in rows
+            d / max(1, len(r.runs[HF_GREEDY].tokens)) for d, r in zip(diverged, rows, strict=True)
         ),
-        "first_divergence": [first_divergence(r.runs[key].tokens, r.runs[HF_GREEDY].tokens) for r in rows],
+        "first_divergence": diverged,
         "agreement": statistics.mean(agreement(r.runs[key].tokens, r.runs[HF_GREEDY].tokens) for r in rows),
         "score": statistics.mean(scores) if scores else None,
         "exact_match": sum(exact) if exact else None,

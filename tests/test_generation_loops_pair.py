@@ -3,19 +3,17 @@ through the same helper as its greedy, the pair table and targets, and the rewri
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import tokensift
 from tokensift.bench.tasks.loop_workloads import exact_match
 from tokensift.methods.bild import BiLD
 
-from .conftest import prompt_ids, tiny_model
+from .conftest import noisy_pair, prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,19 +29,9 @@ def _bench():
     return module
 
 
-def _pair() -> tuple[tokensift.Model, tokensift.Model]:
-    large = tiny_model("qwen2", seed=0, layers=2)
-    clone = copy.deepcopy(large.model)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for p in clone.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
-    return large, tokensift.wrap(clone, name="tiny-small")
-
-
 def test_assisted_generation_and_lossless_bild_give_the_large_greedy() -> None:
     bench = _bench()
-    large, small = _pair()
+    large, small = noisy_pair(0.3)
     ids = prompt_ids(40, seed=3)
     ids = ids + ids[:20]
     greedy, _ = bench.hf_generate(large, ids, 32, None)
@@ -126,7 +114,7 @@ def test_exact_match() -> None:
 
 def test_divergence_reads_both_models_at_the_first_difference() -> None:
     bench = _bench()
-    large, small = _pair()
+    large, small = noisy_pair(0.3)
     ids = prompt_ids(20, seed=5)
     ref, _ = bench.hf_generate(large, ids, 6, None)
     other = [*ref[:2], (ref[2] + 1) % 128, *ref[3:]]

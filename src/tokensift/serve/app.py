@@ -69,7 +69,9 @@ class ServerState:
         self._load_lock = threading.Lock()
         self.recent_e2e: list[float] = []
         self.started = time.time()
-        self.allocator = memory.tune_malloc(config.malloc_settings)
+        settings = config.malloc_settings
+        self.allocator = memory.tune_malloc(settings)
+        self.trim_after_request = memory.TRIM in settings
 
     def _pool_changed(self) -> None:
         m, pool = self.metrics, self.pool
@@ -325,7 +327,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
             try:
                 return run_job(model, job, state.pool.held, state.metrics.itl.observe)
             finally:  # the request's tensors are gone: hand their pages back (see serve.memory)
-                if memory.TRIM in config.malloc_settings:
+                if state.trim_after_request:
                     memory.trim()
 
         future = loop.run_in_executor(state.executor, work)

@@ -49,7 +49,7 @@ def exact_match(expected: Sequence[str], prediction: str) -> bool:
     """The prediction is exactly the expected lines: blank lines and Markdown code-fence lines
     dropped, whitespace inside a line normalised, nothing missing, extra or out of order."""
     lines = [_norm(line) for line in prediction.splitlines()]
-    return [x for x in lines if x and not x.startswith("```")] == [_norm(u) for u in expected if _norm(u)]
+    return [x for x in lines if x and not x.startswith("```")] == [x for x in map(_norm, expected) if x]
 
 
 def _name(rng: random.Random) -> str:
