@@ -221,20 +221,20 @@ def test_keyformer_temperature_schedule() -> None:
 
 
 def test_keyformer_gumbel_scores_keep_the_mask() -> None:
-    from tokensift.methods.keyformer import gumbel_softmax_scores
+    from tokensift.methods.keyformer import CounterNoise, gumbel_softmax_scores
 
     logits = torch.tensor([[0.0, 1.0, float("-inf")]])
-    scores = gumbel_softmax_scores(logits, 2.0, torch.Generator().manual_seed(0))
+    scores = gumbel_softmax_scores(logits, 2.0, CounterNoise(0))
     assert scores[0, 2] == 0 and torch.isclose(scores.sum(), torch.tensor(1.0))
     torch.testing.assert_close(gumbel_softmax_scores(logits, 1.0, None), logits.softmax(-1))
 
 
 def test_keyformer_noise_is_gumbel() -> None:
     """The exponential-draw form samples exactly softmax(x + Gumbel): argmax frequencies equal softmax(x)."""
-    from tokensift.methods.keyformer import gumbel_softmax_scores
+    from tokensift.methods.keyformer import CounterNoise, gumbel_softmax_scores
 
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(20000, 3)
-    picks = gumbel_softmax_scores(logits, 1.0, torch.Generator().manual_seed(0)).argmax(-1)
+    picks = gumbel_softmax_scores(logits, 1.0, CounterNoise(0)).argmax(-1)
     freq = torch.bincount(picks, minlength=3).float() / len(picks)
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)
     # At tau 2 the argmax still follows softmax(x) (Gumbel-max), the scores are flatter.

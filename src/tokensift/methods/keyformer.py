@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,22 +17,111 @@ if TYPE_CHECKING:
     from tokensift.runtime.cache import TokenLayer
 
 DEFAULT_STEPS = 128  # temperature schedule length when the generation length is unknown
+# Rows of one chunk of logits are noised this many elements at a time, so that the dozen passes of
+# hashing run on cached data (noising a whole 16 MiB chunk of the scoring path at once ran about 2x
+# slower on one core here).
+NOISE_BLOCK_ELEMENTS = 1 << 18
+_MASK32 = 0xFFFFFFFF
+_MIX1, _MIX2 = 0x7FEB352D, 0x846CA68B  # lowbias32 (C. Wellons, hash-prospector)
 
 
-def gumbel_softmax_scores(
-    logits: torch.Tensor, tau: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """softmax((x + zeta) / tau) with zeta ~ Gumbel(0, 1) (no noise when generator is None).
+def mix32(x: int) -> int:
+    """lowbias32 on a Python int: the reference for `_mix` (a bijection of 32-bit words)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * _MIX1) & _MASK32
+    x ^= x >> 15
+    x = (x * _MIX2) & _MASK32
+    return x ^ (x >> 16)
 
-    Gumbel noise is -log(E) with E ~ Exp(1), so exp((x + zeta) / tau) = exp(x / tau) * E^(-1/tau):
-    one exponential draw and no logarithms (none at all at tau = 1, the prompt's temperature). This
-    runs on every prompt logit, so it matters. Masked logits (-inf) stay masked."""
-    probs = torch.softmax(logits / tau, dim=-1)
-    if generator is None:
-        return probs
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    weights = probs.div_(noise) if tau == 1.0 else probs.mul_(noise.pow_(-1.0 / tau))
-    return weights.div_(weights.sum(dim=-1, keepdim=True))
+
+def _signed(c: int) -> int:
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _mix(x: torch.Tensor, final: bool = True) -> torch.Tensor:
+    """`mix32` on an int32 tensor, in place (int32 products wrap; shifts are made logical by masks).
+
+    Without `final` the last xorshift is skipped: it only folds the high bits into the low ones, and
+    the uniforms below read the high bits."""
+    x ^= (x >> 16) & 0xFFFF
+    x *= _signed(_MIX1)
+    x ^= (x >> 15) & 0x1FFFF
+    x *= _signed(_MIX2)
+    if final:
+        x ^= (x >> 16) & 0xFFFF
+    return x
+
+
+@dataclass(frozen=True)
+class CounterNoise:
+    """Gumbel noise as a hash of its coordinates: no generator state, the same draw for the same cell.
+
+    The Exp(1) draw of logit (batch b, query head h, query slot i, key slot j) in forward `step` of
+    layer `layer` is -log(u), u the top 23 bits of lowbias32(row(seed, layer, step, b, h, i) xor
+    column(j)) mapped into (0, 1): two independently mixed 32-bit words, mixed again per cell. Query
+    slots follow from a chunk's shape (its rows are the last queries of its visible keys), so the
+    draws do not depend on how the scoring path chunks the rows, and cost a dozen vectorised integer
+    passes instead of a serial generator."""
+
+    seed: int
+    layer: int = 0
+    step: int = 0
+
+    def row_keys(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """int32 keys of the flattened rows of logits (B, ..., rows, visible): heads x query slots."""
+        *lead, rows, visible = shape
+        heads = math.prod(lead)
+        base = mix32(mix32(mix32(self.seed) ^ self.layer) + self.step)
+        h = _mix(torch.arange(heads, dtype=torch.int32, device=device) ^ _signed(base))
+        q = torch.arange(visible - rows, visible, dtype=torch.int32, device=device)
+        return _mix((h[:, None] ^ _signed(mix32(base + 1))) + _mix(q ^ _signed(mix32(base + 2)))[None, :])
+
+    def column_keys(self, visible: int, device: torch.device) -> torch.Tensor:
+        return _mix(torch.arange(visible, dtype=torch.int32, device=device) ^ _signed(mix32(self.seed + 3)))
+
+    @staticmethod
+    def cell_words(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """The high 23 bits of every (row key, column key) cell's hash, signed: -2^22 .. 2^22 - 1."""
+        return _mix(rows[:, None] ^ columns[None, :], final=False) >> 9
+
+    @staticmethod
+    def log_uniform(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """log u, u in [2^-24, 1 - 2^-24] uniform on a 2^-23 grid, for every (row key, column key)."""
+        u = CounterNoise.cell_words(rows, columns).float()
+        return u.mul_(2.0**-23).add_(0.5 + 2.0**-24).log_()
+
+    def exponential(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Exp(1) draws for every cell of logits of this shape (tests and small shapes)."""
+        rows = self.row_keys(shape, device).reshape(-1)
+        return self.log_uniform(rows, self.column_keys(shape[-1], device)).neg_().reshape(shape)
+
+
+def gumbel_softmax_scores(logits: torch.Tensor, tau: float, noise: CounterNoise | None) -> torch.Tensor:
+    """softmax((x + zeta) / tau) with zeta ~ Gumbel(0, 1) (no noise when `noise` is None).
+
+    Gumbel noise is -log(E) with E ~ Exp(1) = -log(u), so exp((x + zeta) / tau) = exp(x / tau) *
+    E^(-1/tau): at tau = 1, the prompt's temperature, the weights are softmax(x) / log(u) up to the
+    sign, which the row normalisation cancels. This runs on every prompt logit, so it goes through
+    the rows a cache-sized block at a time. Masked logits (-inf) stay masked."""
+    if noise is None:
+        return torch.softmax(logits / tau, dim=-1)
+    visible = logits.shape[-1]
+    flat = logits.reshape(-1, visible)
+    out = torch.empty_like(flat)
+    rows = noise.row_keys(logits.shape, logits.device).reshape(-1)
+    columns = noise.column_keys(visible, logits.device)
+    step = max(1, NOISE_BLOCK_ELEMENTS // visible)
+    for s in range(0, flat.shape[0], step):
+        e = min(flat.shape[0], s + step)
+        log_u = CounterNoise.log_uniform(rows[s:e], columns)
+        block = out[s:e]
+        if tau == 1.0:
+            torch.div(torch.softmax(flat[s:e], dim=-1), log_u, out=block)  # -softmax / E
+        else:
+            torch.mul(torch.softmax(flat[s:e] / tau, dim=-1), log_u.neg_().pow_(-1.0 / tau), out=block)
+        block.div_(block.sum(dim=-1, keepdim=True))
+    return out.reshape(logits.shape)
 
 
 @register
@@ -46,7 +136,9 @@ class Keyformer(H2O):
     it keeps the last `recent_fraction` of the budget plus the top-scoring rest: H2O's machinery with
     Gumbel-softmax scores, so with `noise=false` and tau 1 the selection is exactly H2O's. GQA:
     scores are averaged over each KV head's group.
-    Noise is seeded per generation, so runs repeat exactly.
+    The noise is a hash of (seed, layer, forward, head, query slot, key slot) (`CounterNoise`), so
+    runs repeat exactly, whatever the chunking, and it costs vectorised integer passes, not a serial
+    generator.
 
     Based on Adnan et al., "Keyformer: KV Cache Reduction through Key Tokens Selection for
     Efficient Generative Inference", MLSys 2024.
@@ -101,14 +193,10 @@ class Keyformer(H2O):
             )
             steps = DEFAULT_STEPS
         tau = self.temperature(layer.extra.get("keyformer_step", 0), steps)
-        generator = None
+        noise = None
         if self.noise:
-            generator = cache.shared.get("keyformer_rng")
-            if generator is None:
-                generator = cache.shared["keyformer_rng"] = torch.Generator(layer.device).manual_seed(
-                    self.seed
-                )
-        return lambda logits: gumbel_softmax_scores(logits, tau, generator)
+            noise = CounterNoise(self.seed, layer.index, layer.extra.get("keyformer_step", 0))
+        return lambda logits: gumbel_softmax_scores(logits, tau, noise)
 
     def observe(
         self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
