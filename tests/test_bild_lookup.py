@@ -1,5 +1,6 @@
-"""bild's prompt-lookup drafts (`lookup=N`): greedy output stays the large model's, a deterministic
-draft keeps the sampling distribution under the speculative rule, and the lookup is counted."""
+"""bild's prompt-lookup drafts under the fixed schedule (`lookup=N`, verified by the large model):
+greedy output stays the large model's, a deterministic draft keeps the sampling distribution under
+the speculative rule, and the lookup is counted."""
 
 from __future__ import annotations
 
@@ -39,7 +40,14 @@ def test_lookup_keeps_large_greedy(fallback: float) -> None:
     looked = small_kept = 0
     for ids in _prompts():
         target = tokensift.generate(large, ids, max_new_tokens=NEW, ignore_eos=True).token_ids
-        method = BiLD(small_model=small, fallback_threshold=fallback, lossless=True, lookup=8, lookup_ngram=2)
+        method = BiLD(
+            small_model=small,
+            fallback_threshold=fallback,
+            lossless=True,
+            schedule="fixed",
+            lookup=8,
+            lookup_ngram=2,
+        )
         out = tokensift.generate(large, ids, method, max_new_tokens=NEW, ignore_eos=True)
         assert out.token_ids == target
         c = out.stats.counters
@@ -58,7 +66,7 @@ def test_lookup_off_counts_nothing() -> None:
     out = tokensift.generate(
         large,
         _prompts()[0],
-        BiLD(small_model=small, fallback_threshold=0.0, lossless=True),
+        BiLD(small_model=small, fallback_threshold=0.0, lossless=True, schedule="fixed"),
         max_new_tokens=16,
     )
     assert out.stats.counters["bild_lookup_drafts"] == 0 and out.stats.counters["bild_lookup_tokens"] == 0
@@ -88,7 +96,9 @@ def test_deterministic_draft_keeps_the_distribution() -> None:
 
 def test_lookup_samples_reproducibly() -> None:
     large, small = noisy_pair(noise=0.1)
-    method = BiLD(small_model=small, fallback_threshold=0.0, lossless=True, lookup=8, lookup_ngram=2)
+    method = BiLD(
+        small_model=small, fallback_threshold=0.0, lossless=True, schedule="fixed", lookup=8, lookup_ngram=2
+    )
     runs = [
         tokensift.generate(
             large, _prompts()[1], method, max_new_tokens=NEW, temperature=0.7, seed=5, ignore_eos=True

@@ -43,7 +43,7 @@ def test_assisted_generation_and_lossless_bild_give_the_large_greedy() -> None:
     assert small_alone != greedy  # the pair disagrees somewhere, so identity is not trivial
     assert assisted == greedy
     assert ours.token_ids == greedy
-    assert ours.stats.counters["bild_small_tokens"] > 0
+    assert ours.stats.counters["small_model_tokens"] > 0
 
 
 def _row(bench, group: str, runs: dict[str, tuple[list[int], list[float]]]):

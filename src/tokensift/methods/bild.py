@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 
@@ -45,6 +46,83 @@ def speculative_accept(
     return len(pending), int(torch.multinomial(p.cpu(), 1, generator=decoding.generator))
 
 
+ADAPTIVE_LOOKUP = 16  # `lookup=None` under the adaptive schedule
+RATE_PRIOR = 4.0  # pseudo cost units at rate 1 (plain decoding) before the generation's own rate
+# The grid the acceptance model is fitted on: a(c) = alpha * c ** gamma.
+GAMMAS = torch.tensor(
+    [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0]
+)
+ALPHAS = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98, 0.99, 1.0])
+ALPHA_SCALE = 0.1  # the prior's scale on log alpha (log gamma's is 1)
+FIRST_PRIOR, FIRST_PRIOR_WEIGHT = 0.7, 2.0  # prior of a draft's first token being kept
+EXPLORE = 4  # draft at least once in this many large forwards, however poor the small model looks
+
+
+class AcceptanceModel:
+    """a(c) = alpha * c ** gamma: the chance the large model keeps a draft token the small model gave
+    confidence c. (alpha, gamma) is the maximum a-posteriori fit, over a grid, to this generation's
+    verified drafts (each token up to the first rejection: kept or not), under a prior centred on
+    a(c) = c: log-likelihood minus weight * ((log gamma)^2 + (log alpha / 0.1)^2). gamma < 1 when the
+    large model keeps more than the small model's confidence says, > 1 when less; alpha < 1 when even
+    confident tokens are rejected."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.alpha, self.gamma = 1.0, 1.0
+        self.kept = 0
+        self.kept_log = 0.0  # sum of log c over kept tokens
+        self.rejected: list[float] = []  # confidences of rejected tokens
+        self.seen = 0
+        self.first_kept = self.first_seen = 0  # drafts whose first token was kept / verified
+
+    def first_rate(self) -> float:
+        """The chance a draft's first token is kept (before its confidence is known): kept / verified
+        first tokens, with a prior of FIRST_PRIOR_WEIGHT pseudo-drafts at FIRST_PRIOR."""
+        return (self.first_kept + FIRST_PRIOR * FIRST_PRIOR_WEIGHT) / (self.first_seen + FIRST_PRIOR_WEIGHT)
+
+    def estimate(self, confidence: float) -> float:
+        return self.alpha * max(confidence, 1e-9) ** self.gamma
+
+    def update(self, confidences: list[float], kept: int) -> None:
+        """The verified draft: its first `kept` tokens were kept, the next (if any) rejected; tokens
+        after a rejection were never judged and are not counted."""
+        if confidences:
+            self.first_seen += 1
+            self.first_kept += kept > 0
+        for i, confidence in enumerate(confidences[: kept + 1]):
+            c = min(max(confidence, 1e-6), 1 - 1e-6)
+            self.seen += 1
+            if i < kept:
+                self.kept += 1
+                self.kept_log += math.log(c)
+            else:
+                self.rejected.append(c)
+        if not self.seen:
+            return
+        g, a = GAMMAS[:, None], ALPHAS[None, :]
+        score = self.kept * a.log() + g * self.kept_log  # (G, A)
+        if self.rejected:
+            c = torch.tensor(self.rejected)[:, None, None]
+            score = score + torch.log1p(-(a * c**g).clamp_max(1 - 1e-6)).sum(0)
+        score = score - self.weight * (g.log() ** 2 + (a.log() / ALPHA_SCALE) ** 2)
+        best = int(score.argmax())
+        self.gamma = float(GAMMAS[best // len(ALPHAS)])
+        self.alpha = float(ALPHAS[best % len(ALPHAS)])
+
+
+def lookup_continuation(lookup: NgramDrafter, seq: list[int], max_tokens: int) -> list[int]:
+    """Prompt lookup for a sequence that may run past what `lookup` has observed (a draft): the
+    tokens that followed the earliest occurrence, in the observed sequence, of seq's last n-gram."""
+    if max_tokens <= 0:
+        return []
+    known = lookup.seq
+    for n in range(min(lookup.max_ngram, len(seq) - 1), lookup.min_ngram - 1, -1):
+        start = lookup.first.get(tuple(seq[len(seq) - n :]))
+        if start is not None and start + n < len(known):
+            return known[start + n : start + n + min(lookup.num_tokens, max_tokens)]
+    return []
+
+
 @register
 @dataclass
 class BiLD(LoopMethod):
@@ -78,6 +156,32 @@ class BiLD(LoopMethod):
     one-hot) and the small model only catches up on the accepted tokens, in one forward; otherwise
     the small model drafts as above. It pays where the output copies the prompt.
 
+    `schedule=adaptive` (the default of `lossless=true`; not in the paper) replaces the fixed
+    drafting rule (confidence >= `fallback_threshold`, at most `num_small_iters` tokens) by a cost
+    model learned during the generation, so the draft length follows how well the small model is
+    doing. Each small-model token's confidence c (its probability of the drafted token) maps to an
+    acceptance estimate a(c) = alpha * c ** gamma, fitted to this generation's verified drafts
+    (prior a(c) = c, weight `prior_weight`; see `AcceptanceModel`). P = the product of a(c) over the draft
+    is the chance the whole draft is kept. Costs are in one-token large forwards: a small-model step costs
+    `small_cost`, each extra row of a forward `row_cost` (of the model's own one-token forward),
+    and R is the generation's rate so far (committed tokens per cost unit, starting at 1). A drafted
+    token joins the draft while P >= R * row_cost (the low-confidence token that ends a draft is
+    still verified when it is worth its row; the first token of every draft always is, so the
+    acceptance model keeps learning); the small model takes another step while
+    P * a(c_last) >= R * (small_cost + row_cost), at most `max_draft` tokens, and a draft starts
+    only while the share of drafts whose first token was kept is at least R * (small_cost +
+    row_cost) (else the large model decodes alone, trying a draft every 4th forward): the ratio-optimal
+    stopping rule for tokens per unit time (cf. SpecDec++, Huang et al. 2024, which stops on the
+    predicted rejection probability; transformers adapts a confidence cut from its acceptance ROC).
+    With `lookup=N` the prompt lookup then drafts for the small model instead of for the large one
+    (staged speculation, Spector & Re 2023): the up-to-N tokens that followed the last
+    `lookup_ngram` tokens of the sequence (draft included) go through the small model in one
+    forward, and while the small model's own token equals the looked-up one it needs no step of its
+    own. The draft is exactly the small model's greedy draft (sampling: an exact sample of its
+    distribution, the looked-up token kept with probability q(token) and otherwise drawn from q
+    without it), only cheaper, so the large model's rule is unchanged. `fallback_threshold` and
+    `num_small_iters` are unused in this schedule; `schedule=fixed` keeps BiLD's.
+
     Based on Kim et al., "Speculative Decoding with Big Little Decoder", NeurIPS 2023
     (reference: kssteven418/BigLittleDecoder).
 
@@ -99,9 +203,21 @@ class BiLD(LoopMethod):
         Verify with the standard speculative rule (above): the large model's own output, greedy or
         sampled; `rollback_threshold` and `skip_agreeing` are then unused.
     lookup:
-        Longest prompt-lookup draft tried before the small model drafts (0: never).
+        Longest prompt-lookup draft (0: never). Fixed schedule: tried before the small model
+        drafts; adaptive: drafts for the small model. None: 16 with the adaptive schedule, else 0.
     lookup_ngram:
         Tokens matched by the lookup.
+    schedule:
+        Lossless mode's drafting: `adaptive` (the cost model above) or `fixed` (BiLD's thresholds).
+    max_draft:
+        Adaptive schedule: longest draft the large model verifies.
+    small_cost:
+        Adaptive schedule: a small-model step's time in one-token large-model forwards.
+    row_cost:
+        Adaptive schedule: the time of each extra row of a multi-token forward, as a share of the
+        model's one-token forward.
+    prior_weight:
+        Adaptive schedule: weight of the acceptance model's prior a(c) = c against the verified drafts.
     """
 
     name = "bild"
@@ -114,8 +230,13 @@ class BiLD(LoopMethod):
     num_small_iters: int = 10
     skip_agreeing: bool = False
     lossless: bool = False
-    lookup: int = 0
+    lookup: int | None = None
     lookup_ngram: int = 3
+    schedule: Literal["adaptive", "fixed"] = "adaptive"
+    max_draft: int = 64
+    small_cost: float = 0.45
+    row_cost: float = 0.15
+    prior_weight: float = 0.5
     small_model: Model | None = field(default=None, repr=False, compare=False)  # an in-memory model
 
     def __post_init__(self) -> None:
@@ -125,7 +246,14 @@ class BiLD(LoopMethod):
             raise TokensiftError(f"bild rollback_threshold must be >= 0, got {self.rollback_threshold}")
         if self.num_small_iters < 1:
             raise TokensiftError(f"bild num_small_iters must be >= 1, got {self.num_small_iters}")
-        if self.lookup < 0 or self.lookup_ngram < 1:
+        if self.max_draft < 1:
+            raise TokensiftError(f"bild max_draft must be >= 1, got {self.max_draft}")
+        if not (self.small_cost >= 0 and self.row_cost >= 0 and self.prior_weight > 0):
+            raise TokensiftError(
+                "bild needs small_cost >= 0, row_cost >= 0 and prior_weight > 0, got "
+                f"{self.small_cost}, {self.row_cost} and {self.prior_weight}"
+            )
+        if (self.lookup is not None and self.lookup < 0) or self.lookup_ngram < 1:
             raise TokensiftError(
                 f"bild needs lookup >= 0 and lookup_ngram >= 1, got {self.lookup} and {self.lookup_ngram}"
             )
@@ -140,6 +268,9 @@ class BiLD(LoopMethod):
     def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
         if decoding.temperature > 0 and not self.lossless:
             raise TokensiftError("bild decodes greedily: use temperature 0 (or bild:lossless=true)")
+        if self.adaptive:
+            self.decode_adaptive(decoding, logits)
+            return
         sampling = decoding.temperature > 0
         cache = decoding.cache
         small = Follower(small_model(self.small_model or self.small, decoding.model, self.name))
@@ -244,6 +375,198 @@ class BiLD(LoopMethod):
                     f"bild: the large model wrote all {len(decoding.tokens)} tokens (the small model "
                     f"fell back {counts['fallbacks']} times; {drafted} of its tokens were checked, none kept)"
                 )
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether this run drafts under the adaptive schedule (lossless mode only)."""
+        return self.lossless and self.schedule == "adaptive"
+
+    @property
+    def lookup_tokens(self) -> int:
+        """The lookup length in effect: `lookup`, or its default for the schedule."""
+        if self.lookup is not None:
+            return self.lookup
+        return ADAPTIVE_LOOKUP if self.adaptive else 0
+
+    def decode_adaptive(self, decoding: Decoding, logits: torch.Tensor) -> None:
+        """Lossless decoding under the adaptive schedule (see the class docstring)."""
+        cache = decoding.cache
+        small = Follower(small_model(self.small_model or self.small, decoding.model, self.name))
+        large = Verifier(decoding)
+        eos = set() if decoding.ignore_eos else decoding.eos
+        seq = list(decoding.prompt)
+        token = decoding.sample(logits)  # the large model's prefill writes the first token
+        seq.append(token)
+        n = self.lookup_tokens
+        lookup = NgramDrafter(n, self.lookup_ngram, self.lookup_ngram) if n else None
+        if lookup is not None:
+            lookup.start(seq)
+        accept = AcceptanceModel(self.prior_weight)
+        counts = dict.fromkeys(
+            [
+                "large_forwards",
+                "small_tokens",
+                "lookup_tokens",
+                "rollbacks",
+                "small_steps",
+                "staged_forwards",
+                "staged_rows",
+                "low_confidence_cuts",
+                "skipped_drafts",
+            ],
+            0,
+        )
+        lengths: list[int] = []  # draft tokens verified per large forward
+        drafted = 0
+        committed, spent = 0.0, 0.0  # tokens and modelled cost of this generation, for the rate R
+        idle = 0  # large forwards since the last draft
+        seconds = {"small": 0.0, "large": 0.0}
+        begin = time.perf_counter()
+        try:
+            if decoding.accept(token, logits):
+                return
+            while True:
+                rate = (committed + RATE_PRIOR) / (spent + RATE_PRIOR)
+                room = min(self.max_draft, decoding.max_new_tokens - len(decoding.tokens) - 1)
+                base = len(seq)  # committed tokens; the draft follows
+                draft_q: list[torch.Tensor] = []
+                confidences: list[float] = []
+                staged: list[bool] = []  # whether the lookup proposed the token (and the small model agreed)
+                cost = 0.0
+                guess: list[int] = []  # looked-up tokens the small model has seen after the draft's last
+                rows: list[torch.Tensor] = []  # its logits after each of them
+                clock = time.perf_counter()
+                worth = accept.first_rate() >= rate * (self.small_cost + self.row_cost)
+                if room > 0 and not worth and idle + 1 < EXPLORE:
+                    counts["skipped_drafts"] += 1  # a plain decode step; the small model catches up later
+                    idle += 1
+                elif room > 0:
+                    idle = 0
+                    small_logits = small.step(seq)
+                    counts["small_steps"] += 1
+                    cost += self.small_cost
+                    p_all = 1.0
+                    while True:
+                        probs = self.draft_probs(decoding, small_logits)
+                        hint = guess[0] if guess else None
+                        best = self.draft_token(decoding, probs, hint)
+                        from_lookup = best == hint
+                        confidence = float(probs[best])
+                        p_next = p_all * accept.estimate(confidence)
+                        # Not worth its verification row; the first is always checked, so the
+                        # acceptance model keeps learning even when it starts out doubtful.
+                        if len(seq) > base and p_next < rate * self.row_cost:
+                            counts["low_confidence_cuts"] += 1
+                            break
+                        p_all = p_next
+                        seq.append(best)
+                        draft_q.append(probs)
+                        confidences.append(confidence)
+                        staged.append(from_lookup)
+                        if best in eos or len(seq) - base >= room:
+                            break
+                        if guess and best == guess[0]:  # the small model saw it: its next logits are there
+                            guess.pop(0)
+                            small_logits = rows.pop(0)
+                            continue
+                        if guess:  # the small model chose otherwise: forget the looked-up rest
+                            guess, rows = [], []
+                            small.truncate(len(seq) - 1)
+                        if p_all * accept.estimate(confidence) < rate * (self.small_cost + self.row_cost):
+                            break
+                        space = min(n, room - (len(seq) - base))
+                        guess = lookup_continuation(lookup, seq, space) if lookup is not None else []
+                        if guess:
+                            out = small.rows([*seq, *guess])  # the new token and the guess, one forward
+                            small_logits, rows = out[0], list(out[1:])
+                            counts["staged_forwards"] += 1
+                            counts["staged_rows"] += len(out)
+                            cost += self.small_cost * (1 + self.row_cost * (len(out) - 1))
+                        else:
+                            small_logits = small.step(seq)
+                            counts["small_steps"] += 1
+                            cost += self.small_cost
+                small.truncate(len(seq))  # looked-up tokens beyond the draft are not the sequence
+                seconds["small"] += time.perf_counter() - clock
+                pending = seq[base:]
+                lengths.append(len(pending))
+                clock = time.perf_counter()
+                rows_large = large.forward(seq[base - 1 :])
+                seconds["large"] += time.perf_counter() - clock
+                counts["large_forwards"] += 1
+                drafted += len(pending)
+                keep, new = speculative_accept(decoding, rows_large, pending, draft_q)
+                accept.update(confidences, keep)
+                if keep < len(pending):
+                    counts["rollbacks"] += 1
+                large.keep(1 + keep)
+                del seq[base + keep :]
+                small.truncate(len(seq))
+                seq.append(new)
+                if lookup is not None:
+                    lookup.observe([*pending[:keep], new])
+                committed += keep + 1
+                spent += cost + 1 + self.row_cost * len(pending)
+                for i in range(keep):
+                    counts["lookup_tokens" if staged[i] else "small_tokens"] += 1
+                    if decoding.accept(pending[i], rows_large[i]):
+                        return
+                if decoding.accept(new, rows_large[keep]):
+                    return
+        finally:
+            for name, value in counts.items():
+                cache.count(f"bild_{name}", value)
+            cache.count("bild_small_forwards", small.forwards)
+            total = time.perf_counter() - begin
+            cache.count("bild_small_seconds", seconds["small"])
+            cache.count("bild_large_seconds", seconds["large"])
+            cache.count("bild_other_seconds", total - seconds["small"] - seconds["large"])
+            small_written = counts["small_tokens"] + counts["lookup_tokens"]
+            cache.count("bild_small_share", small_written / max(1, len(decoding.tokens)))
+            if lengths:
+                half = len(lengths) // 2
+                cache.count("bild_mean_draft", sum(lengths) / len(lengths))
+                cache.count("bild_max_draft", max(lengths))
+                # how the schedule moved: mean draft over the first and the second half of the forwards
+                cache.count("bild_mean_draft_early", sum(lengths[:half]) / max(1, half))
+                cache.count("bild_mean_draft_late", sum(lengths[half:]) / (len(lengths) - half))
+            cache.count("bild_final_rate", (committed + RATE_PRIOR) / (spent + RATE_PRIOR))
+            record_loop(
+                cache,
+                drafted=drafted,
+                accepted=small_written,
+                forwards_saved=len(decoding.tokens) - 1 - counts["large_forwards"],
+                small_model_tokens=small_written,
+            )
+            if not small_written:
+                cache.note(
+                    f"bild: the large model wrote all {len(decoding.tokens)} tokens ({drafted} small-model "
+                    "draft tokens were checked, none kept)"
+                )
+
+    @staticmethod
+    def draft_probs(decoding: Decoding, logits: torch.Tensor) -> torch.Tensor:
+        """The small model's distribution its draft token comes from (greedy: the softmax)."""
+        if decoding.temperature > 0:
+            return sampling_probs(logits, decoding.temperature, decoding.top_p)
+        return torch.softmax(logits.float(), dim=-1)
+
+    @staticmethod
+    def draft_token(decoding: Decoding, probs: torch.Tensor, hint: int | None) -> int:
+        """The small model's draft token from `probs`: greedy, its argmax; sampling, an exact draw
+        from `probs` that keeps `hint` (a looked-up token) with probability probs[hint] and otherwise
+        draws from probs without it."""
+        if decoding.temperature <= 0:
+            return int(probs.argmax())
+        if hint is not None:
+            if float(torch.rand((), generator=decoding.generator)) < float(probs[hint]):
+                return hint
+            rest = probs.clone()
+            rest[hint] = 0
+            if float(rest.sum()) > 0:
+                return int(torch.multinomial((rest / rest.sum()).cpu(), 1, generator=decoding.generator))
+            return hint
+        return int(torch.multinomial(probs.cpu(), 1, generator=decoding.generator))
 
     def rollback_point(self, rows: torch.Tensor, pending: list[int]) -> int:
         """How many pending small tokens survive: the index of the first one whose cross-entropy under

@@ -48,6 +48,16 @@ class Follower:
         self.forwards += 1
         return logits
 
+    def rows(self, seq: list[int]) -> torch.Tensor:
+        """Logits (n, vocab) after each of the n tokens of `seq` not yet cached, fed in one forward."""
+        if self.fed >= len(seq):
+            raise RuntimeError("the small model has already seen the whole sequence")
+        ids = torch.tensor([seq[self.fed :]], device=self.device)
+        logits = forward(self.model, ids, self.cache, last_only=False)[0]
+        self.fed = len(seq)
+        self.forwards += 1
+        return logits
+
     def truncate(self, length: int) -> None:
         """Forget every cached token from position `length` on (rollback)."""
         if self.fed > length:
