@@ -47,7 +47,9 @@ def speculative_accept(
 
 
 ADAPTIVE_LOOKUP = 16  # `lookup=None` under the adaptive schedule
-RATE_PRIOR = 4.0  # pseudo cost units at rate 1 (plain decoding) before the generation's own rate
+RATE_PRIOR = 1.0  # pseudo cost units at rate 1 (plain decoding) in the recent rate R
+RATE_DECAY = 0.8  # R weighs each earlier large forward's cycle by this much less: it follows the text
+CONTINUE_CAP = 0.9  # a small-model step is always taken while P * a(c_last) is at least this
 # The grid the acceptance model is fitted on: a(c) = alpha * c ** gamma.
 GAMMAS = torch.tensor(
     [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 5.0]
@@ -158,22 +160,26 @@ class BiLD(LoopMethod):
 
     `schedule=adaptive` (the default of `lossless=true`; not in the paper) replaces the fixed
     drafting rule (confidence >= `fallback_threshold`, at most `num_small_iters` tokens) by a cost
-    model learned during the generation, so the draft length follows how well the small model is
-    doing. Each small-model token's confidence c (its probability of the drafted token) maps to an
-    acceptance estimate a(c) = alpha * c ** gamma, fitted to this generation's verified drafts
-    (prior a(c) = c, weight `prior_weight`; see `AcceptanceModel`). P = the product of a(c) over the draft
-    is the chance the whole draft is kept. Costs are in one-token large forwards: a small-model step costs
-    `small_cost`, each extra row of a forward `row_cost` (of the model's own one-token forward),
-    and R is the generation's rate so far (committed tokens per cost unit, starting at 1). A drafted
-    token joins the draft while P >= R * row_cost (the low-confidence token that ends a draft is
-    still verified when it is worth its row; the first token of every draft always is, so the
-    acceptance model keeps learning); the small model takes another step while
-    P * a(c_last) >= R * (small_cost + row_cost), at most `max_draft` tokens, and a draft starts
-    only while the share of drafts whose first token was kept is at least R * (small_cost +
-    row_cost) (else the large model decodes alone, trying a draft every 4th forward): the ratio-optimal
-    stopping rule for tokens per unit time (cf. SpecDec++, Huang et al. 2024, which stops on the
-    predicted rejection probability; transformers adapts a confidence cut from its acceptance ROC).
-    With `lookup=N` the prompt lookup then drafts for the small model instead of for the large one
+    model and an acceptance model learned during the generation, so the draft length follows how
+    well the small model is doing. Each small-model token's confidence c (its probability of the
+    drafted token) maps to an acceptance estimate a(c) = alpha * c ** gamma, fitted to this
+    generation's verified drafts (prior a(c) = c, weight `prior_weight`; see `AcceptanceModel`);
+    P = the product of a(c) over the draft is the chance the whole draft is kept. Costs are in
+    one-token large forwards: a small-model step costs `small_cost`, each extra row of a forward
+    `row_cost` of that model's one-token forward. R is the recent rate (committed tokens per cost
+    unit over the last large forwards, each earlier one weighted 0.8 less; prior 1, plain decoding).
+    Rules, each a marginal tokens-per-cost comparison (cf. SpecDec++, Huang et al. 2024, which stops
+    on the predicted rejection probability; transformers adapts a confidence cut from its acceptance
+    ROC and grows or shrinks its draft length):
+    - a draft starts when the share of drafts whose first token was kept (prior 0.7) is at least
+      small_cost + row_cost (a plain decode step gains 1 token per unit), or the lookup has a
+      continuation, or 3 forwards went without one (exploration); otherwise the large model decodes
+      alone and the small model catches up later in one forward;
+    - a token the small model wrote joins the draft while P >= R * row_cost (the draft's first
+      token always does, so the acceptance model keeps learning);
+    - the small model takes another step while P * a(c_last) >= min(R * (small_cost + row_cost),
+      0.9), at most `max_draft` tokens.
+    With `lookup=N` the prompt lookup drafts for the small model instead of for the large one
     (staged speculation, Spector & Re 2023): the up-to-N tokens that followed the last
     `lookup_ngram` tokens of the sequence (draft included) go through the small model in one
     forward, and while the small model's own token equals the looked-up one it needs no step of its
@@ -427,6 +433,7 @@ class BiLD(LoopMethod):
                 return
             while True:
                 rate = (committed + RATE_PRIOR) / (spent + RATE_PRIOR)
+                step_bar = min(rate * (self.small_cost + self.row_cost), CONTINUE_CAP)
                 room = min(self.max_draft, decoding.max_new_tokens - len(decoding.tokens) - 1)
                 base = len(seq)  # committed tokens; the draft follows
                 draft_q: list[torch.Tensor] = []
@@ -436,7 +443,11 @@ class BiLD(LoopMethod):
                 guess: list[int] = []  # looked-up tokens the small model has seen after the draft's last
                 rows: list[torch.Tensor] = []  # its logits after each of them
                 clock = time.perf_counter()
-                worth = accept.first_rate() >= rate * (self.small_cost + self.row_cost)
+                # Draft when the first token is worth a small step and a row against a plain decode
+                # step, when the lookup has a continuation, or to keep exploring.
+                worth = accept.first_rate() >= self.small_cost + self.row_cost or (
+                    lookup is not None and bool(lookup_continuation(lookup, seq, 1))
+                )
                 if room > 0 and not worth and idle + 1 < EXPLORE:
                     counts["skipped_drafts"] += 1  # a plain decode step; the small model catches up later
                     idle += 1
@@ -472,10 +483,10 @@ class BiLD(LoopMethod):
                         if guess:  # the small model chose otherwise: forget the looked-up rest
                             guess, rows = [], []
                             small.truncate(len(seq) - 1)
-                        if p_all * accept.estimate(confidence) < rate * (self.small_cost + self.row_cost):
-                            break
                         space = min(n, room - (len(seq) - base))
                         guess = lookup_continuation(lookup, seq, space) if lookup is not None else []
+                        if not guess and p_all * accept.estimate(confidence) < step_bar:
+                            break
                         if guess:
                             out = small.rows([*seq, *guess])  # the new token and the guess, one forward
                             small_logits, rows = out[0], list(out[1:])
@@ -505,8 +516,8 @@ class BiLD(LoopMethod):
                 seq.append(new)
                 if lookup is not None:
                     lookup.observe([*pending[:keep], new])
-                committed += keep + 1
-                spent += cost + 1 + self.row_cost * len(pending)
+                committed = RATE_DECAY * committed + keep + 1
+                spent = RATE_DECAY * spent + cost + 1 + self.row_cost * len(pending)
                 for i in range(keep):
                     counts["lookup_tokens" if staged[i] else "small_tokens"] += 1
                     if decoding.accept(pending[i], rows_large[i]):
