@@ -1,17 +1,19 @@
 """Keyformer's prefill with counter-based Gumbel noise, beside dense and H2O on one leaderboard prompt.
 
     flock /tmp/tokensift-heavy.lock python benchmarks/keyformer_noise.py \
-        [--task niah_single_1] [--ratio 0.25] [--repeats 2] [--before] [--out PATH.json]
+        [--task niah_single_1] [--ratio 0.25] [--rounds 2] [--before] [--agnostic] [--out PATH.json]
 
 The prompt is the leaderboard suite's first sample of `--task` (qwen2.5-coder-0.5b, 4k, query-aware,
 the same sample as the committed rows of benchmarks/results/leaderboard). Each method runs the
 suite's own `Task.evaluate` (prefill, compression, greedy answer), one after another in one process:
-dense, H2O and Keyformer at the compression ratio, Keyformer `--repeats` times (a cost that grows
-per call would show), and with `--before` once more with the previous noise (a seeded serial torch
-generator's `exponential_` on every prompt logit), for a same-run before/after. Then, for the second
-question of issue 17's leaderboard: where the needle's value tokens sit in the prompt and which of
-them StreamingLLM's and H2O's prefill keep, per layer and KV head. Timings on the shared 2-core
-machine are noisy: compare ratios within one run.
+dense, H2O and Keyformer at the compression ratio, interleaved for `--rounds` rounds (a cost that
+grows per call, or a load change, shows between rounds); with `--before` the first round also runs
+Keyformer with the previous noise (a seeded serial torch generator's `exponential_` on every prompt
+logit), and with `--agnostic` the last round also runs Keyformer under the query-agnostic protocol
+(the context prefilled alone, then the question).
+Then, for the second question of issue 17's leaderboard: where the needle's value tokens sit in the
+prompt and which of them StreamingLLM's and H2O's prefill keep, per layer and KV head. Timings on the
+shared 2-core machine are noisy: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +66,8 @@ def needle_span(tokenizer: Any, ids: list[int], value: str) -> list[int]:
     for a in range(len(ids)):
         for b in range(a + 1, min(len(ids), a + 16) + 1):
             text = tokenizer.decode(ids[a:b]).strip()
+            if not text:
+                break  # a run starts at a token that shows part of the value
             if text == value:
                 return list(range(a, b))
             if not value.startswith(text):
@@ -95,8 +100,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="niah_single_1")
     parser.add_argument("--ratio", type=float, default=0.25, help="compression ratio (fraction removed)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", action="store_true", help="also run the previous serial-generator noise")
+    parser.add_argument("--agnostic", action="store_true", help="also Keyformer once, query-agnostic")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/keyformer_noise.json"))
     args = parser.parse_args()
 
@@ -106,23 +112,31 @@ def main() -> None:
     n = suite.samples_for(task.uses_depth)
     sample = task.samples(token_counter(model), suite.lengths[0], n, suite.seed, suite.depths)[0]
     specs = {m: with_compression_ratio(m, args.ratio) for m in ("streaming_llm", "h2o", "keyformer")}
-    runs: list[tuple[str, Any]] = [("dense", "dense"), ("h2o", specs["h2o"])]
-    runs += [("keyformer", specs["keyformer"])] * args.repeats
+    methods: list[tuple[str, Any]] = [("dense", "dense"), ("h2o", specs["h2o"])]
+    methods.append(("keyformer", specs["keyformer"]))
+    runs = [(i, label, plan) for i in range(args.rounds) for label, plan in methods]
     if args.before:
-        spec = specs["keyformer"].split(":", 1)[1]
-        params = dict(kv.split("=") for kv in spec.split(","))
-        before = SerialNoiseKeyformer(budget=float(params["budget"]))
-        runs.append(("keyformer, serial-generator noise (before)", tokensift.Plan.of(before)))
+        budget = float(specs["keyformer"].split("budget=")[1].split(",")[0])
+        before = tokensift.Plan.of(SerialNoiseKeyformer(budget=budget))
+        runs.insert(len(methods), (0, "keyformer, serial-generator noise (before)", before))
+    if args.agnostic:
+        runs.append((args.rounds - 1, "keyformer [query-agnostic]", specs["keyformer"]))
+    text, _ = task.protocol_prompt(sample, "query-aware")
+    ids = encode_split(model, text, None, answer_prefix=sample.answer_prefix)[0]
+    tokensift.generate(model, ids[:256], "dense", max_new_tokens=2)  # warm-up: lazy imports and inits
     rows = []
-    for label, plan in runs:
-        t0 = time.perf_counter()
-        result = task.evaluate(model, tokensift.Plan.of(plan), sample, "query-aware")
+    for round_, label, plan in runs:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        protocol = "query-agnostic" if label.endswith("[query-agnostic]") else "query-aware"
+        result = task.evaluate(model, tokensift.Plan.of(plan), sample, protocol)
         rows.append(
             {
+                "round": round_,
                 "method": label,
                 "spec": plan if isinstance(plan, str) else repr(plan.methods[0]),
                 "prefill_seconds": result["prefill_seconds"],
                 "wall_seconds": time.perf_counter() - t0,
+                "process_cpu_seconds": time.process_time() - cpu0,
                 "prediction": result["prediction"],
                 "score": result["score"],
                 "tokens_held": result.get("tokens_held"),
@@ -131,19 +145,22 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    text, _ = task.protocol_prompt(sample, "query-aware")
-    ids = encode_split(model, text, None, answer_prefix=sample.answer_prefix)[0]
     span = needle_span(model.tokenizer, ids, sample.answer[0])
     keeps = [kept_needle(model, ids, specs[m], span) for m in ("streaming_llm", "h2o")]
     for keep in keeps:
         print(json.dumps({k: v for k, v in keep.items() if "per_layer" not in k}), flush=True)
 
-    dense = next(r["prefill_seconds"] for r in rows if r["method"] == "dense")
+    by_method: dict[str, list[float]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r["prefill_seconds"])
+    median = {m: statistics.median(v) for m, v in by_method.items()}
+    per_round = [[r for r in rows if r["round"] == i] for i in range(args.rounds)]
     report = {
         "command": "python benchmarks/keyformer_noise.py "
         + " ".join(
-            [f"--task {args.task}", f"--ratio {args.ratio}", f"--repeats {args.repeats}"]
+            [f"--task {args.task}", f"--ratio {args.ratio}", f"--rounds {args.rounds}"]
             + (["--before"] if args.before else [])
+            + (["--agnostic"] if args.agnostic else [])
         ),
         "model": suite.model,
         "task": args.task,
@@ -154,7 +171,12 @@ def main() -> None:
         "answer": sample.answer,
         "torch_threads": torch.get_num_threads(),
         "runs": rows,
-        "prefill_over_dense": {r["method"]: r["prefill_seconds"] / dense for r in rows},
+        "prefill_seconds_median": median,
+        "prefill_over_dense_median": {m: v / median["dense"] for m, v in median.items()},
+        "prefill_over_dense_per_round": [
+            {r["method"]: r["prefill_seconds"] / group[0]["prefill_seconds"] for r in group}
+            for group in per_round
+        ],
         "needle_positions": span,
         "needle_kept_after_prefill": keeps,
     }
