@@ -14,6 +14,12 @@ logit), and with `--agnostic` the last round also runs Keyformer under the query
 Then, for the second question of issue 17's leaderboard: where the needle's value tokens sit in the
 prompt and which of them StreamingLLM's and H2O's prefill keep, per layer and KV head. Timings on the
 shared 2-core machine are noisy: compare ratios within one run.
+
+    python benchmarks/keyformer_noise.py --rerun-rows benchmarks/results/leaderboard/results.jsonl \
+        --out PATH.json
+
+re-runs instead every Keyformer row of a leaderboard results file with the current noise and puts
+each row's old and new prediction, score and prefill seconds side by side.
 """
 
 from __future__ import annotations
@@ -96,6 +102,36 @@ def kept_needle(model: Any, ids: list[int], spec: str, span: list[int]) -> dict[
     }
 
 
+def rerun_rows(results: Path, out: Path) -> None:
+    """Re-run every Keyformer row of a leaderboard results file with the current noise: old vs new."""
+    suite = SUITES["leaderboard"]
+    model = load(suite.model, dtype=suite.dtype)
+    count = token_counter(model)
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    compared = []
+    for row in rows:
+        if not row["method_spec"].startswith("keyformer:"):
+            continue
+        task = get_task(row["task"])
+        samples = task.samples(
+            count, row["length"], suite.samples_for(task.uses_depth), row["seed"], suite.depths
+        )
+        sample = next(x for x in samples if x.index == row["index"] and x.depth == row["depth"])
+        result = task.evaluate(model, tokensift.Plan.of(row["method_spec"]), sample, row["protocol"])
+        compared.append(
+            {
+                **{k: row[k] for k in ("task", "index", "depth", "protocol", "method_spec")},
+                "old": {k: row[k] for k in ("prediction", "score", "prefill_seconds")},
+                "new": {k: result[k] for k in ("prediction", "score", "prefill_seconds")},
+            }
+        )
+        print(json.dumps(compared[-1]), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = f"python benchmarks/keyformer_noise.py --rerun-rows {results} --out {out}"
+    out.write_text(json.dumps({"command": command, "rows": compared}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="niah_single_1")
@@ -104,7 +140,12 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="also run the previous serial-generator noise")
     parser.add_argument("--agnostic", action="store_true", help="also Keyformer once, query-agnostic")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/keyformer_noise.json"))
+    parser.add_argument(
+        "--rerun-rows", type=Path, help="instead: re-run the Keyformer rows of this leaderboard results.jsonl"
+    )
     args = parser.parse_args()
+    if args.rerun_rows:
+        return rerun_rows(args.rerun_rows, args.out)
 
     suite = SUITES["leaderboard"]
     model = load(suite.model, dtype=suite.dtype)
