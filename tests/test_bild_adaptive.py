@@ -20,6 +20,7 @@ from tokensift.speculative.drafting import NgramDrafter
 from .conftest import fresh_speculative_state, noisy_pair, prompt_ids
 
 NEW = 48
+ADAPTIVE = {"lossless": True, "lookup": 0, "small_cost": 0.3, "row_cost": 0.06, "batch_cost": 0.0}
 
 
 @pytest.fixture(autouse=True)
@@ -96,13 +97,14 @@ def test_fixed_schedule_is_still_bild() -> None:
 
 def test_schedule_adapts_to_the_small_model() -> None:
     """A small model that always agrees earns longer and longer drafts; one that never does is cut
-    back to (almost) nothing. Same costs, same prompts: only the acceptance history differs."""
+    back to (almost) nothing. Same costs (a multi-token forward costing no more than its rows, as on
+    a GPU), same prompts: only the acceptance history differs."""
     good_large, good_small = sharp_pair(0.0)  # the same weights: every draft token is kept
     bad_large, bad_small = sharp_pair(1.5)
     good_mean = bad_mean = 0.0
     for ids in _prompts(repeat=False):
-        good = _run(good_large, ids, BiLD(small_model=good_small, lossless=True, lookup=0), new=96)
-        bad = _run(bad_large, ids, BiLD(small_model=bad_small, lossless=True, lookup=0), new=96)
+        good = _run(good_large, ids, BiLD(small_model=good_small, **ADAPTIVE), new=96)
+        bad = _run(bad_large, ids, BiLD(small_model=bad_small, **ADAPTIVE), new=96)
         g, b = good.stats.counters, bad.stats.counters
         assert g["rolled_back_tokens"] == 0 and b["accepted_tokens"] == 0
         # the acceptance model learns that every token is kept: later drafts are longer
@@ -123,7 +125,15 @@ def test_costs_steer_the_draft_length() -> None:
     free = _run(
         large,
         ids,
-        BiLD(small_model=small, lossless=True, lookup=0, small_cost=0.0, row_cost=0.0, max_draft=8),
+        BiLD(
+            small_model=small,
+            lossless=True,
+            lookup=0,
+            small_cost=0.0,
+            row_cost=0.0,
+            batch_cost=0.0,
+            max_draft=8,
+        ),
     )
     dear = _run(large, ids, BiLD(small_model=small, lossless=True, lookup=0, small_cost=5.0))
     f, d = free.stats.counters, dear.stats.counters

@@ -56,8 +56,8 @@ GAMMAS = torch.tensor(
 )
 ALPHAS = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98, 0.99, 1.0])
 ALPHA_SCALE = 0.1  # the prior's scale on log alpha (log gamma's is 1)
-FIRST_PRIOR, FIRST_PRIOR_WEIGHT = 0.7, 2.0  # prior of a draft's first token being kept
-EXPLORE = 4  # draft at least once in this many large forwards, however poor the small model looks
+DRAFT_PRIOR_RATE, DRAFT_PRIOR = 1.2, 2.0  # drafting's rate before any draft: 2 cost units at 1.2
+EXPLORE = 4  # draft at least once in this many large forwards, however poor drafting looks
 
 
 class AcceptanceModel:
@@ -75,12 +75,6 @@ class AcceptanceModel:
         self.kept_log = 0.0  # sum of log c over kept tokens
         self.rejected: list[float] = []  # confidences of rejected tokens
         self.seen = 0
-        self.first_kept = self.first_seen = 0  # drafts whose first token was kept / verified
-
-    def first_rate(self) -> float:
-        """The chance a draft's first token is kept (before its confidence is known): kept / verified
-        first tokens, with a prior of FIRST_PRIOR_WEIGHT pseudo-drafts at FIRST_PRIOR."""
-        return (self.first_kept + FIRST_PRIOR * FIRST_PRIOR_WEIGHT) / (self.first_seen + FIRST_PRIOR_WEIGHT)
 
     def estimate(self, confidence: float) -> float:
         return self.alpha * max(confidence, 1e-9) ** self.gamma
@@ -88,9 +82,6 @@ class AcceptanceModel:
     def update(self, confidences: list[float], kept: int) -> None:
         """The verified draft: its first `kept` tokens were kept, the next (if any) rejected; tokens
         after a rejection were never judged and are not counted."""
-        if confidences:
-            self.first_seen += 1
-            self.first_kept += kept > 0
         for i, confidence in enumerate(confidences[: kept + 1]):
             c = min(max(confidence, 1e-6), 1 - 1e-6)
             self.seen += 1
@@ -240,8 +231,9 @@ class BiLD(LoopMethod):
     lookup_ngram: int = 3
     schedule: Literal["adaptive", "fixed"] = "adaptive"
     max_draft: int = 64
-    small_cost: float = 0.45
-    row_cost: float = 0.15
+    small_cost: float = 0.3
+    row_cost: float = 0.06
+    batch_cost: float = 0.8
     prior_weight: float = 0.5
     small_model: Model | None = field(default=None, repr=False, compare=False)  # an in-memory model
 
@@ -254,10 +246,12 @@ class BiLD(LoopMethod):
             raise TokensiftError(f"bild num_small_iters must be >= 1, got {self.num_small_iters}")
         if self.max_draft < 1:
             raise TokensiftError(f"bild max_draft must be >= 1, got {self.max_draft}")
-        if not (self.small_cost >= 0 and self.row_cost >= 0 and self.prior_weight > 0):
+        if not (
+            self.small_cost >= 0 and self.row_cost >= 0 and self.batch_cost >= 0 and self.prior_weight > 0
+        ):
             raise TokensiftError(
-                "bild needs small_cost >= 0, row_cost >= 0 and prior_weight > 0, got "
-                f"{self.small_cost}, {self.row_cost} and {self.prior_weight}"
+                "bild needs small_cost, row_cost and batch_cost >= 0 and prior_weight > 0, got "
+                f"{self.small_cost}, {self.row_cost}, {self.batch_cost} and {self.prior_weight}"
             )
         if (self.lookup is not None and self.lookup < 0) or self.lookup_ngram < 1:
             raise TokensiftError(
@@ -426,6 +420,7 @@ class BiLD(LoopMethod):
         drafted = 0
         committed, spent = 0.0, 0.0  # tokens and modelled cost of this generation, for the rate R
         idle = 0  # large forwards since the last draft
+        draft_tokens, draft_cost = 0.0, 0.0  # the same, over the forwards that verified a draft
         seconds = {"small": 0.0, "large": 0.0}
         begin = time.perf_counter()
         try:
@@ -443,19 +438,18 @@ class BiLD(LoopMethod):
                 guess: list[int] = []  # looked-up tokens the small model has seen after the draft's last
                 rows: list[torch.Tensor] = []  # its logits after each of them
                 clock = time.perf_counter()
-                # Draft when the first token is worth a small step and a row against a plain decode
-                # step, when the lookup has a continuation, or to keep exploring.
-                worth = accept.first_rate() >= self.small_cost + self.row_cost or (
-                    lookup is not None and bool(lookup_continuation(lookup, seq, 1))
-                )
+                # Draft while drafting beats plain decoding's rate of 1, when the lookup has a
+                # continuation, or to keep exploring.
+                drafting = (draft_tokens + DRAFT_PRIOR_RATE * DRAFT_PRIOR) / (draft_cost + DRAFT_PRIOR)
+                worth = drafting >= 1.0 or (lookup is not None and bool(lookup_continuation(lookup, seq, 1)))
                 if room > 0 and not worth and idle + 1 < EXPLORE:
                     counts["skipped_drafts"] += 1  # a plain decode step; the small model catches up later
                     idle += 1
                 elif room > 0:
                     idle = 0
+                    cost += self.small_cost * self.forward_cost(len(seq) - small.fed)
                     small_logits = small.step(seq)
                     counts["small_steps"] += 1
-                    cost += self.small_cost
                     p_all = 1.0
                     while True:
                         probs = self.draft_probs(decoding, small_logits)
@@ -492,11 +486,11 @@ class BiLD(LoopMethod):
                             small_logits, rows = out[0], list(out[1:])
                             counts["staged_forwards"] += 1
                             counts["staged_rows"] += len(out)
-                            cost += self.small_cost * (1 + self.row_cost * (len(out) - 1))
+                            cost += self.small_cost * self.forward_cost(len(out))
                         else:
+                            cost += self.small_cost * self.forward_cost(len(seq) - small.fed)
                             small_logits = small.step(seq)
                             counts["small_steps"] += 1
-                            cost += self.small_cost
                 small.truncate(len(seq))  # looked-up tokens beyond the draft are not the sequence
                 seconds["small"] += time.perf_counter() - clock
                 pending = seq[base:]
@@ -516,8 +510,12 @@ class BiLD(LoopMethod):
                 seq.append(new)
                 if lookup is not None:
                     lookup.observe([*pending[:keep], new])
+                cost += self.forward_cost(len(pending) + 1)
                 committed = RATE_DECAY * committed + keep + 1
-                spent = RATE_DECAY * spent + cost + 1 + self.row_cost * len(pending)
+                spent = RATE_DECAY * spent + cost
+                if pending:
+                    draft_tokens = RATE_DECAY * draft_tokens + keep + 1
+                    draft_cost = RATE_DECAY * draft_cost + cost
                 for i in range(keep):
                     counts["lookup_tokens" if staged[i] else "small_tokens"] += 1
                     if decoding.accept(pending[i], rows_large[i]):
@@ -554,6 +552,10 @@ class BiLD(LoopMethod):
                     f"bild: the large model wrote all {len(decoding.tokens)} tokens ({drafted} small-model "
                     "draft tokens were checked, none kept)"
                 )
+
+    def forward_cost(self, rows: int) -> float:
+        """A forward over `rows` tokens, in the model's one-token forwards (the cost model)."""
+        return 1.0 if rows <= 1 else 1.0 + self.batch_cost + self.row_cost * (rows - 1)
 
     @staticmethod
     def draft_probs(decoding: Decoding, logits: torch.Tensor) -> torch.Tensor:
