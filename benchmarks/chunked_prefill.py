@@ -180,6 +180,22 @@ def accuracy(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) ->
         save()
 
 
+def check_fits(path: Path) -> None:
+    """Refuse, before any child runs, a prompt that with its new tokens exceeds the model's context."""
+    for prompt in side_by_side().read_prompts(path):
+        config = json.loads((Path(prompt["model_dir"]) / "config.json").read_text())
+        limit = int(config.get("max_position_embeddings") or 0)
+        need = len(prompt["context_ids"]) + len(prompt["question_ids"]) + prompt["max_new_tokens"]
+        if 0 < limit < need:
+            print(
+                f"error: prompt {prompt['prompt']} of {path} needs {need} tokens with its answer, over "
+                f"{prompt['model']}'s context of {limit}: make the prompts with a smaller --length "
+                f"(e.g. {limit - 64}) and a new --prompts-file",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
@@ -220,6 +236,7 @@ def main() -> None:
                 out=args.prompts_file,
             )
         )
+    check_fits(args.prompts_file)
     ratio = round(1 - args.budget, 6)
     result: dict[str, Any] = {
         "command": " ".join(sys.argv),
