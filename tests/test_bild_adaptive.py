@@ -58,7 +58,8 @@ def test_adaptive_is_large_greedy(noise: float, lookup: int | None) -> None:
     kept = staged = rejected = 0
     for ids in _prompts():
         target = tokensift.generate(large, ids, max_new_tokens=NEW, ignore_eos=True).token_ids
-        out = _run(large, ids, BiLD(small_model=small, lossless=True, lookup=lookup, lookup_ngram=2))
+        method = BiLD(small_model=small, lossless=True, lookup=lookup, lookup_ngram=2, batch_cost=0.0)
+        out = _run(large, ids, method)
         assert out.token_ids == target
         c = out.stats.counters
         assert (
@@ -73,7 +74,7 @@ def test_adaptive_is_large_greedy(noise: float, lookup: int | None) -> None:
         rejected += c["bild_rollbacks"]
         if lookup == 0:
             assert c["bild_staged_forwards"] == 0 and c["bild_lookup_tokens"] == 0
-    assert kept > 10
+    assert kept > 3  # drafts were kept (and, below, rejected): identity is not trivial
     if lookup is None:
         assert staged > 0  # the lookup drafted for the small model
     if noise == 0.3:

@@ -46,7 +46,7 @@ def speculative_accept(
     return len(pending), int(torch.multinomial(p.cpu(), 1, generator=decoding.generator))
 
 
-ADAPTIVE_LOOKUP = 16  # `lookup=None` under the adaptive schedule
+ADAPTIVE_LOOKUP = 32  # `lookup=None` under the adaptive schedule
 RATE_PRIOR = 1.0  # pseudo cost units at rate 1 (plain decoding) in the recent rate R
 RATE_DECAY = 0.8  # R weighs each earlier large forward's cycle by this much less: it follows the text
 CONTINUE_CAP = 0.9  # a small-model step is always taken while P * a(c_last) is at least this
@@ -57,7 +57,9 @@ GAMMAS = torch.tensor(
 ALPHAS = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.96, 0.98, 0.99, 1.0])
 ALPHA_SCALE = 0.1  # the prior's scale on log alpha (log gamma's is 1)
 DRAFT_PRIOR_RATE, DRAFT_PRIOR = 1.2, 2.0  # drafting's rate before any draft: 2 cost units at 1.2
-EXPLORE = 4  # draft at least once in this many large forwards, however poor drafting looks
+# While drafting does not pay, a draft is still tried after EXPLORE plain forwards, the wait doubling
+# after each such try (at most MAX_EXPLORE) and back to EXPLORE once drafting pays again.
+EXPLORE, MAX_EXPLORE = 4, 64
 
 
 class AcceptanceModel:
@@ -164,8 +166,9 @@ class BiLD(LoopMethod):
     ROC and grows or shrinks its draft length):
     - a draft starts when the share of drafts whose first token was kept (prior 0.7) is at least
       small_cost + row_cost (a plain decode step gains 1 token per unit), or the lookup has a
-      continuation, or 3 forwards went without one (exploration); otherwise the large model decodes
-      alone and the small model catches up later in one forward;
+      continuation, or to explore (after 4 plain forwards, the wait doubling after each such try up
+      to 64); otherwise the large model decodes alone and the small model catches up later in one
+      forward;
     - a token the small model wrote joins the draft while P >= R * row_cost (the draft's first
       token always does, so the acceptance model keeps learning);
     - the small model takes another step while P * a(c_last) >= min(R * (small_cost + row_cost),
@@ -201,7 +204,7 @@ class BiLD(LoopMethod):
         sampled; `rollback_threshold` and `skip_agreeing` are then unused.
     lookup:
         Longest prompt-lookup draft (0: never). Fixed schedule: tried before the small model
-        drafts; adaptive: drafts for the small model. None: 16 with the adaptive schedule, else 0.
+        drafts; adaptive: drafts for the small model. None: 32 with the adaptive schedule, else 0.
     lookup_ngram:
         Tokens matched by the lookup.
     schedule:
@@ -420,6 +423,7 @@ class BiLD(LoopMethod):
         drafted = 0
         committed, spent = 0.0, 0.0  # tokens and modelled cost of this generation, for the rate R
         idle = 0  # large forwards since the last draft
+        explore = EXPLORE  # plain forwards before a draft is tried anyway
         draft_tokens, draft_cost = 0.0, 0.0  # the same, over the forwards that verified a draft
         seconds = {"small": 0.0, "large": 0.0}
         begin = time.perf_counter()
@@ -442,10 +446,11 @@ class BiLD(LoopMethod):
                 # continuation, or to keep exploring.
                 drafting = (draft_tokens + DRAFT_PRIOR_RATE * DRAFT_PRIOR) / (draft_cost + DRAFT_PRIOR)
                 worth = drafting >= 1.0 or (lookup is not None and bool(lookup_continuation(lookup, seq, 1)))
-                if room > 0 and not worth and idle + 1 < EXPLORE:
+                if room > 0 and not worth and idle < explore:
                     counts["skipped_drafts"] += 1  # a plain decode step; the small model catches up later
                     idle += 1
                 elif room > 0:
+                    explore = EXPLORE if worth else min(2 * explore, MAX_EXPLORE)
                     idle = 0
                     cost += self.small_cost * self.forward_cost(len(seq) - small.fed)
                     small_logits = small.step(seq)
