@@ -7,6 +7,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from tokensift.errors import TokensiftError, check_out_dir
 from tokensift.models import Model, load
 from tokensift.runtime.generate import encode, encode_split
 from tokensift.runtime.plan import Plan
-from tokensift.runtime.shared_prefill import SharedPrefill, shareable
+from tokensift.runtime.shared_prefill import SharedPrefill, prefill_key
 
 PRESETS: dict[str, BenchConfig] = SUITES  # the older name of the suites
 LOCAL: dict[str, Any] = {"name": "local"}  # the executor stamp of rows computed in this process
@@ -197,23 +198,32 @@ def run_cell(
 ) -> Iterator[dict[str, Any]]:
     """Run one cell's plans on its sample, yielding one row per plan (without an executor stamp).
 
-    The cell's plans whose prefill is exact share one prefill when more than one of them runs (see
-    shared_prefill). A method that refuses the sample (a TokensiftError, e.g. a budget below its
-    window on a short prompt) fails that row only: recorded as an error row, never retried.
+    The cell's plans that one prefill can serve share it when more than one of them runs: those
+    whose prefill is exact, and column-sum evictors of one scoring rule at any budget (see
+    shared_prefill.prefill_key). A shared prefill is dropped after its last plan has run. A method
+    that refuses the sample (a TokensiftError, e.g. a budget below its window on a short prompt)
+    fails that row only: recorded as an error row, never retried.
     """
     task, sample = cell.task, cell.sample
     # A shared prefill is one unchunked forward: chunked runs prefill every plan on its own.
     sharing = config.share_prefill and task.generative and not config.prefill_chunk
-    users = [label for label in cell.labels if sharing and shareable(plans[label])]
-    shared: SharedPrefill | None = None
+    keys = {label: prefill_key(plans[label]) if sharing else None for label in cell.labels}
+    left = Counter(key for key in keys.values() if key is not None)
+    groups = {key for key, n in left.items() if n > 1}
+    prefills: dict[tuple[Any, ...], SharedPrefill] = {}
     for label in cell.labels:
         t0 = time.perf_counter()
+        key = keys[label]
         try:
-            if len(users) > 1 and label in users and shared is None:
+            if key in groups and key not in prefills:
                 text, question = task.protocol_prompt(sample, config.protocol)
                 ids = encode_split(model, text, question, answer_prefix=sample.answer_prefix)[0]
-                shared = SharedPrefill.run(model, ids)
-            use = shared if label in users and len(users) > 1 else None
+                prefills[key] = SharedPrefill.run(model, ids, plans[label])
+            use = prefills.get(key) if key in groups else None
+            if key in groups:
+                left[key] -= 1
+                if not left[key]:
+                    prefills.pop(key)  # its last plan: free the prompt's tensors after this row
             chunk = {"prefill_chunk": config.prefill_chunk} if config.prefill_chunk else {}
             result = task.evaluate(model, plans[label], sample, config.protocol, use, **chunk)
         except TokensiftError as exc:

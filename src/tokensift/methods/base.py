@@ -209,6 +209,14 @@ class EvictionMethod(Method):
         they accumulate. None means the softmax probabilities."""
         return None
 
+    def prefill_scores_key(self) -> tuple[Any, ...] | None:
+        """For `needs_colsums` methods: evictors with equal keys get identical column scores from a
+        prompt's one-forward prefill, whatever their budgets, so one prefill serves them all
+        (`runtime.shared_prefill`); each then evicts from those sums with its own budget. A method
+        may return a key only if its `column_scores` of the prompt forward depend on nothing but
+        what the key holds (and the layer). None, the default: every plan runs its own prefill."""
+        return None
+
 
 def top_tokens(scores: torch.Tensor, budget: int) -> torch.Tensor:
     """The `budget` best slots per head, in cache order: (B, H, budget)."""

@@ -61,6 +61,13 @@ class H2O(EvictionMethod):
     def resolved_params(self) -> dict[str, object]:
         return {**super().resolved_params(), "recent_tokens": self.recent}
 
+    def prefill_scores_key(self) -> tuple[object, ...]:
+        """The prompt's column sums follow from the scoring rule alone: the budget and the recent
+        window only choose what to keep from them, after each layer's attention over the whole
+        prompt. Subclasses (Keyformer) key by their own class and every other parameter."""
+        rest = {k: v for k, v in self.params().items() if k not in ("budget", "recent_fraction")}
+        return (type(self).__qualname__, tuple(sorted(rest.items())))
+
     def observe(
         self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
     ) -> None:

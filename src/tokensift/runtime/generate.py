@@ -18,7 +18,7 @@ from tokensift.models import Model, load
 from tokensift.runtime.cache import TokenCache
 from tokensift.runtime.plan import Plan
 from tokensift.runtime.scores import tree_mask
-from tokensift.runtime.shared_prefill import SharedPrefill, shareable
+from tokensift.runtime.shared_prefill import SharedPrefill
 
 Prompt = str | Sequence[int]
 MethodSpec = Plan | str | Method | Sequence[Method] | None
@@ -417,7 +417,7 @@ def generate(
         )
         t0 = time.perf_counter()
         if shared is not None:
-            if shared.ids != ids or not shareable(cache.plan):
+            if not shared.serves(cache.plan, ids):
                 raise TokensiftError(f"a shared prefill cannot serve {cache.plan.spec} on this prompt")
             logits = shared.fill(cache)
             t0 -= shared.seconds

@@ -1,4 +1,4 @@
-"""One exact prefill shared by every plan whose prefill attention is exact.
+"""One prefill of a prompt shared by every plan it serves exactly (same tensors, same logits).
 
 Dense attention, the one-shot evictors (SnapKV, CompressKV, adaptive budgets), StreamingLLM, the
 sparse-decode methods and the generation loops all compute the prompt's attention exactly and only
@@ -6,37 +6,83 @@ then compress: their prefills produce identical hidden states, keys and values. 
 several of them on one sample therefore runs the prompt once, keeps every layer's keys, values and
 last queries, and lets each plan fill its own cache layer by layer and compress it there, exactly as
 it would have inside its own forward (the same tensors, the same order, so the same peak bytes).
-H2O and Keyformer (they score every prompt query) and sparse-prefill methods run their own prefill.
+
+Evictors that accumulate column sums of every prompt query (`needs_colsums`) compute the prompt's
+attention with their own scoring kernel, so they cannot share the dense prefill; but a layer's
+eviction runs after its attention over the whole prompt, so later layers see the same inputs and
+the sums do not depend on the budget. Evictors that declare equal `prefill_scores_key`s (H2O at any
+budget, Keyformer with the same scoring parameters) therefore share one prefill run with that
+scoring kernel: it records every layer's column sums, and each plan evicts from them with its own
+budget, exactly as inside its own forward. Sparse-prefill methods run their own prefill.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokensift.methods.base import EvictionMethod
 from tokensift.models import Model
 from tokensift.runtime.cache import PENDING, TokenCache
 from tokensift.runtime.plan import Plan
 
+if TYPE_CHECKING:
+    from tokensift.runtime.cache import TokenLayer
+
 WINDOW = 64  # last prompt queries kept per layer: enough for every window scorer's default
+EXACT: tuple[Any, ...] = ("exact",)  # the key of plans served by the exact dense prefill
+
+
+def prefill_key(plan: Plan) -> tuple[Any, ...] | None:
+    """Which shared prefill can serve a plan: `EXACT` when its prefill is exact dense attention
+    followed by compression from the last queries, ("colsums", key) for a column-sum evictor that
+    declares a `prefill_scores_key`, None when it must run its own prefill."""
+    evict = plan.evict
+    if plan.prefill is not None:
+        return None
+    if evict is None:
+        return EXACT
+    inner = getattr(evict, "method", None) or evict
+    if getattr(inner, "window_size", 0) > WINDOW:
+        return None
+    if not evict.needs_colsums:
+        return EXACT
+    key = evict.prefill_scores_key()
+    return None if key is None else ("colsums", key)
 
 
 def shareable(plan: Plan) -> bool:
-    """Whether a plan's prefill is exact dense attention followed by compression from the last queries."""
-    evict = plan.evict
-    if plan.prefill is not None:
-        return False
-    if evict is None:
-        return True
-    inner = getattr(evict, "method", None) or evict
-    return not evict.needs_colsums and getattr(inner, "window_size", 0) <= WINDOW
+    """Whether some shared prefill can serve the plan (see `prefill_key`)."""
+    return prefill_key(plan) is not None
+
+
+@dataclass
+class _ColsumRecorder(EvictionMethod):
+    """Stands in for a column-sum evictor during a shared prefill: each layer's attention runs with
+    the evictor's scoring kernel, and the layer keeps the column sums instead of evicting."""
+
+    budget: float = 1.0
+    source: EvictionMethod | None = None
+    needs_colsums = True
+
+    def column_scores(self, layer: TokenLayer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        assert self.source is not None
+        return self.source.column_scores(layer)
+
+    def compress(
+        self, layer: TokenLayer, query: torch.Tensor, colsum: torch.Tensor | None, scale: float
+    ) -> None:
+        layer.extra["shared_colsum"] = colsum
 
 
 @dataclass
 class SharedPrefill:
-    """The prompt's per-layer keys/values (as a dense cache holds them), last queries and logits."""
+    """The prompt's per-layer keys/values (as a dense cache holds them), last queries and logits;
+    for a column-sum family also every layer's column sums of the prompt's queries."""
 
     ids: list[int]
     keys: list[torch.Tensor]
@@ -45,11 +91,21 @@ class SharedPrefill:
     scales: list[float]
     logits: torch.Tensor
     seconds: float
+    key: tuple[Any, ...] = EXACT
+    colsums: list[torch.Tensor] | None = None
 
     @classmethod
-    def run(cls, model: Model, ids: list[int]) -> SharedPrefill:
+    def run(cls, model: Model, ids: list[int], plan: Plan | None = None) -> SharedPrefill:
+        """Prefill `ids` once for every plan with `plan`'s `prefill_key` (default: the exact one)."""
         from tokensift.runtime.generate import forward
 
+        key = EXACT if plan is None else prefill_key(plan)
+        if key is None:
+            raise ValueError(f"no shared prefill can serve {plan.spec if plan else None}")
+        recorder = None
+        if key != EXACT:
+            assert plan is not None and plan.evict is not None
+            recorder = _ColsumRecorder(source=plan.evict)
         queries: list[torch.Tensor] = []
         scales: list[float] = []
 
@@ -58,11 +114,14 @@ class SharedPrefill:
             scales.append(scale)
 
         with torch.inference_mode():
-            cache = TokenCache(model, None)
+            cache = TokenCache(model, recorder)
             cache.observer = observe
             t0 = time.perf_counter()
             logits = forward(model, torch.tensor([ids], device=next(model.model.parameters()).device), cache)
             seconds = time.perf_counter() - t0
+        colsums = None
+        if recorder is not None:
+            colsums = [layer.extra.pop("shared_colsum") for layer in cache.layers]
         return cls(
             ids=list(ids),
             keys=[layer.k for layer in cache.layers],
@@ -71,16 +130,31 @@ class SharedPrefill:
             scales=scales,
             logits=logits[0, -1],
             seconds=seconds,
+            key=key,
+            colsums=colsums,
         )
+
+    def serves(self, plan: Plan, ids: list[int]) -> bool:
+        """Whether this prefill gives `plan` on `ids` exactly what its own prefill would."""
+        return self.ids == list(ids) and prefill_key(plan) == self.key
 
     def fill(self, cache: TokenCache) -> torch.Tensor:
         """Load the prompt into `cache` layer by layer, compressing as its plan would; returns the
-        last-position logits. Each layer gets its own copy, so plans never share storage."""
+        last-position logits. Each layer gets its own copy, so plans never share storage. A
+        column-sum evictor gets its layer's recorded sums where its forward would have computed them
+        (after asking for its scoring kernel, as that forward does)."""
         evict = cache.plan.evict
         for index, layer in enumerate(cache.layers):
             layer.update(self.keys[index].clone(), self.values[index].clone())
             PENDING.set(None)
-            if evict is not None:
-                evict.compress(layer, self.queries[index], None, self.scales[index])
+            if evict is None:
+                continue
+            colsum = None
+            if self.colsums is not None:
+                evict.column_scores(layer)  # what the method notes when asked, as in its own forward
+                colsum = self.colsums[index].clone()
+            evict.compress(layer, self.queries[index], colsum, self.scales[index])
         cache.count("shared_prefill_seconds", self.seconds)
+        if self.colsums is not None:
+            cache.count("shared_prefill_colsums")  # this plan's column sums came from a shared prefill
         return self.logits
