@@ -43,6 +43,9 @@ def test_shared_prefill_equals_own_prefill(spec: str) -> None:
 def test_which_plans_share() -> None:
     assert all(shareable(Plan.of(s)) for s in SHAREABLE)
     assert not shareable(Plan.of("snapkv:budget=200,window_size=100"))
+    # A logit bias (ZeroTuning) changes the prefill's attention: no shared dense prefill may serve it.
+    assert not shareable(Plan.of("zerotuning:gamma=2"))
+    assert not shareable(Plan.of("zerotuning:gamma=2+snapkv:budget=64"))
     # Column-sum evictors share a prefill of their own scoring rule (tests/test_shared_prefill_colsums.py).
 
 

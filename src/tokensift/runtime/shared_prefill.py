@@ -42,8 +42,8 @@ def prefill_key(plan: Plan) -> tuple[Any, ...] | None:
     followed by compression from the last queries, ("colsums", key) for a column-sum evictor that
     declares a `prefill_scores_key`, None when it must run its own prefill."""
     evict = plan.evict
-    if plan.prefill is not None:
-        return None
+    if plan.prefill is not None or plan.bias is not None:
+        return None  # a sparse-prefill kernel or a logit bias changes the prefill itself
     if evict is None:
         return EXACT
     inner = getattr(evict, "method", None) or evict
