@@ -118,6 +118,27 @@ def lookup_continuation(lookup: NgramDrafter, seq: list[int], max_tokens: int) -
     return []
 
 
+def count_loop(
+    cache: Any,
+    counts: dict[str, int],
+    small_forwards: int,
+    seconds: dict[str, float],
+    begin: float,
+    small_written: int,
+    tokens: int,
+) -> None:
+    """The loop's counters, its small-model forwards, where the decode time went (host clock; on an
+    accelerator it includes waits on queued work) and the share of tokens the small model wrote."""
+    for name, value in counts.items():
+        cache.count(f"bild_{name}", value)
+    cache.count("bild_small_forwards", small_forwards)
+    total = time.perf_counter() - begin
+    cache.count("bild_small_seconds", seconds["small"])
+    cache.count("bild_large_seconds", seconds["large"])
+    cache.count("bild_other_seconds", total - seconds["small"] - seconds["large"])
+    cache.count("bild_small_share", small_written / max(1, tokens))
+
+
 @register
 @dataclass
 class BiLD(LoopMethod):
@@ -357,15 +378,9 @@ class BiLD(LoopMethod):
                 if decoding.accept(new, rows[keep]):
                     return
         finally:
-            for name, value in counts.items():
-                cache.count(f"bild_{name}", value)
-            cache.count("bild_small_forwards", small.forwards)
-            # Where the decode time went (host clock; on an accelerator it includes waits on queued work).
-            total = time.perf_counter() - begin
-            cache.count("bild_small_seconds", seconds["small"])
-            cache.count("bild_large_seconds", seconds["large"])
-            cache.count("bild_other_seconds", total - seconds["small"] - seconds["large"])
-            cache.count("bild_small_share", counts["small_tokens"] / max(1, len(decoding.tokens)))
+            count_loop(
+                cache, counts, small.forwards, seconds, begin, counts["small_tokens"], len(decoding.tokens)
+            )
             record_loop(
                 cache,
                 drafted=drafted,
@@ -528,15 +543,8 @@ class BiLD(LoopMethod):
                 if decoding.accept(new, rows_large[keep]):
                     return
         finally:
-            for name, value in counts.items():
-                cache.count(f"bild_{name}", value)
-            cache.count("bild_small_forwards", small.forwards)
-            total = time.perf_counter() - begin
-            cache.count("bild_small_seconds", seconds["small"])
-            cache.count("bild_large_seconds", seconds["large"])
-            cache.count("bild_other_seconds", total - seconds["small"] - seconds["large"])
             small_written = counts["small_tokens"] + counts["lookup_tokens"]
-            cache.count("bild_small_share", small_written / max(1, len(decoding.tokens)))
+            count_loop(cache, counts, small.forwards, seconds, begin, small_written, len(decoding.tokens))
             if lengths:
                 half = len(lengths) // 2
                 cache.count("bild_mean_draft", sum(lengths) / len(lengths))
