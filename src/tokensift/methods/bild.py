@@ -297,18 +297,10 @@ class BiLD(LoopMethod):
             return
         sampling = decoding.temperature > 0
         cache = decoding.cache
-        small = Follower(small_model(self.small_model or self.small, decoding.model, self.name))
-        large = Verifier(decoding)
-        eos = set() if decoding.ignore_eos else decoding.eos
-        seq = list(decoding.prompt)
-        token = decoding.sample(logits)  # the large model's prefill writes the first token
-        seq.append(token)
+        small, large, eos, seq, token, lookup = self.start(decoding, logits)
         counts = dict.fromkeys(
             ["large_forwards", "small_tokens", "fallbacks", "rollbacks", "lookup_drafts", "lookup_tokens"], 0
         )
-        lookup = NgramDrafter(self.lookup, self.lookup_ngram, self.lookup_ngram) if self.lookup else None
-        if lookup is not None:
-            lookup.start(seq)
         drafted = 0  # small tokens the large model checked
         seconds = {"small": 0.0, "large": 0.0}  # in small-model steps, in large-model forwards
         begin = time.perf_counter()
@@ -406,19 +398,29 @@ class BiLD(LoopMethod):
             return self.lookup
         return ADAPTIVE_LOOKUP if self.adaptive else 0
 
-    def decode_adaptive(self, decoding: Decoding, logits: torch.Tensor) -> None:
-        """Lossless decoding under the adaptive schedule (see the class docstring)."""
-        cache = decoding.cache
+    def start(
+        self, decoding: Decoding, logits: torch.Tensor
+    ) -> tuple[Follower, Verifier, set[int], list[int], int, NgramDrafter | None]:
+        """What both loops begin with: the small model following, the large verifying, the stop tokens,
+        the sequence with the first token (the large model's prefill writes it) and the lookup drafter
+        (None when the lookup length in effect is 0)."""
         small = Follower(small_model(self.small_model or self.small, decoding.model, self.name))
         large = Verifier(decoding)
         eos = set() if decoding.ignore_eos else decoding.eos
         seq = list(decoding.prompt)
-        token = decoding.sample(logits)  # the large model's prefill writes the first token
+        token = decoding.sample(logits)
         seq.append(token)
         n = self.lookup_tokens
         lookup = NgramDrafter(n, self.lookup_ngram, self.lookup_ngram) if n else None
         if lookup is not None:
             lookup.start(seq)
+        return small, large, eos, seq, token, lookup
+
+    def decode_adaptive(self, decoding: Decoding, logits: torch.Tensor) -> None:
+        """Lossless decoding under the adaptive schedule (see the class docstring)."""
+        cache = decoding.cache
+        small, large, eos, seq, token, lookup = self.start(decoding, logits)
+        n = self.lookup_tokens
         accept = AcceptanceModel(self.prior_weight)
         counts = dict.fromkeys(
             [
