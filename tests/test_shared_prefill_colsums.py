@@ -1,4 +1,4 @@
-"""Column-sum evictors (H2O, Keyformer) at several budgets share one prefill, exactly."""
+"""Column-sum evictors (H2O, Keyformer) at every budget and scoring rule share one prefill, exactly."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch
 import tokensift
 from tests.conftest import prompt_ids, tiny_model, tiny_smol_model
 from tokensift.bench.runner import BenchConfig, run_bench
+from tokensift.methods.keyformer import CounterNoise, gumbel_softmax_scores
 from tokensift.runtime import shared_prefill
 from tokensift.runtime.cache import TokenCache
 from tokensift.runtime.generate import forward
 from tokensift.runtime.plan import Plan
-from tokensift.runtime.shared_prefill import EXACT, SharedPrefill, prefill_key
+from tokensift.runtime.scores import attention_with_colsums
+from tokensift.runtime.shared_prefill import COLSUMS, EXACT, SharedPrefill, prefill_key, scores_key
 
 H2O = ["h2o:budget=20", "h2o:budget=45", "h2o:budget=0.5", "h2o:budget=70,recent_fraction=0.2"]
 KEYFORMER = ["keyformer:budget=20", "keyformer:budget=0.5", "keyformer:budget=60,recent_fraction=0.5"]
@@ -31,8 +33,11 @@ def _own_cache(model: tokensift.Model, spec: str, ids: list[int]) -> tuple[Token
 def test_one_prefill_serves_every_budget_with_the_same_cache(family: list[str]) -> None:
     model = tiny_model("qwen2", layers=3)  # GQA: column sums are averaged over each KV head's group
     ids = prompt_ids(90)
-    shared = SharedPrefill.run(model, ids, Plan.of(family[-1]))
-    assert shared.key != EXACT and shared.colsums is not None and len(shared.colsums) == 3
+    # One prefill for both families (and two Keyformer seeds): every plan gets its own scoring's sums.
+    others = [Plan.of(s) for s in [*H2O, *KEYFORMER, "keyformer:budget=20,seed=3"]]
+    shared = SharedPrefill.run(model, ids, Plan.of(family[-1]), also=others)
+    assert shared.key == COLSUMS and shared.colsums is not None and len(shared.colsums) == 3
+    assert all(len(sums) == 3 for sums in shared.colsums.values())  # one per layer
     for spec in family:
         own, own_logits = _own_cache(model, spec, ids)
         with torch.inference_mode():
@@ -78,17 +83,23 @@ def test_prefill_keys_group_only_identical_scoring() -> None:
     def key(spec: str) -> object:
         return prefill_key(Plan.of(spec))
 
-    assert len({key(s) for s in H2O}) == 1 and len({key(s) for s in KEYFORMER}) == 1
-    assert key(H2O[0]) != key(KEYFORMER[0])  # Gumbel scores are not H2O's softmax sums
-    assert key("keyformer:budget=20,seed=1") != key(KEYFORMER[0])
-    assert key("keyformer:budget=20,noise=false") != key(KEYFORMER[0])
-    assert key("keyformer:budget=20,tau_init=0.5") != key(KEYFORMER[0])
+    def scoring(spec: str) -> object:
+        return scores_key(Plan.of(spec))
+
+    # One prefill (the column-sum kernel) serves both families; each scoring rule keeps its own sums.
+    assert {key(s) for s in H2O + KEYFORMER} == {COLSUMS}
+    assert len({scoring(s) for s in H2O}) == 1 and len({scoring(s) for s in KEYFORMER}) == 1
+    assert scoring(H2O[0]) != scoring(KEYFORMER[0])  # Gumbel scores are not H2O's softmax sums
+    assert scoring("keyformer:budget=20,seed=1") != scoring(KEYFORMER[0])
+    assert scoring("keyformer:budget=20,noise=false") != scoring(KEYFORMER[0])
+    assert scoring("keyformer:budget=20,tau_init=0.5") != scoring(KEYFORMER[0])
+    assert scoring("dense") is None and scoring("snapkv:budget=40,window_size=8") is None
     assert key("dense") == key("snapkv:budget=40,window_size=8") == key("tova:budget=40") == EXACT
     # A wrapper that does not declare a key runs its own prefill.
     assert key("decoding(h2o:budget=40):every=4,target=32") is None
 
 
-def test_a_colsum_prefill_refuses_other_families() -> None:
+def test_a_colsum_prefill_refuses_scorings_it_did_not_record() -> None:
     model = tiny_model("llama")
     ids = prompt_ids(50)
     shared = SharedPrefill.run(model, ids, Plan.of("h2o:budget=20"))
@@ -135,10 +146,9 @@ def test_bench_runs_one_prefill_per_family(tmp_path: Path, monkeypatch: pytest.M
         )
     finally:
         hook.remove()
-    # Three families (exact, H2O, Keyformer): three prompt forwards instead of seven.
-    assert sorted(map(str, runs)) == sorted(map(str, {prefill_key(Plan.of(m)) for m in methods}))
-    assert len(runs) == 3
-    assert shared_forwards == 3 and prompt_forwards == len(methods)
+    # Two prefills (exact; the column-sum kernel for H2O and Keyformer): two prompt forwards, not seven.
+    assert sorted(map(str, runs)) == sorted(map(str, [EXACT, COLSUMS]))
+    assert shared_forwards == 2 and prompt_forwards == len(methods)
     for a, b in zip(shared, own, strict=True):
         assert a["method"] == b["method"]
         assert not a.get("error") and not b.get("error"), a.get("error") or b.get("error")
@@ -147,3 +157,24 @@ def test_bench_runs_one_prefill_per_family(tmp_path: Path, monkeypatch: pytest.M
         assert "shared_prefill_seconds" in a["counters"] and "shared_prefill_seconds" not in b["counters"]
         colsum = a["method"].startswith(("h2o", "keyformer"))
         assert a["counters"].get("shared_prefill_colsums", 0) == int(colsum)
+
+
+def test_several_scorings_sum_from_one_pass_exactly_as_alone() -> None:
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    noise = CounterNoise(0, 1, 0)
+
+    def gumbel(logits: torch.Tensor) -> torch.Tensor:
+        return gumbel_softmax_scores(logits, 1.5, noise)
+
+    def square(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1) ** 2
+
+    small = 2 * 6 * 7  # several chunks
+    out, stacked = attention_with_colsums(q, k, v, 0.4, max_elements=small, score_fn=[None, gumbel, square])
+    assert stacked.shape == (3, 1, 6, 40)
+    for index, fn in enumerate([None, gumbel, square]):
+        alone_out, alone = attention_with_colsums(q, k, v, 0.4, max_elements=small, score_fn=fn)
+        assert torch.equal(out, alone_out)  # the output never depends on the scores summed
+        assert torch.equal(stacked[index], alone), index
+    assert not torch.equal(stacked[0], stacked[1]) and not torch.equal(stacked[0], stacked[2])

@@ -199,8 +199,8 @@ def run_cell(
     """Run one cell's plans on its sample, yielding one row per plan (without an executor stamp).
 
     The cell's plans that one prefill can serve share it when more than one of them runs: those
-    whose prefill is exact, and column-sum evictors of one scoring rule at any budget (see
-    shared_prefill.prefill_key). A shared prefill is dropped after its last plan has run. A method
+    whose prefill is exact, and the column-sum evictors (H2O, Keyformer) at any budget and scoring
+    rule (see shared_prefill.prefill_key). A shared prefill is dropped after its last plan has run. A method
     that refuses the sample (a TokensiftError, e.g. a budget below its window on a short prompt)
     fails that row only: recorded as an error row, never retried.
     """
@@ -218,7 +218,8 @@ def run_cell(
             if key in groups and key not in prefills:
                 text, question = task.protocol_prompt(sample, config.protocol)
                 ids = encode_split(model, text, question, answer_prefix=sample.answer_prefix)[0]
-                prefills[key] = SharedPrefill.run(model, ids, plans[label])
+                group = [plans[other] for other in cell.labels if keys[other] == key]
+                prefills[key] = SharedPrefill.run(model, ids, plans[label], also=group[1:])
             use = prefills.get(key) if key in groups else None
             if key in groups:
                 left[key] -= 1

@@ -6,12 +6,14 @@ keys j <= n - L + i. GQA follows transformers: query head h uses KV head h // n_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # masked logits -> the scores whose column sums count
 
 # Upper bound on the elements of one chunk of logits (16 MiB in float32): small chunks stay in cache.
 MAX_CHUNK_ELEMENTS = 1 << 22
@@ -140,7 +142,7 @@ def attention_with_colsums(
     v: torch.Tensor,
     scale: float,
     max_elements: int = MAX_CHUNK_ELEMENTS,
-    score_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    score_fn: ScoreFn | Sequence[ScoreFn | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention output plus the column sums of the softmax probabilities (H2O, Keyformer).
 
@@ -148,7 +150,9 @@ def attention_with_colsums(
     Returns out (B, H_q, L, D) and colsum (B, H_q, n), the attention each key received summed over
     this forward's queries. Memory is O(chunk * n), compute O(L * n). `score_fn` turns a chunk of
     masked logits (B, H_kv, n_rep, rows, keys) into the scores summed instead of the probabilities
-    (Keyformer's Gumbel softmax); the attention output always uses the plain softmax.
+    (Keyformer's Gumbel softmax); the attention output always uses the plain softmax. A sequence of
+    score functions (None: the probabilities) accumulates one column sum per function from the same
+    logits, each exactly as alone, stacked: (F, B, H_q, n) (one shared prefill for several scorers).
     """
     b, hq, length, d = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
@@ -157,7 +161,9 @@ def attention_with_colsums(
     kt = k.unsqueeze(2).transpose(-1, -2)
     vg = v.unsqueeze(2)
     out = q.new_empty(qg.shape)
-    colsum = torch.zeros(b, kv_heads, hq // kv_heads, n, dtype=torch.float32, device=q.device)
+    several = isinstance(score_fn, (list, tuple))
+    fns: list[ScoreFn | None] = list(score_fn) if several else [score_fn]  # type: ignore[arg-type,list-item]
+    sums = [torch.zeros(b, kv_heads, hq // kv_heads, n, dtype=torch.float32, device=q.device) for _ in fns]
     step = chunk_rows(n, hq, max_elements)
     bias = active_bias(n, hq)
     if bias is not None:
@@ -175,8 +181,10 @@ def attention_with_colsums(
             _mask_causal_block(logits, s, offset)
         probs = torch.softmax(logits, dim=-1)
         out[..., s:e, :] = torch.matmul(probs.to(v.dtype), vg[..., :visible, :])
-        colsum[..., :visible] += (probs if score_fn is None else score_fn(logits)).sum(dim=-2)
-    return out.reshape(b, hq, length, d), colsum.reshape(b, hq, n)
+        for colsum, fn in zip(sums, fns, strict=True):
+            colsum[..., :visible] += (probs if fn is None else fn(logits)).sum(dim=-2)
+    colsums = [colsum.reshape(b, hq, n) for colsum in sums]
+    return out.reshape(b, hq, length, d), torch.stack(colsums) if several else colsums[0]
 
 
 def window_scores(q_window: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
