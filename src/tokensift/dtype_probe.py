@@ -3,12 +3,16 @@
 bf16 halved prefill time on the AMD EPYC where the ruler-lite suite was tuned, but was slower than
 fp32 on an Intel Xeon with avx512_bf16 (smollm2-135m, 2 threads: prefill 1k 1.41 s fp32 vs 2.13 s
 bf16; decode 22.4 vs 18.5 tok/s). So the choice is measured, not assumed: a short probe times the
-matmuls of one transformer MLP block over a 128-token chunk in both dtypes (best of a few runs;
-under a second where bf16 is native, a few seconds where it is emulated: one slow run ends it),
-and bf16 wins only when it is at least `MARGIN` faster. The result is cached per CPU model,
-bf16-relevant CPU flags, torch version and thread count in the tokensift cache (`dtype_probe.json`),
-so the probe runs once per machine configuration. On this project's 2-core AMD EPYC VM (avx2, no
-avx512_bf16) the probe measured bf16 about 40x slower than fp32 (emulated), so auto is float32 there.
+matmuls of one transformer MLP block in both dtypes, over a 128-token chunk (prefill) and over one
+token (decode: a matrix-vector product, which bf16 kernels can lose while winning the matrix-matrix
+one), best of a few runs each (under a second where bf16 is native, a few seconds where it is
+emulated: one slow run ends it). bf16 wins only when it takes at most `MARGIN` of fp32's time in both
+shapes. The result is cached per probe version, CPU model, bf16-relevant CPU flags, torch version and
+thread count in the tokensift cache (`dtype_probe.json`), so the probe runs once per machine
+configuration. On a 2-core AMD EPYC VM with avx2 only, bf16 measured about 40x slower than fp32
+(emulated); on a 2-core AMD EPYC VM with avx512_bf16, bf16 took 0.4x fp32's time over 128 tokens but
+3x over one token (and a real 4k prefill of qwen2.5-coder-0.5b was no faster), so auto is float32 on
+both.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from typing import Any
 
 import torch
 
-MARGIN = 0.8  # bf16 must take at most 80% of fp32's time to be chosen
+MARGIN = 0.8  # bf16 must take at most 80% of fp32's time, in both shapes, to be chosen
 SLOW = 10.0  # a bf16 warm-up run this many times fp32's best ends the probe: fp32
+VERSION = 2  # part of the cache key: a changed probe measures again (1 timed the prefill shape only)
+DECODE_STEPS = 8  # one-token products timed together (a single one is too short to time)
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
 
 
@@ -38,31 +44,44 @@ def machine_key() -> str:
     except OSError:
         pass
     have = ",".join(f for f in _BF16_FLAGS if f in flags)
-    return f"{model}|{have}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    return f"probe {VERSION}|{model}|{have}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+
+
+def _block_seconds(
+    dtype: torch.dtype, tokens: int, hidden: int, inner: int, repeats: int, times: int, fp32: float | None
+) -> float:
+    """Best of `repeats` timings of `times` MLP-block passes over `tokens` tokens (after a warm-up;
+    a warm-up `SLOW` times `fp32`'s best ends it: an emulated dtype)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype)
+    up = torch.randn(hidden, 2 * inner, generator=g).to(dtype) * hidden**-0.5
+    down = torch.randn(inner, hidden, generator=g).to(dtype) * inner**-0.5
+    best = float("inf")
+    with torch.inference_mode():
+        for run in range(repeats + 1):  # the first run warms up kernels and is not counted
+            t0 = time.perf_counter()
+            for _ in range(times):
+                gate, value = (x @ up).chunk(2, dim=-1)
+                (torch.nn.functional.silu(gate) * value) @ down
+            took = time.perf_counter() - t0
+            if run == 0 and fp32 is not None and took > SLOW * fp32:
+                return took  # no emulated-bf16 CPU is worth timing further (tens of seconds)
+            best = min(best, took) if run else best
+    return best
 
 
 def probe(repeats: int = 3, tokens: int = 128, hidden: int = 896, inner: int = 4864) -> dict[str, Any]:
-    """Seconds (best of `repeats`) of one MLP block's matmuls in float32 and bfloat16, and the choice."""
-    seconds: dict[str, float] = {}
-    g = torch.Generator().manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(tokens, hidden, generator=g).to(dtype)
-        up = torch.randn(hidden, 2 * inner, generator=g).to(dtype) * hidden**-0.5
-        down = torch.randn(inner, hidden, generator=g).to(dtype) * inner**-0.5
-        best = float("inf")
-        with torch.inference_mode():
-            for run in range(repeats + 1):  # the first run warms up kernels and is not counted
-                t0 = time.perf_counter()
-                gate, value = (x @ up).chunk(2, dim=-1)
-                (torch.nn.functional.silu(gate) * value) @ down
-                took = time.perf_counter() - t0
-                best = min(best, took) if run else best
-                if run == 0 and seconds and took > SLOW * seconds["float32"]:
-                    best = took  # no emulated-bf16 CPU is worth timing further (tens of seconds)
-                    break
-        seconds[str(dtype).removeprefix("torch.")] = best
-    choice = "bfloat16" if seconds["bfloat16"] <= MARGIN * seconds["float32"] else "float32"
-    return {"seconds": seconds, "margin": MARGIN, "dtype": choice}
+    """Seconds (best of `repeats`) of one MLP block's matmuls in float32 and bfloat16 over `tokens`
+    tokens (`seconds`) and over one token (`decode_seconds`, `DECODE_STEPS` passes), and the choice:
+    bfloat16 only if it takes at most `MARGIN` of float32's time in both."""
+    shapes = {"seconds": (tokens, 1), "decode_seconds": (1, DECODE_STEPS)}
+    out: dict[str, Any] = {}
+    for name, (rows, times) in shapes.items():
+        fp32 = _block_seconds(torch.float32, rows, hidden, inner, repeats, times, None)
+        bf16 = _block_seconds(torch.bfloat16, rows, hidden, inner, repeats, times, fp32)
+        out[name] = {"float32": fp32, "bfloat16": bf16}
+    faster = all(out[name]["bfloat16"] <= MARGIN * out[name]["float32"] for name in shapes)
+    return {**out, "margin": MARGIN, "version": VERSION, "dtype": "bfloat16" if faster else "float32"}
 
 
 def cpu_default_dtype(cache: Path | None = None) -> str:
