@@ -20,20 +20,42 @@ import tokensift
 from tokensift.bench.runner import token_counter
 from tokensift.bench.tasks import get_task
 from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats, speedup
+from tokensift.runtime.plan import Plan
 
 METHODS = ["dense", "streaming_llm:budget=0.25", "snapkv:budget=0.25", "h2o:budget=0.25"]
 
 
 def measure(
-    model: tokensift.Model, prompt: str, methods: list[str], new_tokens: int, repeats: int
+    model: tokensift.Model,
+    prompt: str | list[int],
+    methods: list[str],
+    new_tokens: int,
+    repeats: int,
+    share_prefill: bool = False,
 ) -> dict[str, list]:
-    """Every method's generation stats, `repeats` rounds with the methods interleaved in each."""
+    """Every method's generation stats, `repeats` rounds with the methods interleaved in each.
+
+    `share_prefill`: the prompt is prefilled once, densely, and every method that such a prefill
+    serves exactly (runtime.shared_prefill: dense, the one-shot evictors, StreamingLLM) fills its cache
+    from it, compressing layer by layer as its own forward would (same kept tokens, same KV bytes);
+    the others prefill on their own. Decode speed and KV bytes are then what they would be alone, and
+    prefill times are not per method (each such run's `prefill_seconds` counts the one shared prefill).
+    """
+    shared = None
+    if share_prefill:
+        from tokensift.runtime.generate import encode
+        from tokensift.runtime.shared_prefill import SharedPrefill
+
+        ids = prompt if isinstance(prompt, list) else encode(model, prompt)
+        shared = SharedPrefill.run(model, ids)
     runs: dict[str, list] = {m: [] for m in methods}
     for _ in range(repeats):
         for method in methods:
-            runs[method].append(
-                tokensift.generate(model, prompt, method, max_new_tokens=new_tokens, ignore_eos=True).stats
+            use = shared if shared is not None and shared.serves(Plan.of(method), shared.ids) else None
+            out = tokensift.generate(
+                model, prompt, method, max_new_tokens=new_tokens, ignore_eos=True, shared=use
             )
+            runs[method].append(out.stats)
     return runs
 
 

@@ -20,7 +20,11 @@ order inside every repeat, medians with the interquartile range, speed-ups paire
   dense, and the share of causal (row, key) pairs computed.
 - eviction: snapkv, compresskv and adaptive(snapkv) at `--eviction-budgets` (fractions of the prompt):
   whole generations (benchmarks/kv_memory_and_speed.py's `measure`), decode tokens/s against dense
-  and the KV bytes held after the prefill's compression (final) and at the peak.
+  and the KV bytes held after the prefill's compression (final) and at the peak. With
+  `--share-prefill` the prompt is prefilled once and each method fills its cache from it, compressing
+  layer by layer as its own forward would (runtime.shared_prefill: the same kept tokens and bytes), so
+  a 32k row costs one 11-minute CPU prefill instead of one per method and repeat; prefill times are
+  then not per method (rows say `prefill_shared`).
 
 On CUDA every timer synchronises the GPU and attention time comes from CUDA events around each call.
 
@@ -380,7 +384,9 @@ def eviction_part(model, ids, args, files, base_row, results) -> None:  # type: 
             print(f"  {spec}: skipped ({exc})", flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoOpWarning)
-        runs = kv_memory_and_speed.measure(model, ids, usable, args.new_tokens, args.repeats)
+        runs = kv_memory_and_speed.measure(
+            model, ids, usable, args.new_tokens, args.repeats, share_prefill=args.share_prefill
+        )
     base = runs["dense"]
     for spec, rs in runs.items():
         s0 = rs[0]
@@ -394,6 +400,7 @@ def eviction_part(model, ids, args, files, base_row, results) -> None:  # type: 
                 [r.decode_seconds for r in base], [r.decode_seconds for r in rs]
             ).as_dict(),
             "prefill_seconds": Spread.of(r.prefill_seconds for r in rs).as_dict(),
+            "prefill_shared": bool(s0.counters.get("shared_prefill_seconds")),
             "kv_mib_final": s0.kv_bytes_final / 2**20,
             "kv_mib_peak": s0.kv_bytes_peak / 2**20,
             "kv_final_vs_dense": s0.kv_bytes_final / base[0].kv_bytes_final,
@@ -481,6 +488,12 @@ def main() -> None:
     parser.add_argument("--eviction-methods", nargs="+", default=EVICTION_METHODS)
     parser.add_argument("--eviction-budgets", type=float, nargs="+", default=[0.1, 0.25])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--share-prefill",
+        action="store_true",
+        help="eviction part: one dense prefill fills every method it serves exactly (decode speed and KV "
+        "held as alone; prefill time then not per method)",
+    )
     add_repeats_argument(parser)
     parser.add_argument("--threads", type=int, help="torch threads for everything (default: torch's)")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every cell")

@@ -64,3 +64,29 @@ def test_long_context_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     snap = next(r for r in rows if r["part"] == "eviction" and r["spec"].startswith("snapkv"))
     assert snap["applied"] and snap["kv_final_vs_dense"] < 0.75
     assert all(r["length"] == 320 for r in rows)
+
+
+def test_shared_prefill_eviction_rows_hold_what_their_own_prefill_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attention, "run_layer", attention.run_layer)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    docs = {}
+    for shared in (False, True):
+        out = tmp_path / f"ev_{shared}.json"
+        argv = ["long_context.py", "--random-weights", str(config), "--dtype", "float32", "--lengths", "320"]
+        argv += ["--parts", "eviction", "--eviction-methods", "snapkv", "adaptive(snapkv)", "streaming_llm"]
+        argv += ["--eviction-budgets", "0.5", "--new-tokens", "4", "--repeats", "1", "--out", str(out)]
+        monkeypatch.setattr(sys, "argv", argv + (["--share-prefill"] if shared else []))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _module().main()
+        docs[shared] = {r["spec"]: r for r in json.loads(out.read_text())["rows"] if "skipped" not in r}
+    assert docs[True].keys() == docs[False].keys() and len(docs[True]) == 4
+    for spec, row in docs[True].items():
+        own = docs[False][spec]
+        assert row["prefill_shared"] and not own["prefill_shared"], spec
+        for field in ("kv_mib_final", "kv_mib_peak", "tokens_held", "applied"):
+            assert row[field] == own[field], (spec, field)
+    assert docs[True]["snapkv:budget=0.5"]["kv_final_vs_dense"] < 0.75
