@@ -369,7 +369,9 @@ def eviction_part(model, ids, args, files, base_row, results) -> None:  # type: 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NoOpWarning)
-                tokensift.generate(model, ids[: len(ids) // 4], spec, max_new_tokens=2, ignore_eos=True)
+                # A shared prefill times no method's prefill: a short warm-up checks the spec runs.
+                warm = min(len(ids) // 4, 2048) if args.share_prefill else len(ids) // 4
+                tokensift.generate(model, ids[:warm], spec, max_new_tokens=2, ignore_eos=True)
             usable.append(spec)
         except Exception as exc:  # TokensiftError: cannot apply here; anything else: a bug, recorded
             results.add(
