@@ -33,7 +33,9 @@ and assisted generation (`generate(..., assistant_model=small)`, its own default
 our dense greedy and --pair-ours (default `bild:lossless=true`, `bild`, `entropy_routing`, each at its
 default thresholds, with small=SMALL). Per workload: decode rate ratios vs transformers' greedy and
 assisted (paired per repeat, median [IQR]), token identity and first divergence from the large
-model's greedy, rows reproduced and exact match of the rewrite (edit_records), and the target
+model's greedy, rows reproduced and exact match of the rewrite (edit_records), for `change_function`
+(tokensift.bench.tasks.code_tests) the code's generated tests run in a sandboxed subprocess (prompts
+whose code passed all of them, share of calls passed; score = that share), and the target
 `bild:lossless=true` >= 1.2x assisted (lower quartile) and identical. Then, for each lossy loop, both
 models' probabilities at the first token where it left the large model's greedy output.
 """
@@ -58,6 +60,7 @@ import torch
 
 import tokensift
 from tokensift.bench.runner import token_counter
+from tokensift.bench.tasks.code_tests import CODE_WORKLOADS
 from tokensift.bench.tasks.loop_workloads import OPEN_ENDED_PROMPTS, WORKLOADS
 from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats
 from tokensift.runtime.generate import encode, eos_ids
@@ -89,7 +92,7 @@ def prompts(
     count = token_counter(model)
     out = []
     for name in workloads:
-        task = WORKLOADS[name]()
+        task = {**WORKLOADS, **CODE_WORKLOADS}[name]()
         out += [Prompt(name, s.prompt, task, s) for s in task.samples(count, length, samples, seed=seed)]
     out += [Prompt(CONTROL, p) for p in OPEN_ENDED_PROMPTS[chat_start : chat_start + chats]]
     return out
@@ -139,6 +142,7 @@ class Timed:
     counters: dict[str, float] = field(default_factory=dict)
     score: float | None = None
     exact: bool | None = None  # the task's exact match (the JSON/CSV rewrite), where it has one
+    tests: dict[str, Any] | None = None  # the code's run against the task's tests (change_function)
 
     def add(self, tokens: list[int], total: float, decode: float) -> None:
         if self.total and tokens != self.tokens:
@@ -221,10 +225,13 @@ def run_method(
         timed.add(out.token_ids, seconds, out.stats.decode_seconds)
         timed.counters = out.stats.counters
         text = out.text
-    if row.prompt.task is not None:
+    if row.prompt.task is not None and hasattr(row.prompt.task, "check"):  # code run against its tests
+        run = row.prompt.task.check(row.prompt.sample, text)
+        timed.score, timed.tests = run.share, run.as_dict()
+    elif row.prompt.task is not None:
         timed.score = row.prompt.task.score(row.prompt.sample, text)
-        if hasattr(row.prompt.task, "exact"):
-            timed.exact = row.prompt.task.exact(row.prompt.sample, text)
+    if row.prompt.task is not None and hasattr(row.prompt.task, "exact"):
+        timed.exact = row.prompt.task.exact(row.prompt.sample, text)
 
 
 def measure_prompt(
@@ -418,6 +425,7 @@ def row_json(row: Row) -> dict[str, Any]:
                 "token_ids": t.tokens,
                 "score": t.score,
                 "exact_match": t.exact,
+                "tests": t.tests,
                 "first_divergence_from_hf_greedy": first_divergence(t.tokens, row.runs[HF_GREEDY].tokens)
                 if HF_GREEDY in row.runs
                 else None,
@@ -489,6 +497,7 @@ def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
     assisted = HF_ASSISTED in rows[0].runs
     scores = [r.runs[key].score for r in rows if r.runs[key].score is not None]
     exact = [r.runs[key].exact for r in rows if r.runs[key].exact is not None]
+    tests = [r.runs[key].tests for r in rows if r.runs[key].tests is not None]
     shares = [
         r.runs[key].counters.get("bild_small_share", r.runs[key].counters.get("routing_share")) for r in rows
     ]
@@ -507,6 +516,10 @@ def pair_row_stats(rows: list[Row], key: str) -> dict[str, Any]:
         "agreement": statistics.mean(agreement(r.runs[key].tokens, r.runs[HF_GREEDY].tokens) for r in rows),
         "score": statistics.mean(scores) if scores else None,
         "exact_match": sum(exact) if exact else None,
+        "tests_all_passed": sum(t["ok"] for t in tests) if tests else None,
+        "test_calls_passed": sum(t["passed"] for t in tests) / sum(t["total"] for t in tests)
+        if tests
+        else None,
         "small_share": statistics.mean(shares) if all(x is not None for x in shares) else None,
         "same_tokens_every_repeat": all(r.runs[key].stable for r in rows),
     }
@@ -517,12 +530,17 @@ def _opt(d: dict[str, float] | None) -> str:
 
 
 def pair_table(rows: list[Row], keys: list[str], small: str) -> tuple[list[dict[str, Any]], str]:
-    """Per workload and method: the figures of `pair_row_stats`; returns the rows and the markdown."""
+    """Per workload and method: the figures of `pair_row_stats`; returns the rows and the markdown
+    (with the code's tests where a workload has them: prompts whose code passed every test, and the
+    share of test calls passed)."""
+    coded = any(t.tests is not None for r in rows for t in r.runs.values())
     lines = [
         "| workload | prompts | new tokens | method | decode tok/s | vs transformers greedy | "
         "vs transformers assisted | end-to-end vs assisted | identical to large greedy | "
-        "prefix agreement | small share | rows reproduced | exact match |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "prefix agreement | small share | "
+        + ("tests passed (all) | test calls passed | " if coded else "")
+        + "rows reproduced | exact match |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if coded else ""),
     ]
     table = []
     for group, grows in groups(rows).items():
@@ -539,12 +557,19 @@ def pair_table(rows: list[Row], keys: list[str], small: str) -> tuple[list[dict[
                 f"{entry['identical_to_hf_greedy']}/{len(grows)} | {entry['prefix_agreement']:.2f} | "
                 + ("-" if share is None else f"{share:.2f}")
                 + " | "
-                + ("-" if score is None else f"{score:.2f}")
+                + (_tests_cells(entry, len(grows)) if coded else "")
+                + ("-" if score is None or entry["tests_all_passed"] is not None else f"{score:.2f}")
                 + " | "
                 + ("-" if exact is None else f"{exact}/{len(grows)}")
                 + " |"
             )
     return table, "\n".join(lines)
+
+
+def _tests_cells(entry: dict[str, Any], prompts: int) -> str:
+    if entry["tests_all_passed"] is None:
+        return "- | - | "
+    return f"{entry['tests_all_passed']}/{prompts} | {entry['test_calls_passed']:.2f} | "
 
 
 def pair_targets(rows: list[Row], lossless: str) -> dict[str, Any]:
