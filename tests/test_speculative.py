@@ -81,10 +81,13 @@ def test_drafting_is_plain_greedy(tiny: tokensift.Model, spec: str) -> None:
 
 def test_draft_makes_fewer_forwards_on_repeats() -> None:
     model = tiny_model("llama")
-    out = _greedy(model, repetitive_prompt(1), "suffix_decoding")
-    c = out.stats.counters
-    assert c["loop_tokens_per_step"] > 2 and c["loop_acceptance_rate"] >= 0.75
-    assert c["loop_steps"] < NEW / 2
+    for spec in ["suffix_decoding:schedule=adaptive", "suffix_decoding"]:
+        out = _greedy(model, repetitive_prompt(1), spec)
+        c = out.stats.counters
+        assert c["loop_tokens_per_step"] > 2 and c["loop_steps"] < NEW / 2
+    # The fixed schedule (the default) verifies short drafts only; the adaptive one also longer,
+    # cheap-to-verify tails that the model may reject.
+    assert c["loop_acceptance_rate"] >= 0.75
 
 
 def test_stops_inside_an_accepted_draft() -> None:

@@ -13,6 +13,7 @@ from tokensift.errors import TokensiftError
 from tokensift.methods.base import LoopMethod, register
 from tokensift.models import Model
 from tokensift.runtime.generate import sampling_probs
+from tokensift.speculative.cost import ForwardCost
 from tokensift.speculative.drafting import NgramDrafter
 from tokensift.speculative.pair import Follower, small_model
 from tokensift.speculative.verify import Verifier, record_loop
@@ -569,8 +570,9 @@ class BiLD(LoopMethod):
                 )
 
     def forward_cost(self, rows: int) -> float:
-        """A forward over `rows` tokens, in the model's one-token forwards (the cost model)."""
-        return 1.0 if rows <= 1 else 1.0 + self.batch_cost + self.row_cost * (rows - 1)
+        """A forward over `rows` tokens, in the model's one-token forwards (the cost model shared with
+        suffix_decoding's schedule)."""
+        return ForwardCost(self.batch_cost, self.row_cost)(rows)
 
     @staticmethod
     def draft_probs(decoding: Decoding, logits: torch.Tensor) -> torch.Tensor:

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from tokensift.errors import TokensiftError
 from tokensift.methods.base import LoopMethod, register
-from tokensift.speculative.drafting import SuffixDrafter, draft_loop, global_cache
+from tokensift.speculative.cost import ForwardCost
+from tokensift.speculative.drafting import (
+    AdaptiveCut,
+    DraftCut,
+    SuffixCache,
+    SuffixDrafter,
+    draft_loop,
+    global_cache,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from tokensift.runtime.generate import Decoding
+
+FIXED_MAX_SPEC = 16  # vLLM's default
+# The adaptive schedule's defaults (calibration: benchmarks/suffix_decoding_calibration.py, seed 0).
+ADAPTIVE_MAX_SPEC, ADAPTIVE_OFFSET = 48, 8.0
 
 
 @register
@@ -30,11 +42,28 @@ class SuffixDecoding(LoopMethod):
     rolled back past the rejected tokens (eviction in the plan waits for the rollback). Greedy
     output is the model's own greedy output; drafts only decide how many tokens one forward yields.
 
-    Verifying a draft is nearly free on a GPU but costs about `verify_cost * (1 + j / 16)` extra
-    one-token forwards for j draft tokens on a CPU, so a draft is cut to its prefix with the best
-    expected tokens per unit of time (its probabilities, calibrated per match length by what the
-    model accepted) and skipped when no prefix beats a plain step; `verify_cost=0` verifies every
-    draft, as the paper does.
+    Verifying a draft is nearly free on a GPU, where the paper verifies every draft, but not on a
+    CPU: there a forward over 1 + j tokens costs about 1 + `batch_cost` + `row_cost` * j one-token
+    forwards (~1.8x for two tokens, a few % per further token, measured for the Qwen2.5-Coder
+    models with 2 threads), so a draft of one or two weak tokens loses time and a long confident one
+    is cheap. The default `schedule=fixed` keeps the paper's draft (best score, ties to the longer
+    match; the global tree's only when strictly better) and cuts it to the prefix with the best
+    expected tokens per unit of time under 1 + `verify_cost` * (1 + j / 16), with a per-bucket
+    acceptance factor starting at 2 and at least 4 tokens, skipping it when no prefix beats a plain
+    step; `schedule=fixed,verify_cost=0` verifies every draft, as the paper does.
+
+    `schedule=adaptive` (opt-in; not in the paper) weighs, for the draft of every match length p
+    (each at most `min(max_spec_tokens, max_spec_factor * p + max_spec_offset)` tokens, walked while
+    the tree's estimate is at least `min_token_prob`), each prefix's expected tokens per unit of
+    time and verifies the best prefix of the best draft, or nothing when no rate beats plain
+    decoding's 1 (or `min_rate`). Expected tokens come from the tree's frequency estimates (the terms
+    of the paper's score) times acceptance factors learned during the generation: one for a draft's
+    first token per match-length bucket (prior `first_prior`), one for each token after an accepted
+    one (prior `next_prior`), both backed by `prior_weight` pseudo-tokens (see
+    `tokensift.speculative.drafting.AdaptiveCut`). It does not explore: after early misses it can
+    stop drafting for the rest of a generation, which is why it is not the default (held-out
+    measurement: docs/generation_loops.md). With `batch_cost=0,row_cost=0` (a GPU) every candidate
+    is worth verifying whole.
 
     With `tree=true` the draft is a token tree (the paper's speculation tree): from the match, the
     likeliest continuations by the tree's frequency counts, best first, at most `max_branches`
@@ -52,18 +81,34 @@ class SuffixDecoding(LoopMethod):
     ----------
     max_depth:
         Longest suffix stored in the trees and longest context match (paper: 64).
+    schedule:
+        `fixed` (the paper's draft, cut by `verify_cost`) or `adaptive` (the cost and acceptance
+        models above, opt-in).
     max_spec_tokens:
-        Most draft tokens per step (vLLM default: 16).
+        Most draft tokens per step. None: 16 under `fixed` (vLLM's default), `ADAPTIVE_MAX_SPEC`
+        (48) under `adaptive`, where the cost model decides how much of a draft is verified.
     max_spec_factor, max_spec_offset:
-        Draft at most `factor * match_length + offset` tokens (paper: 1.0 and 0).
+        Draft at most `factor * match_length + offset` tokens (paper: 1.0 and 0). Offset None: 0
+        under `fixed`, `ADAPTIVE_OFFSET` (8) under `adaptive`, so that a short match (say right after
+        a renamed identifier) can still propose a long copy and the cost model judges it.
     min_token_prob:
         Stop drafting where the estimated token probability falls below this (paper: 0.1).
     max_cached_requests:
         Responses kept in the global tree, oldest evicted first; -1 keeps all, 0 disables it.
+    batch_cost, row_cost:
+        `adaptive`: a forward over 1 + j tokens costs 1 + batch_cost + row_cost * j one-token
+        forwards (`tokensift.speculative.cost.ForwardCost`, shared with `bild`'s adaptive schedule,
+        same defaults; qwen2.5-coder-0.5b, 2 threads, measured 1.9x for 2 tokens, 1.6-1.9x for 4-16,
+        3.3x for 48: benchmarks/results/suffix_decoding_calibration.json). 0 and 0 on a GPU.
+    min_rate:
+        `adaptive`: verify a draft only if its expected tokens per unit of time exceed this.
+    first_prior, next_prior, prior_weight:
+        `adaptive`: starting acceptance factors of a draft's first token and of the tokens after an
+        accepted one, and their weight in pseudo-tokens (set on calibration seed 0 by replaying the
+        drafts against greedy output with the measured forward costs).
     verify_cost:
-        Extra cost of a multi-token verification forward, in one-token forwards (measured on one
-        CPU core: ~0.7 for smollm2-135m, ~1.0 for the Qwen2.5-Coder models; 0 on a GPU, where the
-        paper verifies every draft).
+        `fixed`: extra cost of a multi-token verification forward, in one-token forwards, in the
+        earlier model 1 + verify_cost * (1 + j / 16); 0 verifies every draft, as the paper does.
     tree:
         Draft and verify token trees instead of single paths. Default off, from the measurement:
         on qwen2.5-coder-0.5b (2 CPU threads, 7 repetitive workloads, 35 paired repeats; README,
@@ -80,11 +125,18 @@ class SuffixDecoding(LoopMethod):
     )
 
     max_depth: int = 64
-    max_spec_tokens: int = 16
+    schedule: Literal["adaptive", "fixed"] = "fixed"
+    max_spec_tokens: int | None = None
     max_spec_factor: float = 1.0
-    max_spec_offset: float = 0.0
+    max_spec_offset: float | None = None
     min_token_prob: float = 0.1
     max_cached_requests: int = 1000
+    batch_cost: float = 0.8
+    row_cost: float = 0.06
+    min_rate: float = 1.0
+    first_prior: float = 0.7
+    next_prior: float = 0.8
+    prior_weight: float = 4.0
     verify_cost: float = 1.0
     tree: bool = False
     max_branches: int = 4
@@ -92,16 +144,24 @@ class SuffixDecoding(LoopMethod):
     def __post_init__(self) -> None:
         if self.max_depth < 2:
             raise TokensiftError(f"suffix_decoding max_depth must be >= 2, got {self.max_depth}")
-        if self.max_spec_tokens < 1:
+        if self.schedule not in ("adaptive", "fixed"):
+            raise TokensiftError(f"suffix_decoding schedule must be adaptive or fixed, got {self.schedule!r}")
+        if self.max_spec_tokens is not None and self.max_spec_tokens < 1:
             raise TokensiftError(f"suffix_decoding max_spec_tokens must be >= 1, got {self.max_spec_tokens}")
         if self.max_spec_factor < 0:
             raise TokensiftError(f"suffix_decoding max_spec_factor must be >= 0, got {self.max_spec_factor}")
+        if self.max_spec_offset is not None and self.max_spec_offset < 0:
+            raise TokensiftError(f"suffix_decoding max_spec_offset must be >= 0, got {self.max_spec_offset}")
         if not 0.0 <= self.min_token_prob <= 1.0:
             raise TokensiftError(
                 f"suffix_decoding min_token_prob must lie in [0, 1], got {self.min_token_prob}"
             )
-        if self.verify_cost < 0:
-            raise TokensiftError(f"suffix_decoding verify_cost must be >= 0, got {self.verify_cost}")
+        for name in ("verify_cost", "batch_cost", "row_cost", "min_rate", "prior_weight"):
+            if getattr(self, name) < 0:
+                raise TokensiftError(f"suffix_decoding {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("first_prior", "next_prior"):
+            if not getattr(self, name) > 0:
+                raise TokensiftError(f"suffix_decoding {name} must be > 0, got {getattr(self, name)}")
         if self.max_branches < 0:
             raise TokensiftError(f"suffix_decoding max_branches must be >= 0, got {self.max_branches}")
         if self.max_cached_requests < -1:
@@ -110,21 +170,50 @@ class SuffixDecoding(LoopMethod):
                 f"got {self.max_cached_requests}"
             )
 
-    def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
-        shared = global_cache(decoding.model.name, self.max_depth, self.max_cached_requests)
-        decoding.cache.count("suffix_cached_responses", shared.tree.num_seqs)
-        drafter = SuffixDrafter(
+    @property
+    def adaptive(self) -> bool:
+        return self.schedule == "adaptive"
+
+    def drafter(self, shared: SuffixCache) -> SuffixDrafter:
+        """The draft source with this method's settings (the defaults of the schedule filled in)."""
+        adaptive = self.adaptive
+        spec = self.max_spec_tokens or (ADAPTIVE_MAX_SPEC if adaptive else FIXED_MAX_SPEC)
+        offset = self.max_spec_offset
+        if offset is None:
+            offset = ADAPTIVE_OFFSET if adaptive else 0.0
+        if adaptive:
+            cut: DraftCut | AdaptiveCut | None = AdaptiveCut(
+                ForwardCost(self.batch_cost, self.row_cost),
+                self.first_prior,
+                self.next_prior,
+                self.prior_weight,
+                self.min_rate,
+            )
+        elif self.verify_cost > 0:
+            # The earlier model: 1 + c * (1 + j / 16) for j draft tokens, factor prior 2 per bucket.
+            cut = DraftCut(ForwardCost(self.verify_cost, self.verify_cost / 16))
+        else:
+            cut = None  # the paper: verify every draft
+        return SuffixDrafter(
             shared,
-            self.max_spec_tokens,
+            spec,
             self.max_spec_factor,
-            self.max_spec_offset,
+            offset,
             self.min_token_prob,
-            self.verify_cost,
+            cut,
+            adaptive,
             self.tree,
             self.max_branches,
         )
+
+    def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:
+        shared = global_cache(decoding.model.name, self.max_depth, self.max_cached_requests)
+        decoding.cache.count("suffix_cached_responses", shared.tree.num_seqs)
+        drafter = self.drafter(shared)
         try:
             draft_loop(decoding, logits, drafter, self.name)
         finally:
             decoding.cache.count("suffix_drafts_from_global", drafter.from_global)
             decoding.cache.count("suffix_withheld_tokens", drafter.withheld)
+            if self.adaptive:
+                decoding.cache.count("suffix_skipped_drafts", drafter.skipped)

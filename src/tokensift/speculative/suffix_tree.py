@@ -248,16 +248,34 @@ class SuffixTree:
         max_branches: int = 0,
     ) -> Draft:
         """The best-scoring draft over all match lengths p < len(context) (context cut to max_depth)."""
-        context = list(context[-self.max_depth :])
         best = Draft()
+        args = (max_spec_tokens, max_spec_factor, max_spec_offset, min_token_prob, tree, max_branches)
+        for draft in self.candidates(context, *args):
+            if draft.score >= best.score:
+                best = draft
+        return best
+
+    def candidates(
+        self,
+        context: Sequence[int],
+        max_spec_tokens: int,
+        max_spec_factor: float = 1.0,
+        max_spec_offset: float = 0.0,
+        min_token_prob: float = 0.1,
+        tree: bool = False,
+        max_branches: int = 0,
+    ) -> Iterator[Draft]:
+        """The draft for every match length p = 1, 2, ... < len(context) (context cut to max_depth),
+        stopping at the first p whose last p tokens do not occur; each at most
+        `min(max_spec_tokens, floor(max_spec_factor * p + max_spec_offset))` tokens, `match_len` = p."""
+        context = list(context[-self.max_depth :])
         for p in range(1, len(context)):
             budget = max(0, min(max_spec_tokens, int(p * max_spec_factor + max_spec_offset + 1e-6)))
             draft = self.continuation(context[-p:], budget, min_token_prob, tree, max_branches)
             if draft is None:
-                break
-            if draft.score >= best.score:
-                best, best.match_len = draft, p
-        return best
+                return
+            draft.match_len = p
+            yield draft
 
     # -- inspection (tests) ---------------------------------------------------------------------------
     def nodes(self) -> Iterator[tuple[tuple[int, ...], Node]]:
