@@ -16,7 +16,10 @@ from tokensift.bench.report import (
     fmt_interval,
     fmt_len,
     fmt_pct,
+    fmt_ratio,
     fmt_score,
+    leaderboard_caption,
+    leaderboard_cell,
     method_means,
     task_sources,
 )
@@ -101,6 +104,20 @@ def _metadata(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return _table(["", ""], body, left=2)
 
 
+def _board_rows(table: dict[str, Any]) -> list[list[tuple[str, str]]]:
+    """A leaderboard's rows as table cells, coloured by the sign of the paired difference to dense."""
+    body = []
+    for fam in table["families"]:
+        row = [(fam["family"], "")]
+        for ratio in table["ratios"]:
+            cell = fam["cells"].get(ratio)
+            delta = None if cell is None else cell["delta"]
+            cls = "" if not delta else ("up" if delta > 0 else "down")
+            row.append((leaderboard_cell(cell), cls))
+        body.append(row)
+    return body
+
+
 def write_html(
     path: Path,
     rows: list[dict[str, Any]],
@@ -110,6 +127,7 @@ def write_html(
     heatmaps: list[Path],
     pareto: list[Path],
     per_task: list[Path],
+    leaderboard: list[tuple[dict[str, Any], Path]] | None = None,
 ) -> Path:
     """Write the self-contained report: metadata, accuracy with intervals and deltas, plots, costs."""
     acc_rows = []
@@ -176,6 +194,15 @@ def write_html(
         "bootstrap stratified by task.</p>",
         _table(["length", "method", "tasks", "mean accuracy", "95% CI"], means, 2),
     ]
+    if leaderboard:
+        parts.append("<h2>Leaderboard: accuracy by compression ratio</h2>")
+        for table, plot in leaderboard:
+            parts += [
+                f"<h3>{_e(table['protocol'])}, {_e(fmt_len(table['length']))}</h3>",
+                f'<p class="note">{_e(leaderboard_caption(table))}</p>',
+                _table(["method"] + [fmt_ratio(r) for r in table["ratios"]], _board_rows(table)),
+                _image(plot),
+            ]
     if heatmaps:
         parts += ["<h2>Needle depth x length</h2>"] + [_image(p) for p in heatmaps]
     if pareto:

@@ -179,3 +179,69 @@ def pareto_plot(rows: list[dict[str, Any]], out: Path, cost: str) -> list[Path]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return [path]
+
+
+MARKERS = "os^vD<>ph*Xd"
+
+
+def leaderboard_plots(tables: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Accuracy (mean over tasks) against compression ratio, one figure per leaderboard table (protocol,
+    and length where a protocol has several): a line per method family with its bootstrap 95% interval
+    as error bars, dense as a horizontal line with its interval as a band."""
+    paths = []
+    per_protocol: dict[str, int] = defaultdict(int)
+    for table in tables:
+        per_protocol[table["protocol"]] += 1
+    for table in tables:
+        fig, ax = plt.subplots(figsize=(8.8, 5.0))
+        ratios = [r for r in table["ratios"] if r > 0]
+        step = 0.004 * (max(ratios) - min(ratios)) / 0.625  # spread the error bars of one ratio apart
+        families = [f for f in table["families"] if f["family"] != "dense"]
+        for i, fam in enumerate(families):
+            xs = [r for r in ratios if r in fam["cells"]]
+            cells = [fam["cells"][r] for r in xs]
+            ys = [100 * c["score"] for c in cells]
+            lo = [0.0 if c["ci"][0] != c["ci"][0] else 100 * (c["score"] - c["ci"][0]) for c in cells]
+            hi = [0.0 if c["ci"][1] != c["ci"][1] else 100 * (c["ci"][1] - c["score"]) for c in cells]
+            shift = (i - (len(families) - 1) / 2) * step
+            ax.errorbar(
+                [x + shift for x in xs],
+                ys,
+                yerr=[lo, hi],
+                marker=MARKERS[i % len(MARKERS)],
+                color=f"C{i % 10}",
+                linestyle="-" if i < 10 else "--",
+                capsize=2,
+                markersize=5,
+                lw=1.2,
+                label=fam["family"],
+            )
+        dense = next((f for f in table["families"] if f["family"] == "dense"), None)
+        if dense is not None:
+            cell = dense["cells"][0.0]
+            ax.axhline(100 * cell["score"], color="black", lw=1.5, label="dense (full cache)")
+            if cell["ci"][0] == cell["ci"][0]:
+                ax.axhspan(100 * cell["ci"][0], 100 * cell["ci"][1], color="0.5", alpha=0.15, lw=0)
+        n = sorted(set(table["tasks"].values()))
+        span = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        ax.set_title(
+            f"{table['protocol']}, {_len_label(table['length'])} tokens: mean over {len(table['tasks'])} "
+            f"tasks, {span} samples per task (those every plan finished)\nerror bars and band: "
+            "bootstrap 95% CI stratified by task" + (" (none while a task has 1 sample)" if n[0] < 2 else ""),
+            fontsize=9.5,
+        )
+        ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+        ax.set_xlabel("compression ratio (fraction of the KV cache removed)")
+        ax.set_ylabel("accuracy, mean over tasks (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        name = table["protocol"].replace(" ", "_")
+        if per_protocol[table["protocol"]] > 1:
+            name += f"_{_len_label(table['length'])}"
+        path = out / f"leaderboard_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -229,6 +230,205 @@ def method_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# The compact leaderboard (kvpress's layout): a row per method family, a column per compression ratio.
+
+PROTOCOL_ORDER = ("query-aware", "query-agnostic")
+RESAMPLES = 2000
+
+
+@functools.cache
+def plan_compression(spec: str) -> tuple[str, str, float] | None:
+    """(family, variant, compression ratio) of a plan, from its parsed method spec: ("dense", "", 0.0)
+    for the full cache; for one method at a fractional budget (an evictor, or a wrapper such as
+    adaptive(snapkv)), its name, its other parameters and the fraction removed, 1 - budget. None for
+    anything else: token budgets, compositions, specs this version no longer parses."""
+    from tokensift.runtime.plan import Plan
+
+    try:
+        plan = Plan.of(spec)
+    except (TokensiftError, ValueError, TypeError):
+        return None
+    if plan.is_dense:
+        return ("dense", "", 0.0)
+    if len(plan.methods) != 1:
+        return None
+    method = plan.methods[0]
+    budget = getattr(method, "budget", None)
+    if not isinstance(budget, float) or not 0.0 < budget < 1.0:
+        return None
+    inner = getattr(method, "method", None) if getattr(method, "wraps", False) else None
+    params = {k: v for k, v in method.params().items() if k != "budget"}
+    family = method.name
+    if inner is not None:
+        family = f"{method.name}({inner.name})"
+        params |= {k: v for k, v in inner.params().items() if k != "budget"}
+    variant = ",".join(f"{k}={v}" for k, v in params.items())
+    return family, variant, round(1.0 - budget, 6)
+
+
+def _stratified(
+    per_task: dict[str, np.ndarray], draws: dict[str, np.ndarray]
+) -> tuple[float, tuple[float, float]]:
+    """Mean over tasks of the per-task means, and its percentile bootstrap 95% interval with samples
+    resampled within each task by the shared `draws` (no interval when a task has a single sample)."""
+    value = float(np.mean([v.mean() for v in per_task.values()]))
+    if min(len(v) for v in per_task.values()) < 2:
+        return value, (float("nan"), float("nan"))
+    boot = np.mean([per_task[t][draws[t]].mean(axis=1) for t in per_task], axis=0)
+    return value, (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+
+
+def leaderboard_tables(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Per protocol and length with compressing plans at two or more ratios: the mean accuracy over tasks
+    (each task weighted equally) of every method family at every compression ratio, with a stratified
+    bootstrap 95% interval and the paired difference to dense, on the samples that every plan of the
+    protocol has a score for (`common_samples`), so a run still in progress compares like with like."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    kinds: dict[str, tuple[str, str, float]] = {}
+    for r in scored(rows):
+        if r["metric"] != "accuracy" or r["length"] <= 0:
+            continue
+        kind = plan_compression(r.get("method_spec") or r["method"])
+        if kind is None:
+            continue
+        kinds[r["method"]] = kind
+        groups[(r.get("protocol") or "query-aware", r["length"])].append(r)
+
+    def protocol_rank(key: tuple[str, int]) -> tuple[int, str, int]:
+        protocol, length = key
+        rank = PROTOCOL_ORDER.index(protocol) if protocol in PROTOCOL_ORDER else len(PROTOCOL_ORDER)
+        return rank, protocol, length
+
+    out = []
+    for (protocol, length), group in sorted(groups.items(), key=lambda kv: protocol_rank(kv[0])):
+        ratios = sorted({kinds[r["method"]][2] for r in group if kinds[r["method"]][0] != "dense"})
+        if len(ratios) < 2:
+            continue
+        out.append(_leaderboard(protocol, length, group, kinds, ratios, seed))
+    return out
+
+
+def _leaderboard(
+    protocol: str,
+    length: int,
+    group: list[dict[str, Any]],
+    kinds: dict[str, tuple[str, str, float]],
+    ratios: list[float],
+    seed: int,
+) -> dict[str, Any]:
+    kept = common_samples(group)
+    all_tasks = list(dict.fromkeys(r["task"] for r in group))
+    samples: dict[str, list[tuple[Any, ...]]] = {}
+    for r in kept:
+        samples.setdefault(r["task"], [])
+        if _sample_key(r) not in samples[r["task"]]:
+            samples[r["task"]].append(_sample_key(r))
+    for keys in samples.values():
+        keys.sort(key=repr)
+    position = {key: i for keys in samples.values() for i, key in enumerate(keys)}
+    # A family's display name: its name, with its other parameters where two variants share the name.
+    variants: dict[str, set[str]] = defaultdict(set)
+    for family, variant, _ in kinds.values():
+        variants[family].add(variant)
+
+    def name_of(row: dict[str, Any]) -> str:
+        family, variant, _ = kinds[row["method"]]
+        name = f"{family} ({variant})" if len(variants[family]) > 1 else family
+        chunk = row.get("prefill_chunk") or 0
+        return f"{name} [prefill-chunk {chunk}]" if chunk else name
+
+    scores: dict[tuple[str, float], dict[str, np.ndarray]] = {}
+    order: list[str] = []
+    for r in kept:
+        name, ratio = name_of(r), kinds[r["method"]][2]
+        if name not in order:
+            order.append(name)
+        cell = scores.setdefault((name, ratio), {t: np.full(len(k), np.nan) for t, k in samples.items()})
+        cell[r["task"]][position[_sample_key(r)]] = r["score"]
+    # Dense first, then the leaderboard suite's order of evictors, then any other family as written.
+    from tokensift.bench.suites import LEADERBOARD_EVICTORS
+
+    known = ["dense", *LEADERBOARD_EVICTORS]
+    order.sort(key=lambda name: known.index(name) if name in known else len(known))
+    rng = np.random.default_rng(seed)
+    draws = {t: rng.integers(0, len(k), size=(RESAMPLES, len(k))) for t, k in samples.items()}
+    dense = next((v for (name, _), v in scores.items() if name == "dense"), None)
+    families = []
+    for name in order:
+        cells = {}
+        for (cell_name, ratio), per_task in scores.items():
+            if cell_name != name:
+                continue
+            score, ci = _stratified(per_task, draws)
+            cell = {"score": score, "ci": ci, "delta": None, "delta_ci": None}
+            if dense is not None and name != "dense":
+                cell["delta"], cell["delta_ci"] = _stratified(
+                    {t: per_task[t] - dense[t] for t in per_task}, draws
+                )
+            cells[ratio] = cell
+        families.append({"family": name, "cells": cells})
+    return {
+        "protocol": protocol,
+        "length": length,
+        "ratios": ([0.0] if dense is not None else []) + ratios,
+        "tasks": {t: len(k) for t, k in samples.items()},
+        "unfinished_tasks": [t for t in all_tasks if t not in samples],
+        "plans": len({r["method"] for r in group}),
+        "families": families,
+    }
+
+
+def fmt_ratio(ratio: float) -> str:
+    return "0 (dense)" if ratio == 0 else f"{ratio:g}"
+
+
+def leaderboard_cell(cell: dict[str, Any] | None) -> str:
+    """`mean [95% CI], Δ diff [95% CI]` in points; intervals left out where there is none."""
+    if cell is None:
+        return "-"
+    text = fmt_pct(cell["score"])
+    if cell["ci"][0] == cell["ci"][0]:
+        text += f" {fmt_interval(cell['ci'])}"
+    if cell["delta"] is not None:
+        text += f", Δ {100 * cell['delta']:+.1f}"
+        if cell["delta_ci"][0] == cell["delta_ci"][0]:
+            text += f" {fmt_interval(cell['delta_ci'])}"
+    return text
+
+
+def leaderboard_caption(table: dict[str, Any]) -> str:
+    """What a leaderboard table averages over: protocol, tasks, samples per task, plans, intervals."""
+    n = table["tasks"]
+    counts = sorted(set(n.values()))
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    text = (
+        f"{table['protocol']} protocol, {fmt_len(table['length'])} tokens: mean accuracy (%) over "
+        f"{len(n)} tasks, each weighted equally (as RULER averages), at each compression ratio "
+        "(1 - budget: the fraction of the KV cache removed; for sparse decoding, of the prompt not "
+        f"attended), on the samples that all {table['plans']} plans of this protocol finished: {span} "
+        f"samples per task ({', '.join(f'{t} {k}' for t, k in n.items())})."
+    )
+    if table["unfinished_tasks"]:
+        text += f" Left out (no sample finished by every plan yet): {', '.join(table['unfinished_tasks'])}."
+    return text + (
+        f" 95% CI: percentile bootstrap over samples stratified by task ({RESAMPLES} resamples, "
+        "seeded; none while a task has a single sample). Δ: paired difference to dense on the same "
+        "samples, in points."
+    )
+
+
+def leaderboard_markdown(table: dict[str, Any]) -> str:
+    ratios = table["ratios"]
+    lines = [
+        "| method | " + " | ".join(fmt_ratio(r) for r in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for f in table["families"]:
+        cells = [leaderboard_cell(f["cells"].get(r)) for r in ratios]
+        lines.append(f"| {f['family']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def charbench_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """CharBench accuracy by the queried word's token count (and by the length of the token holding the
     queried position), per task and method: the paper's tokenisation analysis in table form."""
@@ -279,7 +479,7 @@ def task_sources(rows: list[dict[str, Any]]) -> dict[str, str]:
 def write_report(directory: Path) -> Path:
     """Write summary.md, report.html and the PNG plots next to results.jsonl; returns the summary path."""
     from tokensift.bench.html_report import write_html
-    from tokensift.bench.plots import accuracy_vs_memory, depth_heatmaps, pareto_plot
+    from tokensift.bench.plots import accuracy_vs_memory, depth_heatmaps, leaderboard_plots, pareto_plot
 
     results = directory / "results.jsonl"
     if not results.is_file():
@@ -297,6 +497,8 @@ def write_report(directory: Path) -> Path:
     heatmaps = depth_heatmaps(rows, directory)
     pareto = pareto_plot(rows, directory, "kv") + pareto_plot(rows, directory, "latency")
     per_task = accuracy_vs_memory(rows, directory)
+    boards = leaderboard_tables(rows)
+    board_plots = leaderboard_plots(boards, directory)
     notes = failures(every) + sorted({n for a in aggregate(rows) for n in a["notes"]})
     parts = ["# tokensift bench", ""]
     if meta.get("runs") and meta.get("model"):
@@ -329,9 +531,21 @@ def write_report(directory: Path) -> Path:
         "",
         method_markdown(rows),
         "",
-        "## Tasks",
-        "",
     ]
+    if boards:
+        parts += ["## Leaderboard: accuracy by compression ratio", ""]
+        for table, plot in zip(boards, board_plots, strict=True):
+            parts += [
+                f"### {table['protocol']}, {fmt_len(table['length'])}",
+                "",
+                leaderboard_caption(table),
+                "",
+                leaderboard_markdown(table),
+                "",
+                f"![{plot.stem}]({plot.name})",
+                "",
+            ]
+    parts += ["## Tasks", ""]
     parts += [f"- `{name}`: {text}" for name, text in task_sources(rows).items()] + [""]
     if notes:
         parts += ["Notes (rows whose method changed nothing are marked no-op, with the reason):", ""]
@@ -347,5 +561,6 @@ def write_report(directory: Path) -> Path:
         heatmaps=heatmaps,
         pareto=pareto,
         per_task=per_task,
+        leaderboard=list(zip(boards, board_plots, strict=True)),
     )
     return path
