@@ -12,7 +12,7 @@ import tokensift
 from tests.conftest import tiny_smol_model
 from tokensift.bench.report import write_report
 from tokensift.bench.results import read_rows
-from tokensift.bench.runner import PRESETS, BenchConfig, run_bench, token_counter
+from tokensift.bench.runner import PRESETS, BenchConfig, run_bench, spread_rank, token_counter
 from tokensift.bench.suites import SUITES, get_suite
 from tokensift.bench.tasks import RULER_TASKS, get_task
 from tokensift.cli import main
@@ -91,6 +91,21 @@ def test_runner_with_new_tasks(tmp_path: Path, tiny_smol: tokensift.Model) -> No
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["runs"][-1]["config"]["depth_samples"] == 1
     assert len(read_rows(tmp_path / "results.jsonl")) == len(rows)
+
+
+def test_spread_order(tmp_path: Path, tiny_smol: tokensift.Model) -> None:
+    """A run stopped early spans the depth sweep: samples run in bit-reversed order."""
+    assert sorted(range(10), key=spread_rank) == [0, 8, 4, 2, 6, 1, 9, 5, 3, 7]
+    assert sorted(range(3), key=spread_rank) == [0, 2, 1]
+    config = BenchConfig(
+        tasks=["niah_single_2"],
+        methods=["dense"],
+        lengths=[256],
+        depths=[0.1, 0.3, 0.5, 0.7],
+        depth_samples=1,
+    )
+    rows = run_bench(config, tmp_path, progress=False, model=tiny_smol)
+    assert [r["depth"] for r in rows] == [0.1, 0.5, 0.3, 0.7]
 
 
 @pytest.mark.slow

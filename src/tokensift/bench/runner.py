@@ -186,11 +186,19 @@ def prepare_run(
             cell.labels = [label for label in run.plans if run.key(cell, label) not in done]
             if cell.labels:
                 ranked.append((rank, cell))
-    # Round-robin over the grid: a run stopped early still covers every task, length and method.
-    run.cells = [cell for _, cell in sorted(ranked, key=lambda item: item[0])]
+    # Round-robin over the grid: a run stopped early still covers every task, length and method. The
+    # samples of a task run in spread order (0, 8, 4, 2, 6, 1, ...), so a partial run of a depth sweep
+    # already spans the depths instead of holding only the shallowest needles.
+    run.cells = [cell for _, cell in sorted(ranked, key=lambda item: spread_rank(item[0]))]
     for order, cell in enumerate(run.cells):
         cell.order = order
     return run
+
+
+def spread_rank(rank: int, bits: int = 16) -> int:
+    """The sort key that visits ranks 0..n-1 in bit-reversed order (van der Corput): every prefix of
+    the order spreads over the whole range, whatever n is."""
+    return int(format(rank, f"0{bits}b")[::-1], 2)
 
 
 def run_cell(
