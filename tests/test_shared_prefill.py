@@ -17,6 +17,11 @@ SHAREABLE = [
     "streaming_llm:budget=40",
     "adaptive(snapkv:budget=40,window_size=8)",
     "decoding(snapkv:budget=40,window_size=8):every=4,target=32",
+    # Sparse decoding attends densely at prefill (HiP when told to): the dense prefill serves it.
+    "quest:budget=32,page_size=8",
+    "tokenselect:budget=32",
+    "tidaldecode:budget=32,sparse_layer_start=1,correction_layer=2",
+    "hip:budget=32,sparse_prefill=false,dense_layers=1,window=8,refresh_interval=2",
 ]
 
 
@@ -43,6 +48,7 @@ def test_shared_prefill_equals_own_prefill(spec: str) -> None:
 def test_which_plans_share() -> None:
     assert all(shareable(Plan.of(s)) for s in SHAREABLE)
     assert not shareable(Plan.of("snapkv:budget=200,window_size=100"))
+    assert not shareable(Plan.of("hip:budget=32"))  # its own block-sparse prefill
     # A logit bias (ZeroTuning) changes the prefill's attention: no shared dense prefill may serve it.
     assert not shareable(Plan.of("zerotuning:gamma=2"))
     assert not shareable(Plan.of("zerotuning:gamma=2+snapkv:budget=64"))

@@ -250,6 +250,12 @@ class SparsePrefillMethod(Method):
     applied_by: ClassVar[tuple[str, ...]] = ("prefill_attention_pairs_skipped",)
     metered: ClassVar[bool] = True  # False for stand-ins whose multi-token forwards are not prefills
 
+    @property
+    def changes_prefill(self) -> bool:
+        """Whether multi-token forwards attend other than densely (a method may be set to leave them
+        dense, and then any exact dense prefill can serve it)."""
+        return True
+
     def prefill_attention(
         self, layer: TokenLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:

@@ -156,6 +156,10 @@ class HiP(SparseDecodeMethod, SparsePrefillMethod):
     dense_tail: int = 0
     budget_tokens: int | None = field(default=None, init=False, repr=False, compare=False)
 
+    @property
+    def changes_prefill(self) -> bool:
+        return self.sparse_prefill
+
     def __post_init__(self) -> None:
         check_budget(self.budget)
         for what in ("sinks", "window", "dense_layers", "dense_tail"):

@@ -46,7 +46,7 @@ def prefill_key(plan: Plan) -> tuple[Any, ...] | None:
     followed by compression from the last queries, `COLSUMS` for a column-sum evictor that declares a
     `prefill_scores_key`, None when it must run its own prefill."""
     evict = plan.evict
-    if plan.prefill is not None or plan.bias is not None:
+    if (plan.prefill is not None and plan.prefill.changes_prefill) or plan.bias is not None:
         return None  # a sparse-prefill kernel or a logit bias changes the prefill itself
     if evict is None:
         return EXACT
