@@ -15,6 +15,11 @@ measures.
 
   .venv/bin/python benchmarks/chunked_prefill.py --length 8192 --samples 5 \\
       --out benchmarks/results/chunked_prefill.json
+
+`--repeats N` runs each mode's peak measurement in N fresh processes (one after another, modes
+interleaved) and adds per-mode medians and quartiles (`summary`) of the peak RSS above the model
+and of the RSS still held above it when the generation ends: allocator retention makes one
+process's peak vary by tens of MiB between identical runs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +69,7 @@ def run_tokensift(prompt: dict[str, Any], mode: str, budget: float, chunk: int, 
     return {
         "loaded_rss_mib": loaded,
         "peak_rss_mib": sbs.rss_mib("VmHWM"),
+        "rss_after_mib": sbs.rss_mib("VmRSS"),
         "prediction": out.text,
         "score": sbs.score(out.text, prompt["answers"]),
         "prefill_seconds": s.prefill_seconds,
@@ -96,6 +104,7 @@ def run_kvpress(prompt: dict[str, Any], budget: float, dtype: str) -> dict:
     return {
         "loaded_rss_mib": loaded,
         "peak_rss_mib": sbs.rss_mib("VmHWM"),
+        "rss_after_mib": sbs.rss_mib("VmRSS"),
         "score": sbs.score(result["prediction"], prompt["answers"]),
         **result,
     }
@@ -138,8 +147,13 @@ def spawn(python: Path | str, label: str, args: argparse.Namespace) -> dict[str,
     row["mode"] = label
     row["chunk"] = int(chunk) if mode == "chunked" else 0
     row["above_model_mib"] = row["peak_rss_mib"] - row["loaded_rss_mib"]
+    row["held_after_mib"] = row["rss_after_mib"] - row["loaded_rss_mib"]  # resident when generation ends
     row["wall_seconds"] = time.perf_counter() - t0
-    print(f"{label}: peak above model {row['above_model_mib']:.0f} MiB, score {row['score']}", flush=True)
+    print(
+        f"{label}: peak above model {row['above_model_mib']:.0f} MiB, held after "
+        f"{row['held_after_mib']:.0f} MiB, score {row['score']}",
+        flush=True,
+    )
     return row
 
 
@@ -180,6 +194,36 @@ def accuracy(args: argparse.Namespace, rows: list[dict[str, Any]], save: Any) ->
         save()
 
 
+def git_commit() -> str:
+    """HEAD of this checkout, with `+dirty` when tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+
+
+def tokensift_file() -> str:
+    """Where the children import tokensift from (PYTHONPATH can point at another source tree)."""
+    spec = importlib.util.find_spec("tokensift")
+    return str(spec.origin if spec else "")
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per mode: the peak RSS above the model of every run, its median and quartiles (MiB)."""
+    out: dict[str, dict[str, Any]] = {}
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        done = [r for r in rows if r["mode"] == mode and "above_model_mib" in r]
+        if not done:
+            continue
+        out[mode] = {"runs": len(done)}
+        for field in ("above_model_mib", "held_after_mib"):
+            values = [r[field] for r in done]
+            q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+            out[mode][field] = {"runs": values, "median": statistics.median(values), "q1": q[0], "q3": q[2]}
+    return out
+
+
 def check_fits(path: Path) -> None:
     """Refuse, before any child runs, a prompt that with its new tokens exceeds the model's context."""
     for prompt in side_by_side().read_prompts(path):
@@ -218,6 +262,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--modes", default="dense,oneshot,chunked,kvpress")
+    p.add_argument("--repeats", type=int, default=1, help="fresh processes per mode for the peak")
     p.add_argument("--prompts-file", type=Path, default=Path("runs/chunked_prefill/prompts.jsonl"))
     p.add_argument("--out", type=Path, default=HERE / "results" / "chunked_prefill.json")
     args = p.parse_args()
@@ -240,6 +285,8 @@ def main() -> None:
     ratio = round(1 - args.budget, 6)
     result: dict[str, Any] = {
         "command": " ".join(sys.argv),
+        "tokensift": str(Path(tokensift_file()).parent),
+        "commit": git_commit(),
         "model": args.model,
         "length": args.length,
         "budget": args.budget,
@@ -255,10 +302,15 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
-    for mode in args.modes.split(","):
-        python = KVPRESS_VENV if mode == "kvpress" else sys.executable
-        result["peak"].append(spawn(python, mode, args))
-        save()
+    for repeat in range(args.repeats):
+        for mode in args.modes.split(","):
+            python = KVPRESS_VENV if mode == "kvpress" else sys.executable
+            row = spawn(python, mode, args)
+            row["repeat"] = repeat
+            row["load_average"] = os.getloadavg()
+            result["peak"].append(row)
+            result["summary"] = summarize(result["peak"])
+            save()
     if args.accuracy_prompts > 0:
 
         def save_accuracy() -> None:

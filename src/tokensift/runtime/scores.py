@@ -194,7 +194,8 @@ def window_scores(q_window: torch.Tensor, k: torch.Tensor, scale: float) -> torc
     """
     b, hq, w, _ = q_window.shape
     kv_heads, n = k.shape[1], k.shape[2]
-    logits = torch.matmul(_grouped(q_window, kv_heads), k.unsqueeze(2).transpose(-1, -2)).float() * scale
+    # Scaled in place: no second w x n copy (a float32 matmul's result is its own fresh tensor).
+    logits = torch.matmul(_grouped(q_window, kv_heads), k.unsqueeze(2).transpose(-1, -2)).float().mul_(scale)
     _mask_causal_block(logits, 0, n - w)
     return torch.softmax(logits, dim=-1).sum(dim=-2).reshape(b, hq, n)
 
