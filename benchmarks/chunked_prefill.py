@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -219,8 +218,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         out[mode] = {"runs": len(done)}
         for field in ("above_model_mib", "held_after_mib"):
             values = [r[field] for r in done]
-            q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
-            out[mode][field] = {"runs": values, "median": statistics.median(values), "q1": q[0], "q3": q[2]}
+            q1, median, q3 = side_by_side().quartiles(values)
+            out[mode][field] = {"runs": values, "median": median, "q1": q1, "q3": q3}
     return out
 
 

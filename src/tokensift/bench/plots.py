@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.colors import LinearSegmentedColormap
 
+from tokensift.bench.report import samples_span
+
 # The NIAH repository's heatmap colours: red (miss) through yellow to green (found).
 NIAH_CMAP = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
 
@@ -222,12 +224,12 @@ def leaderboard_plots(tables: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.axhline(100 * cell["score"], color="black", lw=1.5, label="dense (full cache)")
             if cell["ci"][0] == cell["ci"][0]:
                 ax.axhspan(100 * cell["ci"][0], 100 * cell["ci"][1], color="0.5", alpha=0.15, lw=0)
-        n = sorted(set(table["tasks"].values()))
-        span = str(n[0]) if len(n) == 1 else f"{n[0]}-{n[-1]}"
+        single = min(table["tasks"].values()) < 2
         ax.set_title(
             f"{table['protocol']}, {_len_label(table['length'])} tokens: mean over {len(table['tasks'])} "
-            f"tasks, {span} samples per task (those every plan finished)\nerror bars and band: "
-            "bootstrap 95% CI stratified by task" + (" (none while a task has 1 sample)" if n[0] < 2 else ""),
+            f"tasks, {samples_span(table)} samples per task (those every plan finished)\nerror bars and "
+            "band: bootstrap 95% CI stratified by task"
+            + (" (none while a task has 1 sample)" if single else ""),
             fontsize=9.5,
         )
         ax.set_xticks(ratios, [f"{r:g}" for r in ratios])

@@ -151,6 +151,21 @@ def common_samples(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if have[_sample_key(r)] == methods[r["length"]]]
 
 
+RESAMPLES = 2000
+
+
+def _stratified(
+    per_task: dict[str, np.ndarray], draws: dict[str, np.ndarray]
+) -> tuple[float, tuple[float, float]]:
+    """Mean over tasks of the per-task means, and its percentile bootstrap 95% interval with samples
+    resampled within each task by the shared `draws` (no interval when a task has a single sample)."""
+    value = float(np.mean([v.mean() for v in per_task.values()]))
+    if min(len(v) for v in per_task.values()) < 2:
+        return value, (float("nan"), float("nan"))
+    boot = np.mean([per_task[t][draws[t]].mean(axis=1) for t in per_task], axis=0)
+    return value, (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
+
+
 def method_means(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
     """RULER-style average: per (method, length), the mean of the per-task accuracies over the samples
     every method has, with a stratified bootstrap interval (samples resampled within each task; none
@@ -166,26 +181,9 @@ def method_means(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, An
             order.append(r["method"])
     out = []
     for (method, length), per_task in sorted(cells.items(), key=lambda kv: (kv[0][1], order.index(kv[0][0]))):
-        value = mean(mean(v) for v in per_task.values())
-        boot = np.zeros(2000)
-        for v in per_task.values():
-            data = np.asarray(v, dtype=float)
-            boot += data[rng.integers(0, len(data), size=(2000, len(data)))].mean(axis=1)
-        boot /= len(per_task)
-        single = min(len(v) for v in per_task.values()) < 2
-        out.append(
-            {
-                "method": method,
-                "length": length,
-                "tasks": len(per_task),
-                "score": value,
-                "ci": (
-                    (float("nan"), float("nan"))
-                    if single
-                    else (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
-                ),
-            }
-        )
+        draws = {t: rng.integers(0, len(v), size=(RESAMPLES, len(v))) for t, v in per_task.items()}
+        score, ci = _stratified({t: np.asarray(v, dtype=float) for t, v in per_task.items()}, draws)
+        out.append({"method": method, "length": length, "tasks": len(per_task), "score": score, "ci": ci})
     return out
 
 
@@ -233,7 +231,6 @@ def method_markdown(rows: list[dict[str, Any]]) -> str:
 # The compact leaderboard (kvpress's layout): a row per method family, a column per compression ratio.
 
 PROTOCOL_ORDER = ("query-aware", "query-agnostic")
-RESAMPLES = 2000
 
 
 @functools.cache
@@ -264,18 +261,6 @@ def plan_compression(spec: str) -> tuple[str, str, float] | None:
         params |= {k: v for k, v in inner.params().items() if k != "budget"}
     variant = ",".join(f"{k}={v}" for k, v in params.items())
     return family, variant, round(1.0 - budget, 6)
-
-
-def _stratified(
-    per_task: dict[str, np.ndarray], draws: dict[str, np.ndarray]
-) -> tuple[float, tuple[float, float]]:
-    """Mean over tasks of the per-task means, and its percentile bootstrap 95% interval with samples
-    resampled within each task by the shared `draws` (no interval when a task has a single sample)."""
-    value = float(np.mean([v.mean() for v in per_task.values()]))
-    if min(len(v) for v in per_task.values()) < 2:
-        return value, (float("nan"), float("nan"))
-    boot = np.mean([per_task[t][draws[t]].mean(axis=1) for t in per_task], axis=0)
-    return value, (float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5)))
 
 
 def leaderboard_tables(rows: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
@@ -396,17 +381,21 @@ def leaderboard_cell(cell: dict[str, Any] | None) -> str:
     return text
 
 
+def samples_span(table: dict[str, Any]) -> str:
+    """Samples per task of a leaderboard table: "2", or "1-2" where tasks differ."""
+    counts = sorted(set(table["tasks"].values()))
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def leaderboard_caption(table: dict[str, Any]) -> str:
     """What a leaderboard table averages over: protocol, tasks, samples per task, plans, intervals."""
     n = table["tasks"]
-    counts = sorted(set(n.values()))
-    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     text = (
         f"{table['protocol']} protocol, {fmt_len(table['length'])} tokens: mean accuracy (%) over "
         f"{len(n)} tasks, each weighted equally (as RULER averages), at each compression ratio "
         "(1 - budget: the fraction of the KV cache removed; for sparse decoding, of the prompt not "
-        f"attended), on the samples that all {table['plans']} plans of this protocol finished: {span} "
-        f"samples per task ({', '.join(f'{t} {k}' for t, k in n.items())})."
+        f"attended), on the samples that all {table['plans']} plans of this protocol finished: "
+        f"{samples_span(table)} samples per task ({', '.join(f'{t} {k}' for t, k in n.items())})."
     )
     if table["unfinished_tasks"]:
         text += f" Left out (no sample finished by every plan yet): {', '.join(table['unfinished_tasks'])}."
