@@ -166,3 +166,109 @@ def test_bench_chunked_rows(tmp_path: Path) -> None:
         model=model,
     )
     assert len(read_rows(tmp_path / "out" / "results.jsonl")) == 3
+
+
+# -- prefill_lookahead: the prompt's tail scores every chunk ---------------------------------------
+
+
+def prefill(model: tokensift.Model, ids: list[int], method: str, chunk: int, lookahead: int, observer=None):
+    """The cache after `prefill_chunked` (the logits it returns and the cache)."""
+    from tokensift.runtime.generate import prefill_chunked
+    from tokensift.runtime.plan import Plan
+
+    with torch.inference_mode():
+        cache = TokenCache(model, Plan.of(method), prompt_tokens=len(ids))
+        cache.observer = observer
+        logits = prefill_chunked(Decoding(model, cache, 1), ids, chunk, lookahead)
+    return logits, cache
+
+
+def test_lookahead_leaves_no_trace_under_dense(model: tokensift.Model) -> None:
+    ids = prompt_ids(300)
+    plain = tokensift.generate(model, ids, "dense", max_new_tokens=8, return_logits=True, ignore_eos=True)
+    out = tokensift.generate(
+        model,
+        ids,
+        "dense",
+        max_new_tokens=8,
+        return_logits=True,
+        ignore_eos=True,
+        prefill_chunk=64,
+        prefill_lookahead=16,
+    )
+    # 5 chunks (44 + 4 x 64); the last one holds the tail itself, so 4 forwards carry it.
+    assert out.stats.counters["prefill_chunks"] == 5
+    assert out.stats.counters["prefill_lookahead_tokens"] == 4 * 16
+    assert out.stats.prefill_lookahead == 16
+    assert out.token_ids == plain.token_ids
+    for a, b in zip(out.logits or [], plain.logits or [], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert out.stats.tokens_held == plain.stats.tokens_held == 300 + 7
+
+
+def test_lookahead_tail_sits_at_its_true_positions(model: tokensift.Model) -> None:
+    ids = prompt_ids(256)
+    _, dense = prefill(model, ids, "dense", 256, 0)
+    tails: list[torch.Tensor] = []
+
+    def watch(module, layer, query, keys, values, scale) -> None:
+        if layer.index == 0 and query.shape[2] == 64 + 8:
+            tails.append(keys[:, :, -8:].clone())
+
+    _, cache = prefill(model, ids, "snapkv:budget=0.25,window_size=8", 64, 8, observer=watch)
+    assert len(tails) == 3  # chunks 1-3 of 4 carry the tail; the last is the tail's own chunk
+    # Layer 0's keys depend only on the token and its RoPE position: the tail's keys equal the dense
+    # keys at the prompt's last 8 positions, in every chunk's forward.
+    for keys in tails:
+        torch.testing.assert_close(keys, dense.layers[0].k[:, :, 248:256], atol=1e-5, rtol=1e-5)
+    for layer in cache.layers:
+        pos = layer.positions
+        assert bool((pos.diff(dim=-1) > 0).all()) and int(pos.max()) == 255
+    assert cache.next_position == 256 and cache.tokens_held == [64] * cache.num_layers
+
+
+def test_lookahead_changes_what_early_chunks_keep(model: tokensift.Model) -> None:
+    ids = prompt_ids(512)
+    _, own = prefill(model, ids, "snapkv:budget=0.25,window_size=16", 64, 0)
+    _, ahead = prefill(model, ids, "snapkv:budget=0.25,window_size=16", 64, 16)
+    # The last chunk's own window scores the final compression in both; what earlier chunks left
+    # for it differs because they were scored by another window.
+    pairs = zip(own.layers, ahead.layers, strict=True)
+    assert any(not torch.equal(a.positions, b.positions) for a, b in pairs)
+    assert ahead.counters["prefill_lookahead_tokens"] == 7 * 16
+
+
+@pytest.mark.parametrize(
+    ("chunk", "lookahead", "method", "message"),
+    [
+        (None, 8, "snapkv", "prefill_lookahead needs prefill_chunk"),
+        (64, 65, "snapkv", "prefill_lookahead 65 exceeds prefill_chunk 64"),
+        (64, -1, "snapkv", "prefill_lookahead must be a number of tokens >= 0"),
+        (64, 8, "streaming_llm:budget=0.25", "re-positions kept keys"),
+    ],
+)
+def test_bad_lookahead_is_refused(model: tokensift.Model, chunk, lookahead, method, message) -> None:
+    with pytest.raises(TokensiftError, match=message):
+        tokensift.generate(model, prompt_ids(200), method, prefill_chunk=chunk, prefill_lookahead=lookahead)
+
+
+def test_cli_refuses_lookahead_without_chunk(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hello", "--prefill-lookahead", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prefill_lookahead needs prefill_chunk" in err and "\n" not in err
+
+
+def test_bench_lookahead_rows_are_their_own(tmp_path: Path) -> None:
+    model = tiny_smol_model()
+    grid = dict(tasks=["passkey"], methods=["snapkv:budget=0.5"], lengths=[256], samples=1, depths=[0.5])
+    run_bench(BenchConfig(**grid, prefill_chunk=64), tmp_path / "out", progress=False, model=model)
+    run_bench(
+        BenchConfig(**grid, prefill_chunk=64, prefill_lookahead=32),
+        tmp_path / "out",
+        progress=False,
+        model=model,
+    )
+    rows = read_rows(tmp_path / "out" / "results.jsonl")
+    assert [r["prefill_lookahead"] for r in rows] == [0, 32]
+    assert rows[1]["method"].endswith("[prefill-chunk 64, lookahead 32]")
+    assert rows[1]["counters"]["prefill_lookahead_tokens"] == 3 * 32

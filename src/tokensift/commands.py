@@ -59,6 +59,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "(peak KV near budget + N)",
     )
     p.add_argument(
+        "--prefill-lookahead",
+        type=int,
+        default=0,
+        metavar="W",
+        help="with --prefill-chunk: append the prompt's last W tokens to each earlier chunk's forward, "
+        "so window scorers (snapkv) score every chunk with the prompt's final window",
+    )
+    p.add_argument(
         "--context-parallel",
         type=int,
         metavar="P",
@@ -123,6 +131,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="prefill every prompt in chunks of N tokens, compressing after each (no shared prefill)",
+    )
+    p.add_argument(
+        "--prefill-lookahead",
+        type=int,
+        default=0,
+        metavar="W",
+        help="with --prefill-chunk: append the prompt's last W tokens to each earlier chunk's forward, "
+        "so window scorers (snapkv) score every chunk with the prompt's final window",
     )
     p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -243,8 +259,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.compression_ratio is not None:
         spec = with_compression_ratio(spec, args.compression_ratio)
     plan = Plan.of(spec)  # parse before loading the model: bad specs fail fast
-    check_prefill_chunk(args.prefill_chunk)
-    chunking = {"prefill_chunk": args.prefill_chunk} if args.prefill_chunk is not None else {}
+    check_prefill_chunk(args.prefill_chunk, lookahead=args.prefill_lookahead)
+    chunking: dict[str, int] = {}
+    if args.prefill_chunk is not None:
+        chunking = {"prefill_chunk": args.prefill_chunk, "prefill_lookahead": args.prefill_lookahead}
     if chunking and args.context_parallel is not None:
         raise TokensiftError("--prefill-chunk and --context-parallel cannot be combined")
     run: typing.Any = generate
@@ -278,6 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"[{s.method}] prompt {s.prompt_tokens} tok, {s.new_tokens} new; prefill {s.prefill_seconds:.2f}s"
         + (
             f" in {s.counters.get('prefill_chunks', 0):g} chunks of {s.prefill_chunk}"
+            + (f" (lookahead {s.prefill_lookahead})" if s.prefill_lookahead else "")
             if s.prefill_chunk
             else ""
         )
@@ -389,6 +408,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.share_prefill = False
     if args.prefill_chunk is not None:
         config.prefill_chunk = args.prefill_chunk
+    if args.prefill_lookahead:
+        config.prefill_lookahead = args.prefill_lookahead
     if args.dtype:
         config.dtype = args.dtype
     if args.device:

@@ -36,6 +36,7 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (tokensift.models.resolve_device)
     prefill_chunk: int | None = None  # chunked prefill (then no shared prefill: it is one forward)
+    prefill_lookahead: int = 0  # prompt tail appended to each earlier chunk (see prefill_chunked)
 
     def validate(self) -> None:
         from tokensift.bench.tasks import get_task
@@ -53,7 +54,7 @@ class BenchConfig:
         if self.dtype != "auto":  # auto is resolved (probed) when the model loads
             _dtype(self.dtype)
         resolve_device(self.device)
-        check_prefill_chunk(self.prefill_chunk)
+        check_prefill_chunk(self.prefill_chunk, lookahead=self.prefill_lookahead)
         bad = [d for d in self.depths if not 0.0 <= d <= 1.0]
         if bad:
             raise TokensiftError(f"depths must lie in [0, 1], got {bad}")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from tokensift.bench.results import read_meta, read_rows
+from tokensift.bench.results import chunk_label, read_meta, read_rows
 from tokensift.errors import TokensiftError
 
 
@@ -319,8 +319,7 @@ def _leaderboard(
     def name_of(row: dict[str, Any]) -> str:
         family, variant, _ = kinds[row["method"]]
         name = f"{family} ({variant})" if len(variants[family]) > 1 else family
-        chunk = row.get("prefill_chunk") or 0
-        return f"{name} [prefill-chunk {chunk}]" if chunk else name
+        return name + chunk_label(row.get("prefill_chunk") or 0, row.get("prefill_lookahead") or 0)
 
     scores: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     order: list[str] = []

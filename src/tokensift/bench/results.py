@@ -13,6 +13,13 @@ from tokensift.errors import TokensiftError
 KEY_FIELDS = ("model", "task", "method_spec", "length", "depth", "index", "seed")
 
 
+def chunk_label(chunk: int, lookahead: int = 0) -> str:
+    """The suffix a chunked-prefill row's method label carries ('' for a one-forward prefill)."""
+    if not chunk:
+        return ""
+    return f" [prefill-chunk {chunk}" + (f", lookahead {lookahead}]" if lookahead else "]")
+
+
 def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
     # Rows written before protocols (dtypes) existed were query-aware (float32).
     return (
@@ -20,6 +27,7 @@ def row_key(row: dict[str, Any]) -> tuple[Any, ...]:
         row.get("protocol") or "query-aware",
         row.get("dtype") or "float32",
         row.get("prefill_chunk") or 0,
+        row.get("prefill_lookahead") or 0,
     )
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from tokensift.bench.config import DEFAULT_DEPTHS, BenchConfig
-from tokensift.bench.results import append_row, read_meta, read_rows, row_key
+from tokensift.bench.results import append_row, chunk_label, read_meta, read_rows, row_key
 from tokensift.bench.suites import SUITES
 from tokensift.bench.tasks import Sample, Task, get_task
 from tokensift.errors import TokensiftError, check_out_dir
@@ -233,7 +233,11 @@ def run_cell(
                 left[key] -= 1
                 if not left[key]:
                     prefills.pop(key)  # its last plan: free the prompt's tensors after this row
-            chunk = {"prefill_chunk": config.prefill_chunk} if config.prefill_chunk else {}
+            chunk = (
+                {"prefill_chunk": config.prefill_chunk, "prefill_lookahead": config.prefill_lookahead}
+                if config.prefill_chunk
+                else {}
+            )
             result = task.evaluate(model, plans[label], sample, config.protocol, use, **chunk)
         except TokensiftError as exc:
             result = {"prediction": "", "score": None, "error": str(exc)}
@@ -257,8 +261,9 @@ def _row(
         # Reports group by this label, so the protocol shows wherever the method does.
         "method": label
         + ("" if config.protocol == "query-aware" else " [query-agnostic]")
-        + (f" [prefill-chunk {config.prefill_chunk}]" if config.prefill_chunk else ""),
+        + chunk_label(config.prefill_chunk or 0, config.prefill_lookahead),
         "prefill_chunk": config.prefill_chunk or 0,
+        "prefill_lookahead": config.prefill_lookahead,
         "method_spec": plan.spec,
         "protocol": config.protocol,
         "dtype": str(model.dtype).removeprefix("torch."),

@@ -46,6 +46,7 @@ class GenerationStats:
     notes: list[str] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
     prefill_chunk: int = 0  # tokens per prefill chunk; 0: the prompt in one forward
+    prefill_lookahead: int = 0  # prompt tail tokens appended to each earlier chunk's forward
 
     @property
     def kv_ratio(self) -> float:
@@ -158,14 +159,18 @@ def forward(
     cache: TokenCache,
     last_only: bool = True,
     visible: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One forward of `ids` (1, L) appended to the cache at the positions the cache says come next.
 
     `visible` (L, L) bool makes it a tree forward: token i sees the new tokens j with visible[i, j]
-    (its ancestors and itself) and takes the position after its ancestors (next + depth).
+    (its ancestors and itself) and takes the position after its ancestors (next + depth). `positions`
+    (1, L) overrides the RoPE positions (the tokens still attend causally in order of appending).
     """
     start = cache.next_position
-    if visible is None:
+    if positions is not None:
+        positions = positions.to(ids.device)
+    elif visible is None:
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
     else:
         visible = visible.to(device=ids.device, dtype=torch.bool)
@@ -260,12 +265,17 @@ class Decoding:
         return sample(logits, self.temperature, self.top_p, self.generator)
 
     def forward(
-        self, ids: Sequence[int], last_only: bool = False, visible: torch.Tensor | None = None
+        self,
+        ids: Sequence[int],
+        last_only: bool = False,
+        visible: torch.Tensor | None = None,
+        positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Logits (len(ids), vocab) or (1, vocab) for tokens appended to the cache (a tree of them
-        with `visible`, see `forward`)."""
+        with `visible`, at explicit `positions` if given; see `forward`)."""
         ids_t = torch.tensor([list(ids)], device=self.device)
-        return forward(self.model, ids_t, self.cache, last_only, visible)[0]
+        pos_t = None if positions is None else torch.tensor([list(positions)], device=self.device)
+        return forward(self.model, ids_t, self.cache, last_only, visible, pos_t)[0]
 
     def accept(self, token: int, logits: torch.Tensor | None = None) -> bool:
         """Commit one generated token; returns True when generation must stop after it."""
@@ -303,16 +313,24 @@ def decode_plain(decoding: Decoding, logits: torch.Tensor) -> None:
             logits = decoding.forward([token], last_only=True)[-1]
 
 
-def check_prefill_chunk(chunk: int | None, shared: SharedPrefill | None = None) -> None:
+def check_prefill_chunk(chunk: int | None, shared: SharedPrefill | None = None, lookahead: int = 0) -> None:
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise TokensiftError(f"prefill_lookahead must be a number of tokens >= 0, got {lookahead!r}")
+    if lookahead and chunk is None:
+        raise TokensiftError("prefill_lookahead needs prefill_chunk: it looks ahead from each chunk")
     if chunk is None:
         return
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise TokensiftError(f"prefill_chunk must be a positive number of tokens, got {chunk!r}")
+    if lookahead > chunk:
+        raise TokensiftError(
+            f"prefill_lookahead {lookahead} exceeds prefill_chunk {chunk}: use at most the chunk size"
+        )
     if shared is not None:
         raise TokensiftError("a shared prefill is one unchunked forward: it cannot serve prefill_chunk")
 
 
-def prefill_chunked(decoding: Decoding, ids: Sequence[int], chunk: int) -> torch.Tensor:
+def prefill_chunked(decoding: Decoding, ids: Sequence[int], chunk: int, lookahead: int = 0) -> torch.Tensor:
     """Prefill `ids` in forwards of at most `chunk` tokens; the last token's logits.
 
     Each forward appends its chunk at its true positions and attends to what the cache holds (the
@@ -323,12 +341,33 @@ def prefill_chunked(decoding: Decoding, ids: Sequence[int], chunk: int) -> torch
     kvpress's chunk wrappers are); accumulating scorers (H2O, Keyformer) accumulate across chunks.
     The first chunk takes the remainder, so the last chunk, whose window scores the final
     compression, is a full `chunk` tokens. Budgets stay fractions of the whole prompt.
+
+    With `lookahead` W, every chunk but the last is followed in its forward by the prompt's last W
+    tokens at their true (final) positions, and their keys and values are dropped after it. They see
+    the compressed past and the chunk, as the prompt's end will, and a window scorer's last queries
+    are then theirs: each chunk is scored by the window one-shot compression uses (the question, in
+    the query-aware protocol) instead of its own, for W more tokens per forward. Accumulating scorers
+    count those queries' attention too. Keys of re-positioning methods follow slots, not true
+    positions, so they refuse a lookahead.
     """
+    cache = decoding.cache
+    if lookahead and cache.plan.repositions:
+        raise TokensiftError(
+            "prefill_lookahead places the prompt's tail at its true positions; this plan re-positions "
+            "kept keys by slot: drop prefill_lookahead"
+        )
+    tail = list(ids[len(ids) - lookahead :]) if lookahead else []
     first = len(ids) % chunk or chunk
     for start in [0, *range(first, len(ids), chunk)]:
         end = first if start == 0 else start + chunk
-        logits = decoding.forward(ids[start:end], last_only=True)[-1]
-        decoding.cache.count("prefill_chunks")
+        if tail and end < len(ids):
+            positions = [*range(start, end), *range(len(ids) - len(tail), len(ids))]
+            logits = decoding.forward([*ids[start:end], *tail], last_only=True, positions=positions)[-1]
+            cache.crop(-len(tail))
+            cache.count("prefill_lookahead_tokens", len(tail))
+        else:
+            logits = decoding.forward(ids[start:end], last_only=True)[-1]
+        cache.count("prefill_chunks")
     return logits
 
 
@@ -352,6 +391,7 @@ def generate(
     passages: Sequence[str] | None = None,
     prefill_chunk: int | None = None,
     decode_step: Callable[[Decoding, int], torch.Tensor] | None = None,
+    prefill_lookahead: int = 0,
 ) -> Generation:
     """Generate with a method (or `+`-composed methods) switched on; see `Generation.stats`.
 
@@ -366,7 +406,9 @@ def generate(
     (many short texts) make the context: the plan's context method (CRAG) keeps some of them before
     tokenization, and `prompt`, if given, is an instruction put before them. `prefill_chunk` prefills
     the prompt (the context, with `question`) in chunks of that many tokens, the eviction method
-    compressing after each (see `prefill_chunked`). `decode_step` computes plain decoding's
+    compressing after each (see `prefill_chunked`); `prefill_lookahead` appends the prompt's last that
+    many tokens to every earlier chunk's forward so window scorers score it as one-shot would.
+    `decode_step` computes plain decoding's
     next-token logits (a batched step, see `runtime.batch.DecodeBatcher`); plans with a loop method
     refuse it.
     """
@@ -389,7 +431,7 @@ def generate(
     if not ids:
         raise TokensiftError("empty prompt")
     check_context(model, len(ids) + len(question_ids), max_new_tokens)
-    check_prefill_chunk(prefill_chunk, shared)
+    check_prefill_chunk(prefill_chunk, shared, prefill_lookahead)
     if decode_step is not None and plan.loop is not None:
         raise TokensiftError(
             f"{plan.loop.name} decodes several tokens per forward: it cannot take a decode_step"
@@ -422,7 +464,7 @@ def generate(
             logits = shared.fill(cache)
             t0 -= shared.seconds
         elif prefill_chunk:
-            logits = prefill_chunked(decoding, ids, prefill_chunk)
+            logits = prefill_chunked(decoding, ids, prefill_chunk, prefill_lookahead)
         else:
             logits = decoding.forward(ids, last_only=True)[-1]
         if question_ids:
@@ -457,6 +499,7 @@ def generate(
         decoding.stop_reason,
     )
     stats.prefill_chunk = prefill_chunk or 0
+    stats.prefill_lookahead = prefill_lookahead
     return Generation(
         text=text, token_ids=new, stats=stats, logits=decoding.step_logits if return_logits else None
     )

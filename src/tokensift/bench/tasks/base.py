@@ -111,6 +111,7 @@ class Task(ABC):
         protocol: str = "query-aware",
         shared: SharedPrefill | None = None,
         prefill_chunk: int | None = None,
+        prefill_lookahead: int = 0,
     ) -> dict[str, Any]:
         """Run one sample under a plan: generate and score by default. Returns the result row fields.
 
@@ -130,6 +131,7 @@ class Task(ABC):
             question=question,
             shared=shared,
             prefill_chunk=prefill_chunk,
+            prefill_lookahead=prefill_lookahead,
         )
         return {
             "prediction": result.text,
