@@ -58,14 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="prefill the prompt in chunks of N tokens, the eviction method compressing after each "
         "(peak KV near budget + N)",
     )
-    p.add_argument(
-        "--prefill-lookahead",
-        type=int,
-        default=0,
-        metavar="W",
-        help="with --prefill-chunk: append the prompt's last W tokens to each earlier chunk's forward, "
-        "so window scorers (snapkv) score every chunk with the prompt's final window",
-    )
+    add_lookahead_argument(p)
     p.add_argument(
         "--context-parallel",
         type=int,
@@ -132,14 +125,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="prefill every prompt in chunks of N tokens, compressing after each (no shared prefill)",
     )
-    p.add_argument(
-        "--prefill-lookahead",
-        type=int,
-        default=0,
-        metavar="W",
-        help="with --prefill-chunk: append the prompt's last W tokens to each earlier chunk's forward, "
-        "so window scorers (snapkv) score every chunk with the prompt's final window",
-    )
+    add_lookahead_argument(p)
     p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
@@ -213,6 +199,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if e["applied_by"]:
             print(f"    applied when {' or '.join(e['applied_by'])} > 0")
     return 0
+
+
+def add_lookahead_argument(p: argparse.ArgumentParser) -> None:
+    """`--prefill-lookahead W` (generate and bench): see `tokensift.runtime.generate.prefill_chunked`."""
+    p.add_argument(
+        "--prefill-lookahead",
+        type=int,
+        default=0,
+        metavar="W",
+        help="with --prefill-chunk: append the prompt's last W tokens to each earlier chunk's forward, "
+        "so window scorers (snapkv) score every chunk with the prompt's final window",
+    )
 
 
 def _type_name(annotation: object) -> str:
