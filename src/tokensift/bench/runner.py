@@ -233,12 +233,15 @@ def run_cell(
                 left[key] -= 1
                 if not left[key]:
                     prefills.pop(key)  # its last plan: free the prompt's tensors after this row
-            chunk = (
-                {"prefill_chunk": config.prefill_chunk, "prefill_lookahead": config.prefill_lookahead}
-                if config.prefill_chunk
-                else {}
+            result = task.evaluate(
+                model,
+                plans[label],
+                sample,
+                config.protocol,
+                use,
+                prefill_chunk=config.prefill_chunk,
+                prefill_lookahead=config.prefill_lookahead,
             )
-            result = task.evaluate(model, plans[label], sample, config.protocol, use, **chunk)
         except TokensiftError as exc:
             result = {"prediction": "", "score": None, "error": str(exc)}
         yield _row(model, config, cell, label, plans[label], result, time.perf_counter() - t0)

@@ -356,7 +356,7 @@ def prefill_chunked(decoding: Decoding, ids: Sequence[int], chunk: int, lookahea
             "prefill_lookahead places the prompt's tail at its true positions; this plan re-positions "
             "kept keys by slot: drop prefill_lookahead"
         )
-    tail = list(ids[len(ids) - lookahead :]) if lookahead else []
+    tail = list(ids[len(ids) - lookahead :])  # empty without a lookahead
     first = len(ids) % chunk or chunk
     for start in [0, *range(first, len(ids), chunk)]:
         end = first if start == 0 else start + chunk
