@@ -360,12 +360,68 @@ def make_table(args: argparse.Namespace) -> None:
             f"{s['peak_rss_mib_max']:.0f} | {s['peak_over_start_mib_median']:.0f} | "
             f"{s['kv_mib_median']:.1f} |"
         )
+    pairs = paired(rows)
+    if pairs:
+        lines += [
+            "",
+            "Paired by prompt (the prompts both libraries ran): tokensift minus kvpress accuracy with a "
+            "paired bootstrap 95% CI, and per-prompt ratios tokensift / kvpress, median (IQR).",
+            "",
+            "| protocol | press | ratio | prompts | same score | accuracy Δ [95% CI] | prefill time ratio | "
+            "peak-above-start ratio | KV held ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for s in pairs:
+            ratios = [s[k] for k in ("prefill_ratio", "peak_over_start_ratio", "kv_ratio")]
+            lines.append(
+                f"| {s['protocol']} | {s['press']} | {s['ratio']} | {s['n']} | {s['same_score']} | "
+                f"{s['accuracy_delta']:+.2f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | "
+                + " | ".join(f"{med:.2f} ({q1:.2f}-{q3:.2f})" for q1, med, q3 in ratios)
+                + " |"
+            )
     table = "\n".join(lines)
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cells": summary, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"cells": summary, "paired": pairs, "rows": rows}, indent=1))
         args.json.with_suffix(".md").write_text(table + "\n")
+
+
+def above(row: dict[str, Any]) -> float:
+    """The cell's peak RSS above the process's RSS when it started (MiB)."""
+    return row["peak_rss_mib"] - row["rss_before_mib"]
+
+
+def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (protocol, press, ratio) both libraries ran: the prompts they share, compared one by one."""
+    by: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for row in rows:
+        key = (row["protocol"], row["press"], row["ratio"])
+        by.setdefault(key, {}).setdefault(row["side"], {})[row["prompt"]] = row
+    out = []
+    for (protocol, press, ratio), sides in sorted(by.items()):
+        ours, theirs = sides.get("tokensift", {}), sides.get("kvpress", {})
+        shared = sorted(ours.keys() & theirs.keys())
+        if not shared:
+            continue
+        pairs = [(ours[p], theirs[p]) for p in shared]
+        deltas = [a["score"] - b["score"] for a, b in pairs]
+        lo, hi = bootstrap_ci(deltas)
+        out.append(
+            {
+                "protocol": protocol,
+                "press": press,
+                "ratio": ratio,
+                "n": len(shared),
+                "same_score": sum(a["score"] == b["score"] for a, b in pairs),
+                "accuracy_delta": statistics.fmean(deltas),
+                "ci95": [lo, hi],
+                "prefill_ratio": quartiles([a["prefill_seconds"] / b["prefill_seconds"] for a, b in pairs]),
+                "peak_over_start_ratio": quartiles([above(a) / max(above(b), 1.0) for a, b in pairs]),
+                "kv_ratio": quartiles([a["kv_bytes"] / b["kv_bytes"] for a, b in pairs]),
+            }
+        )
+    return out
 
 
 def main() -> None:

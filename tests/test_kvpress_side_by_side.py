@@ -96,3 +96,31 @@ def test_kvpress_side_matches_dense_exactly(prompts: Path) -> None:
             assert abs(a[key]["tokens_held"] - b[key]["tokens_held"]) <= 1, key
         if key[0] == "streaming_llm":  # ours evicts at every step (the paper); kvpress after the prefill only
             assert a[key]["tokens_held"] < b[key]["tokens_held"], key
+
+
+def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
+    """The paired table compares the prompts both sides ran, one by one: score agreement, the accuracy
+    difference, and per-prompt time, memory and KV ratios."""
+
+    def row(side: str, prompt: int, score: float, seconds: float, above: float, kv: int) -> dict:
+        return {
+            "side": side, "press": "knorm", "ratio": 0.75, "protocol": "query-agnostic", "prompt": prompt,
+            "score": score, "prefill_seconds": seconds, "peak_rss_mib": 1000 + above,
+            "rss_before_mib": 1000, "kv_bytes": kv,
+        }  # fmt: skip
+
+    ours = [row("tokensift", p, s, 10.0, 100.0, 4) for p, s in enumerate([1, 1, 0, 1])]
+    theirs = [row("kvpress", p, s, 20.0, 400.0, 4) for p, s in enumerate([1, 0, 0, 0, 1])]  # one more prompt
+    for name, rows in (("o.jsonl", ours), ("k.jsonl", theirs)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.json"
+    done = _run(
+        sys.executable, "table", str(tmp_path / "o.jsonl"), str(tmp_path / "k.jsonl"), "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    (pair,) = json.loads(out.read_text())["paired"]
+    assert pair["n"] == 4 and pair["same_score"] == 2  # prompt 4 ran on one side only
+    assert pair["accuracy_delta"] == 0.5 and pair["ci95"][0] <= 0.5 <= pair["ci95"][1]
+    assert pair["prefill_ratio"] == [0.5, 0.5, 0.5] and pair["peak_over_start_ratio"][1] == 0.25
+    assert pair["kv_ratio"][1] == 1.0
+    assert "| query-agnostic | knorm | 0.75 | 4 | 2 | +0.50" in out.with_suffix(".md").read_text()
