@@ -16,6 +16,10 @@ measures.
   .venv/bin/python benchmarks/chunked_prefill.py --length 8192 --samples 5 \\
       --out benchmarks/results/chunked_prefill.json
 
+A mode `chunked@N+W` is chunked prefill with chunks of N tokens and the prompt's last W tokens as
+every chunk's lookahead (`--prefill-lookahead W`): the chunks are then scored by the question's
+window, as one-shot SnapKV is.
+
 `--repeats N` runs each mode's peak measurement in N fresh processes (one after another, modes
 interleaved) and adds per-mode medians and quartiles (`summary`) of the peak RSS above the model
 and of the RSS still held above it when the generation ends: allocator retention makes one
@@ -48,7 +52,9 @@ def side_by_side() -> Any:
     return module
 
 
-def run_tokensift(prompt: dict[str, Any], mode: str, budget: float, chunk: int, dtype: str) -> dict:
+def run_tokensift(
+    prompt: dict[str, Any], mode: str, budget: float, chunk: int, lookahead: int, dtype: str
+) -> dict:
     import tokensift
     from tokensift.models import load
 
@@ -63,6 +69,7 @@ def run_tokensift(prompt: dict[str, Any], mode: str, budget: float, chunk: int, 
         "dense" if mode == "dense" else SNAPKV.format(b=budget),
         max_new_tokens=prompt["max_new_tokens"],
         prefill_chunk=chunk if mode == "chunked" else None,
+        prefill_lookahead=lookahead if mode == "chunked" else 0,
     )
     s = out.stats
     return {
@@ -76,6 +83,7 @@ def run_tokensift(prompt: dict[str, Any], mode: str, budget: float, chunk: int, 
         "kv_bytes_final": s.kv_bytes_final,
         "kv_bytes_dense": s.kv_bytes_dense,
         "prefill_chunks": s.counters.get("prefill_chunks", 0),
+        "prefill_lookahead_tokens": s.counters.get("prefill_lookahead_tokens", 0),
         "method": s.method,
     }
 
@@ -114,14 +122,17 @@ def child(args: argparse.Namespace) -> None:
     if args.mode == "kvpress":
         row = run_kvpress(prompt, args.budget, args.dtype)
     else:
-        row = run_tokensift(prompt, args.mode, args.budget, args.chunk, args.dtype)
+        row = run_tokensift(prompt, args.mode, args.budget, args.chunk, args.lookahead, args.dtype)
     print("ROW " + json.dumps(row))
 
 
 def spawn(python: Path | str, label: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One fresh process for one mode; `chunked@N` is chunked prefill with chunks of N tokens."""
-    mode, _, chunk = label.partition("@")
+    """One fresh process for one mode; `chunked@N` is chunked prefill with chunks of N tokens,
+    `chunked@N+W` the same with the prompt's last W tokens as every chunk's lookahead."""
+    mode, _, spec = label.partition("@")
+    chunk, _, lookahead = spec.partition("+")
     chunk = chunk or str(args.chunk)
+    lookahead = lookahead or "0"
     cmd = [
         str(python),
         __file__,
@@ -134,6 +145,8 @@ def spawn(python: Path | str, label: str, args: argparse.Namespace) -> dict[str,
         str(args.budget),
         "--chunk",
         chunk,
+        "--lookahead",
+        lookahead,
         "--dtype",
         args.dtype,
     ]
@@ -145,6 +158,7 @@ def spawn(python: Path | str, label: str, args: argparse.Namespace) -> dict[str,
     row = json.loads(rows[-1])
     row["mode"] = label
     row["chunk"] = int(chunk) if mode == "chunked" else 0
+    row["lookahead"] = int(lookahead) if mode == "chunked" else 0
     row["above_model_mib"] = row["peak_rss_mib"] - row["loaded_rss_mib"]
     row["held_after_mib"] = row["rss_after_mib"] - row["loaded_rss_mib"]  # resident when generation ends
     row["wall_seconds"] = time.perf_counter() - t0
@@ -250,6 +264,7 @@ def main() -> None:
     c.add_argument("--index", type=int, default=0)
     c.add_argument("--budget", type=float, required=True)
     c.add_argument("--chunk", type=int, required=True)
+    c.add_argument("--lookahead", type=int, default=0)
     c.add_argument("--dtype", default="float32")
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--tasks", default="niah_single_1,niah_single_2")

@@ -39,10 +39,19 @@ def model() -> tokensift.Model:
 def test_chunk_covering_the_prompt_is_unchunked(model: tokensift.Model) -> None:
     ids = prompt_ids(200)
     plain = tokensift.generate(model, ids, "snapkv:budget=0.25", max_new_tokens=6, return_logits=True)
-    for chunk in (200, 500):
-        out = tokensift.generate(
-            model, ids, "snapkv:budget=0.25", max_new_tokens=6, return_logits=True, prefill_chunk=chunk
-        )
+    for chunk, lookahead in ((200, 0), (500, 16)):
+        with pytest.warns(tokensift.NoOpWarning, match=f"prefill_chunk {chunk} covers the whole prompt"):
+            out = tokensift.generate(
+                model,
+                ids,
+                "snapkv:budget=0.25",
+                max_new_tokens=6,
+                return_logits=True,
+                prefill_chunk=chunk,
+                prefill_lookahead=lookahead,
+            )
+        assert ("no earlier chunk" in out.stats.notes[0]) == bool(lookahead)
+        assert "prefill_lookahead_tokens" not in out.stats.counters
         assert out.token_ids == plain.token_ids
         assert all(torch.equal(a, b) for a, b in zip(out.logits or [], plain.logits or [], strict=True))
         assert out.stats.counters["prefill_chunks"] == 1
@@ -166,6 +175,30 @@ def test_bench_chunked_rows(tmp_path: Path) -> None:
         model=model,
     )
     assert len(read_rows(tmp_path / "out" / "results.jsonl")) == 3
+
+
+def test_perplexity_rows_use_the_bench_chunk(tmp_path: Path) -> None:
+    """Perplexity feeds its window in chunks through the method's cache: `--prefill-chunk` sets their
+    size (the row says so and resumes as itself); a lookahead, which would pick what a chunk keeps from
+    text not yet read, is refused in the row."""
+    model = tiny_smol_model()
+
+    def rows(out: str, **kw: Any) -> list[dict[str, Any]]:
+        config = BenchConfig(
+            tasks=["perplexity"], methods=["dense", "streaming_llm:budget=64"], lengths=[256], samples=1, **kw
+        )
+        run_bench(config, tmp_path / out, progress=False, model=model)
+        return read_rows(tmp_path / out / "results.jsonl")
+
+    own, chunked = rows("own"), rows("chunked", prefill_chunk=32)
+    assert [r["counters"]["prefill_chunks"] for r in own] == [1, 1]  # the task's 256 covers the window
+    assert [r["counters"]["prefill_chunks"] for r in chunked] == [8, 8]
+    assert all(r["prefill_chunk"] == 32 and r["method"].endswith("[prefill-chunk 32]") for r in chunked)
+    assert chunked[0]["score"] == pytest.approx(own[0]["score"], rel=1e-4)  # dense: chunking is exact
+    assert chunked[1]["score"] != pytest.approx(own[1]["score"], rel=1e-4)  # evicting between chunks
+    assert len(rows("chunked", prefill_chunk=32)) == 2  # resumed: nothing new
+    (refused, _) = rows("lookahead", prefill_chunk=32, prefill_lookahead=8)
+    assert refused["score"] is None and "drop --prefill-lookahead" in refused["error"]
 
 
 # -- prefill_lookahead: the prompt's tail scores every chunk ---------------------------------------

@@ -356,6 +356,12 @@ def prefill_chunked(decoding: Decoding, ids: Sequence[int], chunk: int, lookahea
             "prefill_lookahead places the prompt's tail at its true positions; this plan re-positions "
             "kept keys by slot: drop prefill_lookahead"
         )
+    if len(ids) <= chunk:
+        cache.note(
+            f"prefill_chunk {chunk} covers the whole prompt ({len(ids)} tokens): it was prefilled in one "
+            "forward, as without prefill_chunk"
+            + (f", and prefill_lookahead {lookahead} had no earlier chunk to follow" if lookahead else "")
+        )
     tail = list(ids[len(ids) - lookahead :])  # empty without a lookahead
     first = len(ids) % chunk or chunk
     for start in [0, *range(first, len(ids), chunk)]:

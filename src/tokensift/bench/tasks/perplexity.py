@@ -11,6 +11,7 @@ import torch
 
 from tokensift.bench.corpora import austen_books
 from tokensift.bench.tasks.base import Sample, Task, TokenCounter
+from tokensift.errors import TokensiftError
 
 if TYPE_CHECKING:
     from tokensift.models import Model
@@ -20,9 +21,10 @@ if TYPE_CHECKING:
 class Perplexity(Task):
     """PG-19-style perplexity on a window of one of Jane Austen's novels (shipped, public domain).
 
-    The window of `length` tokens is fed in chunks; each chunk attends to what the method kept of
-    the earlier ones, so eviction methods get a real, different score. A fractional budget is a
-    fraction of the whole window. Reports perplexity (exp of the mean NLL) and bits per byte.
+    The window of `length` tokens is fed in chunks (256 tokens, or bench's `--prefill-chunk`); each
+    chunk attends to what the method kept of the earlier ones, so eviction methods get a real,
+    different score. A fractional budget is a fraction of the whole window. Reports perplexity (exp
+    of the mean NLL) and bits per byte.
     """
 
     name = "perplexity"
@@ -65,10 +67,26 @@ class Perplexity(Task):
 
     generative = False  # scores a text window chunk by chunk; no prompt/question protocol
 
-    def evaluate(self, model: Model, plan: Plan, sample: Sample, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: Model,
+        plan: Plan,
+        sample: Sample,
+        *args: Any,
+        prefill_chunk: int | None = None,
+        prefill_lookahead: int = 0,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """`prefill_chunk` (bench's `--prefill-chunk`) sets the chunk size instead of the task's own."""
         from tokensift.runtime.cache import TokenCache
         from tokensift.runtime.generate import collect_stats, forward, synchronize
 
+        if prefill_lookahead:
+            raise TokensiftError(
+                "perplexity scores every token of its window: a lookahead would choose what each chunk "
+                "keeps from text not yet read; drop --prefill-lookahead for the perplexity task"
+            )
+        chunk = prefill_chunk or self.chunk
         assert model.tokenizer is not None
         ids = model.tokenizer(sample.prompt, add_special_tokens=False)["input_ids"][: sample.length]
         text_bytes = len(model.tokenizer.decode(ids).encode())
@@ -78,8 +96,9 @@ class Perplexity(Task):
         t0 = time.perf_counter()
         with torch.inference_mode():
             cache = TokenCache(model, plan, prompt_tokens=len(ids))
-            for s in range(0, len(ids), self.chunk):
-                x = tokens[:, s : s + self.chunk]
+            for s in range(0, len(ids), chunk):
+                x = tokens[:, s : s + chunk]
+                cache.count("prefill_chunks")
                 logits = forward(model, x, cache, last_only=False)[0].float()
                 if previous is not None:
                     logits = torch.cat([previous, logits])
@@ -95,6 +114,7 @@ class Perplexity(Task):
         scored = len(ids) - 1
         mean = float(nll) / scored
         stats = collect_stats(model, plan, cache, len(ids), 0, seconds, 0.0, "end")
+        stats.prefill_chunk = prefill_chunk or 0  # the row's key: 0 when the task's own chunk was used
         return {
             "prediction": "",
             "score": math.exp(mean),
