@@ -6,7 +6,7 @@ imported by tokensift, and this script imports tokensift only in the steps that 
   .venv/bin/python benchmarks/kvpress_side_by_side.py prompts --out runs/kvpress/prompts.jsonl
   .venv/bin/python benchmarks/kvpress_side_by_side.py run --side tokensift --prompts ... --out ...
   .venv-kvpress/bin/python benchmarks/kvpress_side_by_side.py run --side kvpress --prompts ... --out ...
-  .venv/bin/python benchmarks/kvpress_side_by_side.py table runs/kvpress/*.jsonl --json results.json
+  .venv/bin/python benchmarks/kvpress_side_by_side.py table <the two --out files> --json results.json
 
 `make bench-kvpress` runs all of it. The prompts file carries the chat-templated token ids, split
 where the question starts, so both libraries see identical inputs; the kvpress side drives the model
@@ -322,7 +322,13 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
 def make_table(args: argparse.Namespace) -> None:
     rows = []
     for path in args.results:
-        rows += [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                assert {"side", "press", "ratio", "protocol", "prompt", "score"} <= row.keys()
+            except (json.JSONDecodeError, AttributeError, AssertionError):
+                fail(f"{path}:{i} is not a result row of the `run` step: pass only its --out files")
+            rows.append(row)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["protocol"], row["press"], row["ratio"], row["side"]), []).append(row)
@@ -341,9 +347,7 @@ def make_table(args: argparse.Namespace) -> None:
                 "ci95": [lo, hi],
                 "prefill_seconds_q1_median_q3": quartiles([r["prefill_seconds"] for r in cell]),
                 "peak_rss_mib_max": max(r["peak_rss_mib"] for r in cell),
-                "peak_over_start_mib_median": statistics.median(
-                    r["peak_rss_mib"] - r["rss_before_mib"] for r in cell
-                ),
+                "peak_over_start_mib_median": statistics.median(above(r) for r in cell),
                 "kv_mib_median": statistics.median(r["kv_bytes"] for r in cell) / 2**20,
             }
         )

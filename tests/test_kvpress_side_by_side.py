@@ -124,3 +124,8 @@ def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
     assert pair["prefill_ratio"] == [0.5, 0.5, 0.5] and pair["peak_over_start_ratio"][1] == 0.25
     assert pair["kv_ratio"][1] == 1.0
     assert "| query-agnostic | knorm | 0.75 | 4 | 2 | +0.50" in out.with_suffix(".md").read_text()
+    # A prompts file among the results (e.g. a `*.jsonl` glob) is refused in one line, before any output.
+    (tmp_path / "prompts.jsonl").write_text('{"context_ids": [1], "question_ids": [2], "answers": ["x"]}\n')
+    bad = _run(sys.executable, "table", str(tmp_path / "o.jsonl"), str(tmp_path / "prompts.jsonl"))
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and not bad.stdout
+    assert "prompts.jsonl:1 is not a result row" in bad.stderr
