@@ -15,6 +15,11 @@ positions afterwards). Per cell (press x ratio x protocol): accuracy (every expe
 in the greedy output), prefill + compression seconds, process peak RSS (reset before each prompt
 through /proc/self/clear_refs), KV bytes held after the prefill. Hidden prompt sets: write a JSONL
 in the same format (see `prompts`) and pass it with --prompts.
+
+A reset peak in a shared process still counts heap the allocator kept from earlier cells, which
+differs between the two libraries; `run --fresh-process` runs every row in its own process (model
+loaded and warmed on 8 tokens, then the peak reset), so the peak above start is the peak above the
+loaded model.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -256,27 +262,62 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
     }
 
 
+RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress}
+
+
+def run_cell(args: argparse.Namespace) -> None:
+    """One prompt of one cell in this (fresh) process: load and warm the model on 8 tokens, reset the
+    peak, run, and print the row with the RSS of the loaded model as its start (`--fresh-process`)."""
+    prompt = read_prompts(args.prompts)[args.index]
+    runner = RUNNERS[args.side]
+    warm = {**prompt, "context_ids": prompt["context_ids"][:8], "question_ids": prompt["context_ids"][8:9]}
+    # kvpress's H2O runs on an eager-attention model: warm that one, not an sdpa model it would replace
+    eager = args.press == "h2o" and args.side == "kvpress"
+    runner({**warm, "max_new_tokens": 1}, "h2o" if eager else "dense", 0.5, "query-aware", args.dtype)
+    loaded = rss_mib("VmRSS")
+    reset_peak_rss()
+    result = runner(prompt, args.press, args.ratio, args.protocol, args.dtype)
+    print("ROW " + json.dumps({"rss_before_mib": loaded, "peak_rss_mib": rss_mib("VmHWM"), **result}))
+
+
+def fresh(args: argparse.Namespace, prompt: dict[str, Any], press: str, ratio: float, protocol: str) -> dict:
+    """run_cell in a child process of this venv's Python; its row, or a one-line error."""
+    cmd = [sys.executable, __file__, "cell", "--side", args.side, "--prompts", str(args.prompts)]
+    cmd += ["--index", str(prompt["index"]), "--press", press, "--ratio", str(ratio)]
+    cmd += ["--protocol", protocol, "--dtype", args.dtype]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    if done.returncode or not rows:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        fail(f"the fresh process for {press}@{ratio} {protocol} prompt {prompt['prompt']} failed: {tail[0]}")
+    return json.loads(rows[-1])
+
+
 def run_side(args: argparse.Namespace) -> None:
     import torch
 
-    prompts = read_prompts(args.prompts)
+    prompts = [{**p, "index": i} for i, p in enumerate(read_prompts(args.prompts))]
     if args.limit:
         prompts = prompts[: args.limit]
     grid = cells(args.presses.split(","), [float(r) for r in args.ratios.split(",")])
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
-    runner = run_tokensift if args.side == "tokensift" else run_kvpress
+    runner = RUNNERS[args.side]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(args.out)
-    if not done:  # warm up once: the first forward pays one-off allocations and kernel choice
+    if not done and not args.fresh_process:  # warm up once: the first forward pays one-off allocations
         runner({**prompts[0], "max_new_tokens": 1}, "dense", 0.0, "query-aware", args.dtype)
     for protocol in protocols:
         for press, ratio in grid:
             for prompt in prompts:
                 if (press, ratio, protocol, prompt["prompt"]) in done:
                     continue
-                reset_peak_rss()
-                before = rss_mib("VmRSS")
-                result = runner(prompt, press, ratio, protocol, args.dtype)
+                if args.fresh_process:
+                    result = fresh(args, prompt, press, ratio, protocol)
+                else:
+                    reset_peak_rss()
+                    before = rss_mib("VmRSS")
+                    result = runner(prompt, press, ratio, protocol, args.dtype)
+                    result = {"rss_before_mib": before, "peak_rss_mib": rss_mib("VmHWM"), **result}
                 row = {
                     "side": args.side,
                     "press": press,
@@ -286,8 +327,7 @@ def run_side(args: argparse.Namespace) -> None:
                     "task": prompt["task"],
                     "prompt_tokens": len(prompt["context_ids"]) + len(prompt["question_ids"]),
                     "score": score(result["prediction"], prompt["answers"]),
-                    "peak_rss_mib": rss_mib("VmHWM"),
-                    "rss_before_mib": before,
+                    "fresh_process": args.fresh_process,
                     "threads": torch.get_num_threads(),
                     "dtype": args.dtype,
                     **result,
@@ -448,7 +488,21 @@ def main() -> None:
     p.add_argument("--protocol", choices=[*PROTOCOLS, "both"], default="both")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--limit", type=int, help="only the first N prompts")
+    p.add_argument(
+        "--fresh-process",
+        action="store_true",
+        help="each prompt of each cell in its own process: peak RSS above the loaded model, no heap "
+        "left over from earlier cells (costs a model load per row)",
+    )
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("cell", help="one prompt of one cell (what --fresh-process runs per row)")
+    p.add_argument("--side", choices=["tokensift", "kvpress"], required=True)
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--press", choices=list(PRESSES), required=True)
+    p.add_argument("--ratio", type=float, required=True)
+    p.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p = sub.add_parser("table", help="merge both sides' rows into one table")
     p.add_argument("results", nargs="+")
     p.add_argument("--json", type=Path)
@@ -457,6 +511,8 @@ def main() -> None:
         make_prompts(args)
     elif args.step == "run":
         run_side(args)
+    elif args.step == "cell":
+        run_cell(args)
     else:
         make_table(args)
 

@@ -129,3 +129,18 @@ def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
     bad = _run(sys.executable, "table", str(tmp_path / "o.jsonl"), str(tmp_path / "prompts.jsonl"))
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and not bad.stdout
     assert "prompts.jsonl:1 is not a result row" in bad.stderr
+
+
+def test_fresh_process_rows_match_the_shared_process(prompts: Path) -> None:
+    """`--fresh-process` runs each row in its own process: the same prediction as the shared-process
+    run, and a peak measured from the loaded model of that process."""
+    shared, fresh = prompts.with_name("shared.jsonl"), prompts.with_name("fresh.jsonl")
+    args = ["run", "--side", "tokensift", "--prompts", str(prompts), "--presses", "knorm", "--ratios", "0.5"]
+    args += ["--protocol", "query-agnostic", "--limit", "1"]
+    assert _run(sys.executable, *args, "--out", str(shared)).returncode == 0
+    done = _run(sys.executable, *args, "--fresh-process", "--out", str(fresh))
+    assert done.returncode == 0, done.stderr
+    (a,), (b,) = ([json.loads(line) for line in f.read_text().splitlines()] for f in (shared, fresh))
+    assert b["fresh_process"] and not a["fresh_process"]
+    assert b["prediction"] == a["prediction"] and b["kv_bytes"] == a["kv_bytes"]
+    assert b["peak_rss_mib"] >= b["rss_before_mib"] > 0
