@@ -24,7 +24,9 @@ paths (`--warmup-tokens` tokens at the shortest length) precedes the timed repea
 
 Prompts: the passkey prompt (depth 0.5) of each length for a real model; with `--random-weights`
 (a Hugging Face config.json: the model is built from it with seeded random weights, no tokenizer)
-seeded random token ids. Lengths beyond the model's context (minus the new tokens) are skipped and
+seeded random token ids. `--shared-prefill-from N` starts both paths, at contexts of N tokens or more,
+from one prefill of the prompt (a 16k prefill takes minutes on a CPU): decode only there, the prefill
+columns then time the first token. Lengths beyond the model's context (minus the new tokens) are skipped and
 say so. The JSON is rewritten after every repeat, so a killed run keeps what it measured; a
 Markdown table of it is written beside it (same name, .md).
 """
@@ -89,7 +91,9 @@ class Run:
         return (len(self.tokens) - 1) / self.decode_seconds
 
 
-def run_ours(model: tokensift.Model, ids: list[int], new_tokens: int, device: torch.device) -> Run:
+def run_ours(
+    model: tokensift.Model, ids: list[int], new_tokens: int, device: torch.device, shared: Any = None
+) -> Run:
     marks: list[float] = []
 
     def on_token(decoding: Any, token: int, logits: Any) -> None:
@@ -100,14 +104,27 @@ def run_ours(model: tokensift.Model, ids: list[int], new_tokens: int, device: to
     _sync(device)
     start = time.perf_counter()
     out = tokensift.generate(
-        model, ids, "dense", max_new_tokens=new_tokens, ignore_eos=True, on_token=on_token
+        model, ids, "dense", max_new_tokens=new_tokens, ignore_eos=True, on_token=on_token, shared=shared
     )
     _sync(device)
     end = time.perf_counter()
     return Run(out.token_ids, start, marks[0], end)
 
 
-def run_generate(model: tokensift.Model, ids: list[int], new_tokens: int, device: torch.device) -> Run:
+def hf_cache(model: tokensift.Model, shared: Any) -> Any:
+    """transformers' DynamicCache holding a copy of the shared prefill's keys and values for every
+    prompt token but the last, so `generate` computes the first token from the last prompt token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.model.config)
+    for index, (k, v) in enumerate(zip(shared.keys, shared.values, strict=True)):
+        cache.update(k[:, :, :-1].clone(), v[:, :, :-1].clone(), index)
+    return cache
+
+
+def run_generate(
+    model: tokensift.Model, ids: list[int], new_tokens: int, device: torch.device, shared: Any = None
+) -> Run:
     from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
     marks: list[float] = []
@@ -130,6 +147,7 @@ def run_generate(model: tokensift.Model, ids: list[int], new_tokens: int, device
     hf = model.model
     with torch.inference_mode():
         input_ids = torch.tensor([ids], device=device)
+        past = {} if shared is None else {"cache": hf_cache(model, shared)}  # copied untimed
         _sync(device)
         start = time.perf_counter()
         out = hf.generate(
@@ -137,6 +155,7 @@ def run_generate(model: tokensift.Model, ids: list[int], new_tokens: int, device
             attention_mask=torch.ones_like(input_ids),
             generation_config=config,
             stopping_criteria=StoppingCriteriaList([FirstToken()]),
+            **past,
         )
         _sync(device)
         end = time.perf_counter()
@@ -264,6 +283,15 @@ def main() -> None:
     )
     parser.add_argument("--reference-attention", default="sdpa", help="generate's attention (default sdpa)")
     parser.add_argument("--warmup-tokens", type=int, default=8, help="untimed warm-up of both paths; 0: none")
+    parser.add_argument(
+        "--shared-prefill-from",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="at contexts of at least TOKENS, prefill the prompt once (tokensift's SharedPrefill) and "
+        "start every repeat of both paths from it (generate gets a DynamicCache copy of it, the last "
+        "prompt token left to its first forward): decode only, for contexts whose prefill takes minutes",
+    )
     parser.add_argument("--out", default=None, help="results JSON (rewritten after every repeat; .md beside)")
     args = parser.parse_args()
     check_repeats(args.repeats)
@@ -339,6 +367,20 @@ def main() -> None:
         run_generate(model, ids, max(2, args.warmup_tokens), device)
     for length in lengths:
         ids = prompt_ids(model, length)
+        shared = None
+        if args.shared_prefill_from and length >= args.shared_prefill_from:
+            from tokensift.runtime.shared_prefill import SharedPrefill
+
+            switch.ours()
+            with torch.inference_mode():
+                shared = SharedPrefill.run(model, ids)
+            note = (
+                f"context {len(ids)}: prefilled once ({shared.seconds:.1f} s, tokensift dense); every repeat "
+                "of both paths decodes from a copy of it (generate: a DynamicCache of all prompt tokens but "
+                "the last, passed as generate's `cache`), so the prefill columns are the first token only"
+            )
+            print(note, flush=True)
+            result["notes"].append(note)
         ours: list[Run] = []
         gen: list[Run] = []
         for r in range(args.repeats):
@@ -346,10 +388,10 @@ def main() -> None:
             for which in order:
                 if which == "ours":
                     switch.ours()
-                    ours.append(run_ours(model, ids, args.new_tokens, device))
+                    ours.append(run_ours(model, ids, args.new_tokens, device, shared))
                 else:
                     switch.generate()
-                    gen.append(run_generate(model, ids, args.new_tokens, device))
+                    gen.append(run_generate(model, ids, args.new_tokens, device, shared))
             print(
                 f"context {len(ids)} repeat {r + 1}: ours {ours[-1].decode_tps():.2f} tok/s "
                 f"(prefill {ours[-1].prefill_seconds:.2f} s), generate {gen[-1].decode_tps():.2f} tok/s "
@@ -357,6 +399,7 @@ def main() -> None:
                 flush=True,
             )
             row = summarise(length, len(ids), ours, gen)
+            row["shared_prefill_seconds"] = shared.seconds if shared is not None else None
             result["rows"] = [x for x in result["rows"] if x["length"] != length] + [row]
             result["environment"]["load_average_end"] = os.getloadavg()[0]
             write(result, args.out)

@@ -93,6 +93,31 @@ def test_ours_and_generate_agree_on_tokens() -> None:
     assert again.tokens == ours.tokens
 
 
+def test_shared_prefill_gives_both_paths_the_end_to_end_tokens() -> None:
+    """Started from one shared prefill (generate from a DynamicCache copy of all prompt tokens but the
+    last), both paths give the tokens of an end-to-end run, repeat after repeat: the copy is fresh
+    each time, so a repeat never decodes from the cache an earlier one grew."""
+    from tokensift.runtime.shared_prefill import SharedPrefill
+
+    bench = _bench()
+    model = tiny_model("qwen2", layers=2)
+    switch = bench.Switch(model, "sdpa")
+    ids = prompt_ids(100)
+    cpu = torch.device("cpu")
+    switch.ours()
+    plain = bench.run_ours(model, ids, 16, cpu)
+    with torch.inference_mode():
+        shared = SharedPrefill.run(model, ids)
+    for _ in range(2):
+        switch.ours()
+        ours = bench.run_ours(model, ids, 16, cpu, shared)
+        switch.generate()
+        theirs = bench.run_generate(model, ids, 16, cpu, shared)
+        assert ours.tokens == theirs.tokens == plain.tokens
+    switch.ours()
+    assert all(k.shape[2] == len(ids) for k in shared.keys)  # the shared prefill itself is untouched
+
+
 def test_bookkeeping_after_decode_matches_a_recount() -> None:
     """Appends skip the byte accounting unless they reallocate: after a long decode (several
     reallocations) the counted bytes still equal the storage held, and positions are 0..seen-1."""
