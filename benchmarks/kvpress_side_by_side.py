@@ -371,9 +371,10 @@ def make_table(args: argparse.Namespace) -> None:
             rows.append(row)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["protocol"], row["press"], row["ratio"], row["side"]), []).append(row)
+        key = (row["protocol"], row["press"], row["ratio"], process(row), row["side"])
+        groups.setdefault(key, []).append(row)
     summary = []
-    for (protocol, press, ratio, side), cell in sorted(groups.items()):
+    for (protocol, press, ratio, proc, side), cell in sorted(groups.items()):
         scores = [r["score"] for r in cell]
         lo, hi = bootstrap_ci(scores)
         summary.append(
@@ -381,6 +382,7 @@ def make_table(args: argparse.Namespace) -> None:
                 "protocol": protocol,
                 "press": press,
                 "ratio": ratio,
+                "process": proc,
                 "side": side,
                 "n": len(cell),
                 "accuracy": statistics.fmean(scores),
@@ -392,14 +394,14 @@ def make_table(args: argparse.Namespace) -> None:
             }
         )
     lines = [
-        "| protocol | press | ratio | library | n | accuracy [95% CI] | prefill s (median, IQR) | "
+        "| protocol | press | ratio | process | library | n | accuracy [95% CI] | prefill s (median, IQR) | "
         "peak RSS MiB | peak above start MiB | KV MiB held |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         q1, med, q3 = s["prefill_seconds_q1_median_q3"]
         lines.append(
-            f"| {s['protocol']} | {s['press']} | {s['ratio']} | {s['side']} | {s['n']} | "
+            f"| {s['protocol']} | {s['press']} | {s['ratio']} | {s['process']} | {s['side']} | {s['n']} | "
             f"{s['accuracy']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}] | {med:.2f} ({q1:.2f}-{q3:.2f}) | "
             f"{s['peak_rss_mib_max']:.0f} | {s['peak_over_start_mib_median']:.0f} | "
             f"{s['kv_mib_median']:.1f} |"
@@ -411,14 +413,15 @@ def make_table(args: argparse.Namespace) -> None:
             "Paired by prompt (the prompts both libraries ran): tokensift minus kvpress accuracy with a "
             "paired bootstrap 95% CI, and per-prompt ratios tokensift / kvpress, median (IQR).",
             "",
-            "| protocol | press | ratio | prompts | same score | accuracy Δ [95% CI] | prefill time ratio | "
-            "peak-above-start ratio | KV held ratio |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| protocol | press | ratio | process | prompts | same score | accuracy Δ [95% CI] | "
+            "prefill time ratio | peak-above-start ratio | KV held ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for s in pairs:
             ratios = [s[k] for k in ("prefill_ratio", "peak_over_start_ratio", "kv_ratio")]
             lines.append(
-                f"| {s['protocol']} | {s['press']} | {s['ratio']} | {s['n']} | {s['same_score']} | "
+                f"| {s['protocol']} | {s['press']} | {s['ratio']} | {s['process']} | {s['n']} | "
+                f"{s['same_score']} | "
                 f"{s['accuracy_delta']:+.2f} [{s['ci95'][0]:+.2f}, {s['ci95'][1]:+.2f}] | "
                 + " | ".join(f"{med:.2f} ({q1:.2f}-{q3:.2f})" for q1, med, q3 in ratios)
                 + " |"
@@ -431,19 +434,26 @@ def make_table(args: argparse.Namespace) -> None:
         args.json.with_suffix(".md").write_text(table + "\n")
 
 
+def process(row: dict[str, Any]) -> str:
+    """ "fresh" for a row run in its own process (`--fresh-process`: peak above the loaded model),
+    "shared" for one of a process that ran earlier cells (peak above the cell's start)."""
+    return "fresh" if row.get("fresh_process") else "shared"
+
+
 def above(row: dict[str, Any]) -> float:
     """The cell's peak RSS above the process's RSS when it started (MiB)."""
     return row["peak_rss_mib"] - row["rss_before_mib"]
 
 
 def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (protocol, press, ratio) both libraries ran: the prompts they share, compared one by one."""
+    """Per (protocol, press, ratio, process) both libraries ran: the prompts they share, compared one
+    by one (fresh-process rows only with fresh-process rows)."""
     by: dict[tuple, dict[str, dict[int, dict]]] = {}
     for row in rows:
-        key = (row["protocol"], row["press"], row["ratio"])
+        key = (row["protocol"], row["press"], row["ratio"], process(row))
         by.setdefault(key, {}).setdefault(row["side"], {})[row["prompt"]] = row
     out = []
-    for (protocol, press, ratio), sides in sorted(by.items()):
+    for (protocol, press, ratio, proc), sides in sorted(by.items()):
         ours, theirs = sides.get("tokensift", {}), sides.get("kvpress", {})
         shared = sorted(ours.keys() & theirs.keys())
         if not shared:
@@ -456,6 +466,7 @@ def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "protocol": protocol,
                 "press": press,
                 "ratio": ratio,
+                "process": proc,
                 "n": len(shared),
                 "same_score": sum(a["score"] == b["score"] for a, b in pairs),
                 "accuracy_delta": statistics.fmean(deltas),

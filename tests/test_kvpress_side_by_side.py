@@ -110,6 +110,8 @@ def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
         }  # fmt: skip
 
     ours = [row("tokensift", p, s, 10.0, 100.0, 4) for p, s in enumerate([1, 1, 0, 1])]
+    # a fresh-process row is its own cell, paired only with kvpress's fresh-process rows (none here)
+    ours.append({**row("tokensift", 0, 0, 99.0, 9.0, 4), "fresh_process": True})
     theirs = [row("kvpress", p, s, 20.0, 400.0, 4) for p, s in enumerate([1, 0, 0, 0, 1])]  # one more prompt
     for name, rows in (("o.jsonl", ours), ("k.jsonl", theirs)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -123,7 +125,11 @@ def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
     assert pair["accuracy_delta"] == 0.5 and pair["ci95"][0] <= 0.5 <= pair["ci95"][1]
     assert pair["prefill_ratio"] == [0.5, 0.5, 0.5] and pair["peak_over_start_ratio"][1] == 0.25
     assert pair["kv_ratio"][1] == 1.0
-    assert "| query-agnostic | knorm | 0.75 | 4 | 2 | +0.50" in out.with_suffix(".md").read_text()
+    assert "| query-agnostic | knorm | 0.75 | shared | 4 | 2 | +0.50" in out.with_suffix(".md").read_text()
+    cells = json.loads(out.read_text())["cells"]
+    assert sorted((c["process"], c["side"], c["n"]) for c in cells) == [
+        ("fresh", "tokensift", 1), ("shared", "kvpress", 5), ("shared", "tokensift", 4)
+    ]  # fmt: skip
     # A prompts file among the results (e.g. a `*.jsonl` glob) is refused in one line, before any output.
     (tmp_path / "prompts.jsonl").write_text('{"context_ids": [1], "question_ids": [2], "answers": ["x"]}\n')
     bad = _run(sys.executable, "table", str(tmp_path / "o.jsonl"), str(tmp_path / "prompts.jsonl"))
