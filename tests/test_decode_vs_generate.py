@@ -70,13 +70,17 @@ def test_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert model.model.config._attn_implementation == "tokensift"
 
 
-def test_ours_and_generate_agree_on_tokens() -> None:
+def _both_paths():  # type: ignore[no-untyped-def]
+    """The benchmark module, a tiny Qwen2 with its attention switch (left on ours), a prompt, the CPU."""
     bench = _bench()
     model = tiny_model("qwen2", layers=2)
     switch = bench.Switch(model, "sdpa")
-    ids = prompt_ids(100)
-    cpu = torch.device("cpu")
     switch.ours()
+    return bench, model, switch, prompt_ids(100), torch.device("cpu")
+
+
+def test_ours_and_generate_agree_on_tokens() -> None:
+    bench, model, switch, ids, cpu = _both_paths()
     ours = bench.run_ours(model, ids, 20, cpu)
     switch.generate()
     theirs = bench.run_generate(model, ids, 20, cpu)
@@ -99,12 +103,7 @@ def test_shared_prefill_gives_both_paths_the_end_to_end_tokens() -> None:
     each time, so a repeat never decodes from the cache an earlier one grew."""
     from tokensift.runtime.shared_prefill import SharedPrefill
 
-    bench = _bench()
-    model = tiny_model("qwen2", layers=2)
-    switch = bench.Switch(model, "sdpa")
-    ids = prompt_ids(100)
-    cpu = torch.device("cpu")
-    switch.ours()
+    bench, model, switch, ids, cpu = _both_paths()
     plain = bench.run_ours(model, ids, 16, cpu)
     with torch.inference_mode():
         shared = SharedPrefill.run(model, ids)
