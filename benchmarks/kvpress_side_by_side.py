@@ -44,6 +44,8 @@ PRESSES: dict[str, tuple[str, str]] = {
         "snapkv:window_size=64,kernel_size=5,pooling=avg",
         "SnapKVPress(compression_ratio={r}, window_size=64, kernel_size=5)",
     ),
+    # Not the same algorithm: ours is the paper's H2O (half the budget for recent tokens, raw attention
+    # sums); kvpress's ObservedAttention divides by the queries that saw each token, no recent window.
     "h2o": ("h2o", "ObservedAttentionPress(compression_ratio={r})"),
     "adakv_snapkv": (
         "adaptive(snapkv:window_size=64,kernel_size=5,pooling=avg):alpha=0.2",
