@@ -89,28 +89,11 @@ def run_tokensift(
 
 
 def run_kvpress(prompt: dict[str, Any], budget: float, dtype: str) -> dict:
+    """kvpress's SnapKVPress measured as the side-by-side's fresh-process rows are."""
     sbs = side_by_side()
-    model_dir = prompt["model_dir"]
-    # Load first (the side-by-side runner caches it), then measure one generation from a reset peak.
-    sbs.run_kvpress(
-        {
-            **prompt,
-            "context_ids": prompt["context_ids"][:8],
-            "question_ids": prompt["context_ids"][8:9],
-            "max_new_tokens": 1,
-            "model_dir": model_dir,
-        },
-        "dense",
-        0.0,
-        "query-aware",
-        dtype,
-    )
-    loaded = sbs.rss_mib("VmRSS")
-    sbs.reset_peak_rss()
-    result = sbs.run_kvpress(prompt, "snapkv", round(1 - budget, 6), "query-aware", dtype)
+    result = sbs.from_loaded_model("kvpress", prompt, "snapkv", round(1 - budget, 6), "query-aware", dtype)
     return {
-        "loaded_rss_mib": loaded,
-        "peak_rss_mib": sbs.rss_mib("VmHWM"),
+        "loaded_rss_mib": result.pop("rss_before_mib"),
         "rss_after_mib": sbs.rss_mib("VmRSS"),
         "score": sbs.score(result["prediction"], prompt["answers"]),
         **result,

@@ -267,19 +267,25 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
 RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress}
 
 
-def run_cell(args: argparse.Namespace) -> None:
-    """One prompt of one cell in this (fresh) process: load and warm the model on 8 tokens, reset the
-    peak, run, and print the row with the RSS of the loaded model as its start (`--fresh-process`)."""
-    prompt = read_prompts(args.prompts)[args.index]
-    runner = RUNNERS[args.side]
+def from_loaded_model(side: str, prompt: dict, press: str, ratio: float, protocol: str, dtype: str) -> dict:
+    """Load and warm the model on 8 tokens, reset the peak, run one prompt: its result with the RSS of
+    the loaded model as `rss_before_mib` and the peak since as `peak_rss_mib` (for a fresh process)."""
+    runner = RUNNERS[side]
     warm = {**prompt, "context_ids": prompt["context_ids"][:8], "question_ids": prompt["context_ids"][8:9]}
     # kvpress's H2O runs on an eager-attention model: warm that one, not an sdpa model it would replace
-    eager = args.press == "h2o" and args.side == "kvpress"
-    runner({**warm, "max_new_tokens": 1}, "h2o" if eager else "dense", 0.5, "query-aware", args.dtype)
+    eager = press == "h2o" and side == "kvpress"
+    runner({**warm, "max_new_tokens": 1}, "h2o" if eager else "dense", 0.5, "query-aware", dtype)
     loaded = rss_mib("VmRSS")
     reset_peak_rss()
-    result = runner(prompt, args.press, args.ratio, args.protocol, args.dtype)
-    print("ROW " + json.dumps({"rss_before_mib": loaded, "peak_rss_mib": rss_mib("VmHWM"), **result}))
+    result = runner(prompt, press, ratio, protocol, dtype)
+    return {"rss_before_mib": loaded, "peak_rss_mib": rss_mib("VmHWM"), **result}
+
+
+def run_cell(args: argparse.Namespace) -> None:
+    """One prompt of one cell in this (fresh) process, printed as a row (`--fresh-process`)."""
+    prompt = read_prompts(args.prompts)[args.index]
+    row = from_loaded_model(args.side, prompt, args.press, args.ratio, args.protocol, args.dtype)
+    print("ROW " + json.dumps(row))
 
 
 def fresh(args: argparse.Namespace, prompt: dict[str, Any], press: str, ratio: float, protocol: str) -> dict:
