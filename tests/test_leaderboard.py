@@ -6,8 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from tokensift.bench.config import PROTOCOLS, BenchConfig, protocols_of
-from tokensift.bench.results import read_rows
-from tokensift.bench.runner import run_bench
+from tokensift.bench.runner import prepare_run, run_bench
 from tokensift.bench.suites import LEADERBOARD_EVICTORS, LEADERBOARD_RATIOS, get_suite
 from tokensift.bench.tasks import RULER_TASKS
 from tokensift.runtime.plan import Plan
@@ -52,12 +51,30 @@ def test_both_protocols_share_one_results_file(tmp_path: Path) -> None:
         protocol="both",
     )
     config.validate()
-    for protocol in protocols_of(config.protocol):
-        run_bench(dataclasses.replace(config, protocol=protocol), tmp_path, progress=False, model=model)
-    rows = read_rows(tmp_path / "results.jsonl")
+    rows = run_bench(config, tmp_path, progress=False, model=model)
     assert sorted((r["protocol"], r["method_spec"].split(":")[0]) for r in rows) == sorted(
         (p, m) for p in PROTOCOLS for m in ("dense", "knorm")
     )
+    agnostic = [r for r in rows if r["protocol"] == "query-agnostic"]
+    assert all(r["method"].endswith(" [query-agnostic]") for r in agnostic)
     before = (tmp_path / "results.jsonl").read_bytes()
     run_bench(dataclasses.replace(config, protocol="query-agnostic"), tmp_path, progress=False, model=model)
     assert (tmp_path / "results.jsonl").read_bytes() == before  # resumes: nothing to add
+
+
+def test_both_protocols_alternate_sample_by_sample(tmp_path: Path) -> None:
+    """A run stopped early holds both protocols: each sample runs under both before the next one,
+    and a protocol already done for a sample (an earlier single-protocol run) is not redone."""
+    model = tiny_smol_model()
+    config = BenchConfig(
+        tasks=["niah_single_1"], methods=["dense"], lengths=[256], samples=3, depths=[0.5], protocol="both"
+    )
+    run_bench(
+        dataclasses.replace(config, protocol="query-aware", samples=1), tmp_path, progress=False, model=model
+    )
+    run = prepare_run(config, tmp_path, model, progress=False)
+    order = [(cell.sample.index, cell.protocol) for cell in run.cells]
+    assert order[0] == (0, "query-agnostic")  # sample 0's query-aware row is already there
+    assert len(order) == 5 and len(set(order)) == 5
+    for i in range(1, 5, 2):  # then each further sample under both protocols, one after the other
+        assert order[i][0] == order[i + 1][0] and {order[i][1], order[i + 1][1]} == set(PROTOCOLS)

@@ -105,7 +105,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--protocol",
         choices=["query-aware", "query-agnostic", "both"],
         help="query-aware (default): methods compress the whole prompt; query-agnostic: the context "
-        "alone, with the question appended afterwards; both: one after the other, into one results file",
+        "alone, with the question appended afterwards; both: each sample under both, into one results file",
     )
     p.add_argument(
         "--dtype",
@@ -362,7 +362,7 @@ def split_methods(text: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tokensift.bench.config import BenchConfig, protocols_of
+    from tokensift.bench.config import BenchConfig
     from tokensift.bench.report import summary_table, write_report
     from tokensift.bench.suites import get_suite
 
@@ -412,16 +412,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.dtype = args.dtype
     if args.device:
         config.device = args.device
-    rows = []
-    for protocol in protocols_of(config.protocol):
-        rows = run_protocol(dataclasses.replace(config, protocol=protocol), args)
+    rows = run_grid(config, args)  # protocol "both": each sample under both, in turn
     summary = write_report(args.out)
     print(summary_table(rows))
     print(f"\nwrote {args.out / 'results.jsonl'}, {summary}, {args.out / 'report.html'} (+ plots)")
     return 0
 
 
-def run_protocol(config: BenchConfig, args: argparse.Namespace) -> list[dict]:
+def run_grid(config: BenchConfig, args: argparse.Namespace) -> list[dict]:
     """One bench run (locally or on Ray); returns every row of the results file."""
     from tokensift.bench.runner import run_bench
 

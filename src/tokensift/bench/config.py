@@ -13,7 +13,7 @@ PROTOCOLS = ("query-aware", "query-agnostic")
 
 
 def protocols_of(protocol: str) -> tuple[str, ...]:
-    """The protocols a run covers: "both" is the two in turn (kvpress's leaderboard runs both)."""
+    """The protocols a run covers: "both" is the two, sample by sample (kvpress's leaderboard runs both)."""
     return PROTOCOLS if protocol == "both" else (protocol,)
 
 

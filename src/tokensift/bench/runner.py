@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from tokensift.bench.config import DEFAULT_DEPTHS, BenchConfig
+from tokensift.bench.config import DEFAULT_DEPTHS, BenchConfig, protocols_of
 from tokensift.bench.results import append_row, chunk_label, read_meta, read_rows, row_key
 from tokensift.bench.suites import SUITES
 from tokensift.bench.tasks import Sample, Task, get_task
@@ -96,10 +96,12 @@ class Cell:
     task: Task
     sample: Sample
     labels: list[str]
+    protocol: str = "query-aware"  # one of PROTOCOLS: a run with protocol "both" has cells of each
 
     def describe(self) -> str:
         depth = "" if self.sample.depth is None else f" depth {self.sample.depth}"
-        return f"{self.task.name} {self.sample.length}{depth} #{self.sample.index}"
+        agnostic = "" if self.protocol == "query-aware" else " q-agnostic"
+        return f"{self.task.name} {self.sample.length}{depth} #{self.sample.index}{agnostic}"
 
 
 @dataclass
@@ -125,7 +127,7 @@ class BenchRun:
 
     def key(self, cell: Cell, label: str) -> tuple[Any, ...]:
         """The results key (`row_key`) of the row that `label` on this cell writes."""
-        return row_key(_row(self.model, self.config, cell, label, self.plans[label], {}, 0.0))
+        return row_key(_row(self.model, cell, label, self.plans[label], {}, 0.0, self.config))
 
     def record(self, row: dict[str, Any], executor: dict[str, Any]) -> bool:
         """Append one row stamped with its executor; False (and nothing written) if its key is done."""
@@ -144,7 +146,7 @@ class BenchRun:
         """The rows of a cell that could not run (what run_cell records for a refused sample)."""
         result = {"prediction": "", "score": None, "error": message}
         return [
-            _row(self.model, self.config, cell, label, self.plans[label], result, 0.0)
+            _row(self.model, cell, label, self.plans[label], result, 0.0, self.config)
             for label in cell.labels
         ]
 
@@ -182,13 +184,15 @@ def prepare_run(
         building.set_postfix_str(f"{task.name} {length}", refresh=False)
         n = config.samples_for(task.uses_depth)
         for rank, sample in enumerate(task.samples(count, length, n, config.seed, config.depths)):
-            cell = Cell(0, task, sample, [])
-            cell.labels = [label for label in run.plans if run.key(cell, label) not in done]
-            if cell.labels:
-                ranked.append((rank, cell))
-    # Round-robin over the grid: a run stopped early still covers every task, length and method. The
-    # samples of a task run in spread order (0, 8, 4, 2, 6, 1, ...), so a partial run of a depth sweep
-    # already spans the depths instead of holding only the shallowest needles.
+            for protocol in protocols_of(config.protocol):
+                cell = Cell(0, task, sample, [], protocol)
+                cell.labels = [label for label in run.plans if run.key(cell, label) not in done]
+                if cell.labels:
+                    ranked.append((rank, cell))
+    # Round-robin over the grid: a run stopped early still covers every task, length, protocol and
+    # method. The samples of a task run in spread order (0, 8, 4, 2, 6, 1, ...), so a partial run of a
+    # depth sweep already spans the depths instead of holding only the shallowest needles; with
+    # protocol "both" each sample runs under both protocols before the next sample starts.
     run.cells = [cell for _, cell in sorted(ranked, key=lambda item: spread_rank(item[0]))]
     for order, cell in enumerate(run.cells):
         cell.order = order
@@ -224,7 +228,7 @@ def run_cell(
         key = keys[label]
         try:
             if key in groups and key not in prefills:
-                text, question = task.protocol_prompt(sample, config.protocol)
+                text, question = task.protocol_prompt(sample, cell.protocol)
                 ids = encode_split(model, text, question, answer_prefix=sample.answer_prefix)[0]
                 group = [plans[other] for other in cell.labels if keys[other] == key]
                 prefills[key] = SharedPrefill.run(model, ids, plans[label], also=group[1:])
@@ -237,24 +241,24 @@ def run_cell(
                 model,
                 plans[label],
                 sample,
-                config.protocol,
+                cell.protocol,
                 use,
                 prefill_chunk=config.prefill_chunk,
                 prefill_lookahead=config.prefill_lookahead,
             )
         except TokensiftError as exc:
             result = {"prediction": "", "score": None, "error": str(exc)}
-        yield _row(model, config, cell, label, plans[label], result, time.perf_counter() - t0)
+        yield _row(model, cell, label, plans[label], result, time.perf_counter() - t0, config)
 
 
 def _row(
     model: Model,
-    config: BenchConfig,
     cell: Cell,
     label: str,
     plan: Plan,
     result: dict[str, Any],
     seconds: float,
+    config: BenchConfig,
 ) -> dict[str, Any]:
     sample = cell.sample
     return {
@@ -263,12 +267,12 @@ def _row(
         "metric": cell.task.metric,
         # Reports group by this label, so the protocol shows wherever the method does.
         "method": label
-        + ("" if config.protocol == "query-aware" else " [query-agnostic]")
+        + ("" if cell.protocol == "query-aware" else " [query-agnostic]")
         + chunk_label(config.prefill_chunk or 0, config.prefill_lookahead),
         "prefill_chunk": config.prefill_chunk or 0,
         "prefill_lookahead": config.prefill_lookahead,
         "method_spec": plan.spec,
-        "protocol": config.protocol,
+        "protocol": cell.protocol,
         "dtype": str(model.dtype).removeprefix("torch."),
         "length": sample.length,
         "depth": sample.depth,
