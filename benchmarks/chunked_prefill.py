@@ -61,8 +61,7 @@ def run_tokensift(
     sbs = side_by_side()
     model = load(prompt["model"], dtype=dtype)
     tokensift.generate(model, prompt["context_ids"][:8], "dense", max_new_tokens=1)  # warm, as kvpress's
-    loaded = sbs.rss_mib("VmRSS")
-    sbs.reset_peak_rss()
+    baseline = sbs.reset_peak_rss()
     out = tokensift.generate(
         model,
         prompt["context_ids"] + prompt["question_ids"],
@@ -73,7 +72,8 @@ def run_tokensift(
     )
     s = out.stats
     return {
-        "loaded_rss_mib": loaded,
+        "loaded_rss_mib": baseline["rss_before_mib"],
+        "heap_trimmed": baseline["heap_trimmed"],
         "peak_rss_mib": sbs.rss_mib("VmHWM"),
         "rss_after_mib": sbs.rss_mib("VmRSS"),
         "prediction": out.text,

@@ -69,9 +69,30 @@ def fail(message: str) -> None:
 # -- measurement helpers shared by both sides -------------------------------------------------------
 
 
-def reset_peak_rss() -> None:
+def reset_peak_rss() -> dict[str, Any]:
+    """Start a peak measurement: return the heap's free pages to the OS, reset VmHWM to the current RSS
+    and return that RSS (MiB), the baseline a peak is measured above, as `rss_before_mib`, with
+    whether the trim ran (`heap_trimmed`).
+
+    The trim matters: glibc keeps freed heap resident, and how much depends on what ran before
+    (transformers' `from_pretrained` left 117 MiB of free heap resident in kvpress's venv, our GGUF
+    loader 22 MiB). A run that reuses that slack peaks "lower above the loaded model" by as much
+    without using less memory. Trimmed, both sides' baselines hold only live memory.
+    """
+    trimmed = trim_heap()
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM (the peak resident set) to the current RSS
+    return {"rss_before_mib": rss_mib("VmRSS"), "heap_trimmed": trimmed}
+
+
+def trim_heap() -> bool:
+    """glibc's malloc_trim(0): give free heap pages back to the OS. False where there is no glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def rss_mib(field: str) -> float:
@@ -275,10 +296,9 @@ def from_loaded_model(side: str, prompt: dict, press: str, ratio: float, protoco
     # kvpress's H2O runs on an eager-attention model: warm that one, not an sdpa model it would replace
     eager = press == "h2o" and side == "kvpress"
     runner({**warm, "max_new_tokens": 1}, "h2o" if eager else "dense", 0.5, "query-aware", dtype)
-    loaded = rss_mib("VmRSS")
-    reset_peak_rss()
+    baseline = reset_peak_rss()
     result = runner(prompt, press, ratio, protocol, dtype)
-    return {"rss_before_mib": loaded, "peak_rss_mib": rss_mib("VmHWM"), **result}
+    return {**baseline, "peak_rss_mib": rss_mib("VmHWM"), **result}
 
 
 def run_cell(args: argparse.Namespace) -> None:
@@ -322,10 +342,9 @@ def run_side(args: argparse.Namespace) -> None:
                 if args.fresh_process:
                     result = fresh(args, prompt, press, ratio, protocol)
                 else:
-                    reset_peak_rss()
-                    before = rss_mib("VmRSS")
+                    baseline = reset_peak_rss()
                     result = runner(prompt, press, ratio, protocol, args.dtype)
-                    result = {"rss_before_mib": before, "peak_rss_mib": rss_mib("VmHWM"), **result}
+                    result = {**baseline, "peak_rss_mib": rss_mib("VmHWM"), **result}
                 row = {
                     "side": args.side,
                     "press": press,
