@@ -150,3 +150,27 @@ def test_fresh_process_rows_match_the_shared_process(prompts: Path) -> None:
     assert b["fresh_process"] and not a["fresh_process"]
     assert b["prediction"] == a["prediction"] and b["kv_bytes"] == a["kv_bytes"]
     assert b["peak_rss_mib"] >= b["rss_before_mib"] > 0
+    assert b["heap_trimmed"] in (True, False) and a["heap_trimmed"] == b["heap_trimmed"]
+
+
+def test_peak_baseline_excludes_freed_heap() -> None:
+    """`reset_peak_rss` reads its baseline after giving free heap back to the OS: heap a loader freed
+    but kept resident would otherwise let a run "peak lower above the model" by reusing it."""
+    code = """
+import json, sys, importlib.util
+spec = importlib.util.spec_from_file_location("sbs", sys.argv[1])
+sbs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sbs)
+blocks = [bytearray(64 * 1024) for _ in range(3000)]  # ~190 MiB of heap-sized blocks, touched
+keep = blocks[-1]  # the newest block stays live, so the heap's top cannot simply shrink
+del blocks
+before = sbs.rss_mib("VmRSS")
+print(json.dumps({"before": before, **sbs.reset_peak_rss()}))
+"""
+    cmd = [sys.executable, "-c", code, str(SCRIPT)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    if not out["heap_trimmed"]:
+        pytest.skip("no glibc malloc_trim here")
+    assert out["before"] - out["rss_before_mib"] > 100  # the freed blocks left the baseline
