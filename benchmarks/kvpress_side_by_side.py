@@ -296,8 +296,14 @@ def from_loaded_model(side: str, prompt: dict, press: str, ratio: float, protoco
     # kvpress's H2O runs on an eager-attention model: warm that one, not an sdpa model it would replace
     eager = press == "h2o" and side == "kvpress"
     runner({**warm, "max_new_tokens": 1}, "h2o" if eager else "dense", 0.5, "query-aware", dtype)
+    return measured(side, prompt, press, ratio, protocol, dtype)
+
+
+def measured(side: str, prompt: dict, press: str, ratio: float, protocol: str, dtype: str) -> dict:
+    """One prompt on `side` from a reset peak: its result with the baseline (`reset_peak_rss`) and the
+    peak RSS since as `peak_rss_mib`."""
     baseline = reset_peak_rss()
-    result = runner(prompt, press, ratio, protocol, dtype)
+    result = RUNNERS[side](prompt, press, ratio, protocol, dtype)
     return {**baseline, "peak_rss_mib": rss_mib("VmHWM"), **result}
 
 
@@ -342,9 +348,7 @@ def run_side(args: argparse.Namespace) -> None:
                 if args.fresh_process:
                     result = fresh(args, prompt, press, ratio, protocol)
                 else:
-                    baseline = reset_peak_rss()
-                    result = runner(prompt, press, ratio, protocol, args.dtype)
-                    result = {**baseline, "peak_rss_mib": rss_mib("VmHWM"), **result}
+                    result = measured(args.side, prompt, press, ratio, protocol, args.dtype)
                 row = {
                     "side": args.side,
                     "press": press,
