@@ -75,9 +75,10 @@ def reset_peak_rss() -> dict[str, Any]:
     whether the trim ran (`heap_trimmed`).
 
     The trim matters: glibc keeps freed heap resident, and how much depends on what ran before
-    (transformers' `from_pretrained` left 117 MiB of free heap resident in kvpress's venv, our GGUF
-    loader 22 MiB). A run that reuses that slack peaks "lower above the loaded model" by as much
-    without using less memory. Trimmed, both sides' baselines hold only live memory.
+    (transformers' `from_pretrained` left about 110-120 MiB of it in kvpress's venv, our GGUF loader
+    about 25-29 MiB: the loaded RSS of untrimmed and trimmed fresh-process rows at 4k). A run that
+    reuses that slack peaks "lower above the loaded model" by as much without using less memory.
+    Trimmed, both sides' baselines hold only live memory.
     """
     trimmed = trim_heap()
     with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as fh:
