@@ -125,6 +125,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="prefill every prompt in chunks of N tokens, compressing after each (no shared prefill)",
     )
+    p.add_argument(
+        "--batch-decode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decode all the plans of a sample in one batch, one forward per step, each over its own "
+        "cache (faster grids; per-row decode times are then the batch's; on in the leaderboard suites)",
+    )
     add_lookahead_argument(p)
     p.add_argument("--out", type=Path, help="output directory (rerun to resume)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -404,6 +411,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         config.protocol = args.protocol
     if args.no_shared_prefill:
         config.share_prefill = False
+    if args.batch_decode is not None:
+        config.batch_decode = args.batch_decode
     if args.prefill_chunk is not None:
         config.prefill_chunk = args.prefill_chunk
     if args.prefill_lookahead:

@@ -33,6 +33,9 @@ class BenchConfig:
     suite: str | None = None
     protocol: str = "query-aware"
     share_prefill: bool = True
+    # Decode a cell's plans in one batch (one forward per step for all; each over its own cache, as
+    # alone): much faster for a grid of many plans, but per-row decode times are the batch's.
+    batch_decode: bool = False
     dtype: str = "float32"
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (tokensift.models.resolve_device)
     prefill_chunk: int | None = None  # chunked prefill (then no shared prefill: it is one forward)

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tokensift.bench.suites import SUITES
 from tokensift.bench.tasks import Sample, Task, get_task
 from tokensift.errors import TokensiftError, check_out_dir
 from tokensift.models import Model, load
+from tokensift.runtime.batch import DecodeStep, run_lockstep
 from tokensift.runtime.generate import encode, encode_split
 from tokensift.runtime.plan import Plan
 from tokensift.runtime.shared_prefill import SharedPrefill, prefill_key
@@ -215,6 +217,12 @@ def run_cell(
     rule (see shared_prefill.prefill_key). A shared prefill is dropped after its last plan has run. A method
     that refuses the sample (a TokensiftError, e.g. a budget below its window on a short prompt)
     fails that row only: recorded as an error row, never retried.
+
+    With `config.batch_decode` the plans still prefill one after another, but decode together: one
+    forward per step serves every plan's next token, each over its own cache as alone
+    (`runtime.batch.run_lockstep`; loop methods, which verify several tokens per forward, run alone
+    first). The cell's rows are then yielded when all have finished, each with an equal share of the
+    cell's wall time; their `decode_seconds` include waiting for the batch.
     """
     task, sample = cell.task, cell.sample
     # A shared prefill is one unchunked forward: chunked runs prefill every plan on its own.
@@ -223,8 +231,8 @@ def run_cell(
     left = Counter(key for key in keys.values() if key is not None)
     groups = {key for key, n in left.items() if n > 1}
     prefills: dict[tuple[Any, ...], SharedPrefill] = {}
-    for label in cell.labels:
-        t0 = time.perf_counter()
+
+    def evaluate(label: str, decode_step: DecodeStep | None = None) -> dict[str, Any]:
         key = keys[label]
         try:
             if key in groups and key not in prefills:
@@ -237,7 +245,7 @@ def run_cell(
                 left[key] -= 1
                 if not left[key]:
                     prefills.pop(key)  # its last plan: free the prompt's tensors after this row
-            result = task.evaluate(
+            return task.evaluate(
                 model,
                 plans[label],
                 sample,
@@ -245,10 +253,34 @@ def run_cell(
                 use,
                 prefill_chunk=config.prefill_chunk,
                 prefill_lookahead=config.prefill_lookahead,
+                decode_step=decode_step,
             )
         except TokensiftError as exc:
-            result = {"prediction": "", "score": None, "error": str(exc)}
-        yield _row(model, cell, label, plans[label], result, time.perf_counter() - t0, config)
+            return {"prediction": "", "score": None, "error": str(exc)}
+
+    batched = [label for label in cell.labels if plans[label].loop is None]
+    if not (config.batch_decode and task.generative and len(batched) > 1):
+        batched = []
+    for label in cell.labels:
+        if label not in batched:
+            t0 = time.perf_counter()
+            result = evaluate(label)
+            yield _row(model, cell, label, plans[label], result, time.perf_counter() - t0, config)
+    if not batched:
+        return
+    t0 = time.perf_counter()
+    results, info = run_lockstep(model, [partial(evaluate, label) for label in batched])
+    seconds = time.perf_counter() - t0
+    for label, result, (size, steps) in zip(batched, results, info, strict=True):
+        if isinstance(result, BaseException):
+            raise result
+        result["decode_batch"] = {
+            "rows": len(batched),
+            "size_max": size,
+            "steps": steps,
+            "cell_seconds": seconds,
+        }
+        yield _row(model, cell, label, plans[label], result, seconds / len(batched), config)
 
 
 def _row(

@@ -74,6 +74,7 @@ SUITES: dict[str, BenchConfig] = {
         suite="leaderboard",
         protocol="both",
         dtype="auto",
+        batch_decode=True,  # 45 plans per cell: one forward per decode step serves them all
     ),
     # The leaderboard's second table: sparse decoding keeps the whole cache and attends, per decode
     # step, to the same fractions of the prompt that the evictors keep (1 - ratio).
@@ -94,6 +95,7 @@ SUITES: dict[str, BenchConfig] = {
         depth_samples=1,
         suite="leaderboard-sparse",
         dtype="auto",
+        batch_decode=True,
     ),
     # Every task family at 1k, 2k and 4k under the four baseline methods. Hours on 2 CPU cores.
     "full": BenchConfig(

@@ -11,19 +11,31 @@ eviction, sparse selection and biases behave exactly as they do alone.
 `DecodeBatcher` lets generations running on their own threads meet in lock-step rounds: each
 thread hands its token to `step` and gets its logits back; the round's forward runs once every
 member has handed in its token (a member that stops `leave`s and no longer holds the others back).
+A round's rows are in the order their members joined, so a batch is the same from run to run.
+
+`run_lockstep` runs a list of generations that way from one caller: their prefills one at a time,
+in order, then every decode step batched (the bench decodes all the plans of a cell together).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tokensift.runtime.cache import PENDING, TokenCache
+
+if TYPE_CHECKING:
+    from tokensift.runtime.generate import Decoding
+
+T = TypeVar("T")
+# What `generate(decode_step=...)` takes: the next-token logits for a committed token fed back.
+DecodeStep = Callable[["Decoding", int], torch.Tensor]
 
 # Set by RowsLayer.update and read by the registered attention function in the same layer's
 # forward: per batch row, (its cache layer, the keys and values that layer returned).
@@ -120,6 +132,8 @@ class DecodeBatcher:
         self.batch_size_max: dict[Hashable, int] = {}
         self.steps: dict[Hashable, int] = {}
         self.forwards = 0
+        self.joined: dict[Hashable, int] = {}  # join order: a round's rows are in this order
+        self.join_count = itertools.count()
 
     def _ready(self) -> bool:
         return not self.running and bool(self.pending) and len(self.pending) == len(self.members)
@@ -129,16 +143,16 @@ class DecodeBatcher:
         with self.cond:
             while key not in self.members and len(self.members) >= self.max_batch:
                 self.cond.wait()
-            self.members.add(key)
+            self._add(key)
             self.pending[key] = (cache, token)
             while True:
                 if key in self.results:
                     return self._take(key)
                 if self._ready():
                     batch, self.pending, self.running = self.pending, {}, True
+                    keys = sorted(batch, key=self.joined.__getitem__)
                     break
                 self.cond.wait()
-        keys = list(batch)
         try:
             logits = decode_batch(self.model, [batch[k][0] for k in keys], [batch[k][1] for k in keys])
             outcome: dict[Hashable, torch.Tensor | BaseException] = {k: logits[i] for i, k in enumerate(keys)}
@@ -159,7 +173,12 @@ class DecodeBatcher:
         with self.cond:
             while key not in self.members and len(self.members) >= self.max_batch:
                 self.cond.wait()
+            self._add(key)
+
+    def _add(self, key: Hashable) -> None:
+        if key not in self.members:
             self.members.add(key)
+            self.joined[key] = next(self.join_count)
 
     def _take(self, key: Hashable) -> torch.Tensor:
         result = self.results.pop(key)
@@ -171,6 +190,7 @@ class DecodeBatcher:
         """Remove a finished member; returns (largest batch it decoded in, batched steps it took)."""
         with self.cond:
             self.members.discard(key)
+            self.joined.pop(key, None)
             self.pending.pop(key, None)
             self.results.pop(key, None)
             self.cond.notify_all()
@@ -180,3 +200,46 @@ class DecodeBatcher:
     def size(self) -> int:
         with self.cond:
             return len(self.members)
+
+
+def run_lockstep(
+    model: Any, jobs: Sequence[Callable[[DecodeStep], T]]
+) -> tuple[list[T | BaseException], list[tuple[int, int]]]:
+    """Run generations whose prefills go one at a time, in order, and whose decodes go in one batch.
+
+    Job i is called on its own thread with a `DecodeStep` to hand to `generate(decode_step=...)`.
+    Its turn to prefill comes when job i-1 has fed back its first token (or ended); every decode
+    round then waits for all jobs still running, so after the last prefill one forward serves every
+    job's step. At most one job computes at a time, as if they ran one after another, but the decode
+    steps share each forward's weights. Returns each job's result, or the exception it raised, and
+    (largest batch, batched steps) per job.
+    """
+    n = len(jobs)
+    batcher = DecodeBatcher(model, max(n, 1))
+    turns = [threading.Event() for _ in range(n + 1)]
+    results: list[Any] = [None] * n
+    info: list[tuple[int, int]] = [(0, 0)] * n
+    for i in range(n):
+        batcher.join(i)  # every round waits for every job's token until that job leaves
+
+    def run(i: int) -> None:
+        def step(decoding: Decoding, token: int) -> torch.Tensor:
+            turns[i + 1].set()  # the first token fed back ends this job's prefill: the next one's turn
+            return batcher.step(i, decoding.cache, token)
+
+        try:
+            turns[i].wait()
+            results[i] = jobs[i](step)
+        except BaseException as exc:  # handed back to the caller, which decides
+            results[i] = exc
+        finally:
+            info[i] = batcher.leave(i)
+            turns[i + 1].set()
+
+    threads = [threading.Thread(target=run, args=(i,), name=f"lockstep-{i}", daemon=True) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    turns[0].set()
+    for thread in threads:
+        thread.join()
+    return results, info

@@ -13,6 +13,7 @@ from tokensift.errors import TokensiftError
 
 if TYPE_CHECKING:
     from tokensift.models import Model
+    from tokensift.runtime.batch import DecodeStep
     from tokensift.runtime.plan import Plan
     from tokensift.runtime.shared_prefill import SharedPrefill
 
@@ -112,12 +113,14 @@ class Task(ABC):
         shared: SharedPrefill | None = None,
         prefill_chunk: int | None = None,
         prefill_lookahead: int = 0,
+        decode_step: DecodeStep | None = None,
     ) -> dict[str, Any]:
         """Run one sample under a plan: generate and score by default. Returns the result row fields.
 
         query-aware: the method compresses the whole prompt, question included. query-agnostic: it
         compresses `context` alone; the question is appended afterwards without eviction (kvpress's
-        protocol), so a method that needs to see the question shows it here.
+        protocol), so a method that needs to see the question shows it here. `decode_step`: a
+        batched decode step (`runtime.batch.run_lockstep`), passed to `generate`.
         """
         from tokensift.runtime.generate import generate
 
@@ -132,6 +135,7 @@ class Task(ABC):
             shared=shared,
             prefill_chunk=prefill_chunk,
             prefill_lookahead=prefill_lookahead,
+            decode_step=decode_step,
         )
         return {
             "prediction": result.text,
