@@ -13,8 +13,9 @@ thread hands its token to `step` and gets its logits back; the round's forward r
 member has handed in its token (a member that stops `leave`s and no longer holds the others back).
 A round's rows are in the order their members joined, so a batch is the same from run to run.
 
-`run_lockstep` runs a list of generations that way from one caller: their prefills one at a time,
-in order, then every decode step batched (the bench decodes all the plans of a cell together).
+`run_lockstep` batches a list of generations from one caller without threads (greenlets): their
+prefills one at a time, in order, then every decode step batched (the bench decodes all the plans
+of a cell together).
 """
 
 from __future__ import annotations
@@ -207,39 +208,60 @@ def run_lockstep(
 ) -> tuple[list[T | BaseException], list[tuple[int, int]]]:
     """Run generations whose prefills go one at a time, in order, and whose decodes go in one batch.
 
-    Job i is called on its own thread with a `DecodeStep` to hand to `generate(decode_step=...)`.
-    Its turn to prefill comes when job i-1 has fed back its first token (or ended); every decode
-    round then waits for all jobs still running, so after the last prefill one forward serves every
-    job's step. At most one job computes at a time, as if they ran one after another, but the decode
-    steps share each forward's weights. Returns each job's result, or the exception it raised, and
-    (largest batch, batched steps) per job.
+    Job i is called with a `DecodeStep` to hand to `generate(decode_step=...)`. It runs until it
+    feeds back its first token (or ends); then job i+1 runs; once every job has prefilled, each round
+    is one forward (`decode_batch`) serving every job still decoding, in job order. The jobs are
+    greenlets on the caller's thread, not threads: torch runs every op here exactly as on the calling
+    thread (an OpenMP region started from a second OS thread costs several times more to launch,
+    which made a thread's 4k prefill up to 1.6x slower), and nothing runs concurrently. Returns each
+    job's result, or the exception (an `Exception`) it raised, and (largest batch, batched steps) per
+    job. KeyboardInterrupt and other non-`Exception`s propagate at once.
     """
+    import contextvars
+
+    from greenlet import getcurrent, greenlet
+
     n = len(jobs)
-    batcher = DecodeBatcher(model, max(n, 1))
-    turns = [threading.Event() for _ in range(n + 1)]
+    scheduler = getcurrent()
     results: list[Any] = [None] * n
-    info: list[tuple[int, int]] = [(0, 0)] * n
-    for i in range(n):
-        batcher.join(i)  # every round waits for every job's token until that job leaves
+    size_max, steps = [0] * n, [0] * n
+    waiting: dict[int, tuple[TokenCache, int]] = {}
 
-    def run(i: int) -> None:
+    def start(i: int) -> greenlet:
         def step(decoding: Decoding, token: int) -> torch.Tensor:
-            turns[i + 1].set()  # the first token fed back ends this job's prefill: the next one's turn
-            return batcher.step(i, decoding.cache, token)
+            waiting[i] = (decoding.cache, token)
+            return scheduler.switch()  # back with this job's logits from the next round
 
-        try:
-            turns[i].wait()
-            results[i] = jobs[i](step)
-        except BaseException as exc:  # handed back to the caller, which decides
-            results[i] = exc
-        finally:
-            info[i] = batcher.leave(i)
-            turns[i + 1].set()
+        def body() -> None:
+            try:
+                results[i] = jobs[i](step)
+            except Exception as exc:  # handed back to the caller, which decides
+                results[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,), name=f"lockstep-{i}", daemon=True) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    turns[0].set()
-    for thread in threads:
-        thread.join()
-    return results, info
+        job = greenlet(body, parent=scheduler)
+        job.gr_context = contextvars.copy_context()  # the caller's context variables, as a thread call
+        return job
+
+    # Grad mode is per thread, so it is shared by all jobs here: hold inference mode across them all
+    # (each generate's own inference_mode then always restores it as it found it).
+    with torch.inference_mode():
+        greenlets = [start(i) for i in range(n)]
+        for job in greenlets:
+            job.switch()  # its prefill, up to its first decode step or its end
+        while waiting:
+            keys = sorted(waiting)
+            batch = [waiting.pop(k) for k in keys]
+            try:
+                logits: torch.Tensor | Exception = decode_batch(
+                    model, [c for c, _ in batch], [t for _, t in batch]
+                )
+            except Exception as exc:  # every job of the round fails with the forward's error
+                logits = exc
+            for row, k in enumerate(keys):
+                steps[k] += 1
+                size_max[k] = max(size_max[k], len(keys))
+                if isinstance(logits, Exception):
+                    greenlets[k].throw(logits)
+                else:
+                    greenlets[k].switch(logits[row])  # runs job k to its next step or its end
+    return results, list(zip(size_max, steps, strict=True))
