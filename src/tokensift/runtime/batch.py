@@ -20,7 +20,6 @@ of a cell together).
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from contextvars import ContextVar
@@ -126,15 +125,13 @@ class DecodeBatcher:
         self.model = model
         self.max_batch = max_batch
         self.cond = threading.Condition()
-        self.members: set[Hashable] = set()
+        self.members: dict[Hashable, None] = {}  # in join order: a round's rows are in this order
         self.pending: dict[Hashable, tuple[TokenCache, int]] = {}
         self.results: dict[Hashable, torch.Tensor | BaseException] = {}
         self.running = False
         self.batch_size_max: dict[Hashable, int] = {}
         self.steps: dict[Hashable, int] = {}
         self.forwards = 0
-        self.joined: dict[Hashable, int] = {}  # join order: a round's rows are in this order
-        self.join_count = itertools.count()
 
     def _ready(self) -> bool:
         return not self.running and bool(self.pending) and len(self.pending) == len(self.members)
@@ -144,14 +141,14 @@ class DecodeBatcher:
         with self.cond:
             while key not in self.members and len(self.members) >= self.max_batch:
                 self.cond.wait()
-            self._add(key)
+            self.members.setdefault(key)
             self.pending[key] = (cache, token)
             while True:
                 if key in self.results:
                     return self._take(key)
                 if self._ready():
                     batch, self.pending, self.running = self.pending, {}, True
-                    keys = sorted(batch, key=self.joined.__getitem__)
+                    keys = [k for k in self.members if k in batch]
                     break
                 self.cond.wait()
         try:
@@ -174,12 +171,7 @@ class DecodeBatcher:
         with self.cond:
             while key not in self.members and len(self.members) >= self.max_batch:
                 self.cond.wait()
-            self._add(key)
-
-    def _add(self, key: Hashable) -> None:
-        if key not in self.members:
-            self.members.add(key)
-            self.joined[key] = next(self.join_count)
+            self.members.setdefault(key)
 
     def _take(self, key: Hashable) -> torch.Tensor:
         result = self.results.pop(key)
@@ -190,8 +182,7 @@ class DecodeBatcher:
     def leave(self, key: Hashable) -> tuple[int, int]:
         """Remove a finished member; returns (largest batch it decoded in, batched steps it took)."""
         with self.cond:
-            self.members.discard(key)
-            self.joined.pop(key, None)
+            self.members.pop(key, None)
             self.pending.pop(key, None)
             self.results.pop(key, None)
             self.cond.notify_all()
