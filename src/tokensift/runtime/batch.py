@@ -139,9 +139,7 @@ class DecodeBatcher:
     def step(self, key: Hashable, cache: TokenCache, token: int) -> torch.Tensor:
         """The logits (vocab,) after `token` is appended to `cache`, from a batched forward."""
         with self.cond:
-            while key not in self.members and len(self.members) >= self.max_batch:
-                self.cond.wait()
-            self.members.setdefault(key)
+            self._admit(key)
             self.pending[key] = (cache, token)
             while True:
                 if key in self.results:
@@ -169,9 +167,13 @@ class DecodeBatcher:
     def join(self, key: Hashable) -> None:
         """Make `key` a member before its first step, so rounds wait for its token from then on."""
         with self.cond:
-            while key not in self.members and len(self.members) >= self.max_batch:
-                self.cond.wait()
-            self.members.setdefault(key)
+            self._admit(key)
+
+    def _admit(self, key: Hashable) -> None:
+        """With the lock held: wait for a free seat unless `key` has one, then take it (join order)."""
+        while key not in self.members and len(self.members) >= self.max_batch:
+            self.cond.wait()
+        self.members.setdefault(key)
 
     def _take(self, key: Hashable) -> torch.Tensor:
         result = self.results.pop(key)
