@@ -113,3 +113,27 @@ def test_decode_compression_every_step_is_h2o() -> None:
     )
     assert wrapped.token_ids == h2o.token_ids
     assert wrapped.stats.tokens_held == h2o.stats.tokens_held == 40
+
+
+def test_adaptive_says_when_the_scorer_leaves_nothing_to_share(tmp_path) -> None:
+    """CompressKV scores every KV head of a layer with one vote vector, so AdaKV's sharing has no head
+    to move budget to: the wrapper must say so (note, zero counter) and keep compresskv's tokens."""
+    from tokensift.calibration import save_artefact
+
+    model = tiny_model("qwen2", layers=3)
+    layers, heads = model.num_layers, int(model.config.num_attention_heads)
+    payload = {"heads": [list(range(heads))] * layers, "layer_scores": [1.0 / layers] * layers}
+    artefact = save_artefact("compresskv", model, payload, "test", tmp_path / "ckv.json")
+    inner = f"compresskv:budget=40,min_budget=16,calibration={artefact}"
+    ids = prompt_ids(96)
+    plain = tokensift.generate(model, ids, inner, max_new_tokens=12, ignore_eos=True)
+    with pytest.warns(tokensift.NoOpWarning, match="no budget moves between heads"):
+        wrapped = tokensift.generate(model, ids, f"adaptive({inner})", max_new_tokens=12, ignore_eos=True)
+    assert wrapped.token_ids == plain.token_ids
+    assert wrapped.stats.tokens_evicted == plain.stats.tokens_evicted
+    assert wrapped.stats.counters["adaptive_tokens_moved"] == 0
+    assert wrapped.stats.applied  # compresskv itself evicted; the note says the wrapper added nothing
+    # A per-head scorer does move budget, and says nothing of the kind.
+    snap = tokensift.generate(model, ids, ADAPTIVE, max_new_tokens=12, ignore_eos=True)
+    assert snap.stats.counters["adaptive_tokens_moved"] > 0
+    assert not any("no budget moves" in n for n in snap.stats.notes)

@@ -42,7 +42,10 @@ class Adaptive(EvictionMethod):
     same number per head, the layer keeps its `budget x heads` best tokens wherever they are, each
     head first securing `alpha x budget` of its own. Heads are stored flattened with offsets (no
     padding), so the bytes held equal the tokens kept, and attention runs per head over exactly its
-    tokens. Unlike kvpress, which only masks keys, this really frees the memory.
+    tokens. Unlike kvpress, which only masks keys, this really frees the memory. The counter
+    `adaptive_tokens_moved` says how many tokens heads hold beyond the per-head budget; a scorer that
+    rates every KV head of a layer alike (compresskv's shared vote) leaves nothing to move, and a
+    note says so.
 
     Based on Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for
     Efficient LLM Inference", arXiv 2407.11550.
@@ -115,5 +118,13 @@ class Adaptive(EvictionMethod):
             return
         if scores.shape[0] != 1:
             raise TokensiftError("head-adaptive budgets support batch size 1")
+        if scores.shape[1] > 1 and bool((scores[0] == scores[0, :1]).all()):
+            layer.cache.note(
+                f"adaptive: {self.method.name} scores every KV head of a layer alike, so no budget moves "
+                f"between heads and the tokens kept are {self.method.name}'s own"
+            )
         index = adaptive_selection(scores[0], budget, self.alpha)
+        # Tokens a head holds beyond the per-head budget: what the sharing moved between heads.
+        moved = sum(max(0, len(i) - budget) for i in index)
+        layer.cache.count("adaptive_tokens_moved", moved)
         layer.cache.replace_layer(RaggedLayer.from_selection(layer, index))
