@@ -118,13 +118,10 @@ def test_decode_compression_every_step_is_h2o() -> None:
 def test_adaptive_says_when_the_scorer_leaves_nothing_to_share(tmp_path) -> None:
     """CompressKV scores every KV head of a layer with one vote vector, so AdaKV's sharing has no head
     to move budget to: the wrapper must say so (note, zero counter) and keep compresskv's tokens."""
-    from tokensift.calibration import save_artefact
+    from .test_applied import Files
 
     model = tiny_model("qwen2", layers=3)
-    layers, heads = model.num_layers, int(model.config.num_attention_heads)
-    payload = {"heads": [list(range(heads))] * layers, "layer_scores": [1.0 / layers] * layers}
-    artefact = save_artefact("compresskv", model, payload, "test", tmp_path / "ckv.json")
-    inner = f"compresskv:budget=40,min_budget=16,calibration={artefact}"
+    inner = f"compresskv:budget=40,min_budget=16,calibration={Files(tmp_path, model).compresskv()}"
     ids = prompt_ids(96)
     plain = tokensift.generate(model, ids, inner, max_new_tokens=12, ignore_eos=True)
     with pytest.warns(tokensift.NoOpWarning, match="no budget moves between heads"):
