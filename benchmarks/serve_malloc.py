@@ -3,7 +3,7 @@
     flock /tmp/tokensift-heavy.lock python benchmarks/serve_malloc.py [--variants off trim all] [--repeats 5]
 
 One server on 127.0.0.1 per `--variants` entry (a `--malloc-tuning` value: off = glibc's defaults,
-all, or a comma list of tokensift.serve.memory.NAMES), all with the same options. Each repeat sends
+all, or a comma list of tokensift.runtime.memory.NAMES), all with the same options. Each repeat sends
 one round to each server in turn (the order rotating between repeats): `--max-running`
 simultaneous requests, half 2k-token passkey completions (prefill-heavy, 16 new tokens), half
 open-ended chat requests (decode-heavy, 48 new tokens), the long ones cycling through dense,

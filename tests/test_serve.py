@@ -512,7 +512,7 @@ def _tune_in_a_child(names: tuple[str, ...]) -> dict:
     """The real `memory.tune_malloc`, run in a fresh interpreter: mallopt settings are process-wide and
     cannot be undone, so this test process's allocator (and the rest of the suite's speed) stays as is."""
     code = (
-        "import json, sys; from tokensift.serve import memory; "
+        "import json, sys; from tokensift.runtime import memory; "
         "print(json.dumps(memory.tune_malloc(tuple(sys.argv[1:]))))"
     )
     out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, check=True)
@@ -523,7 +523,7 @@ def _tune_in_a_child(names: tuple[str, ...]) -> dict:
 def test_health_reports_the_allocator_settings(
     smol: tokensift.Model, tuning: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tokensift.serve import memory
+    from tokensift.runtime import memory
 
     trims: list[bool] = []
     monkeypatch.setattr(memory, "tune_malloc", _tune_in_a_child)
@@ -546,7 +546,7 @@ def test_health_reports_the_allocator_settings(
 
 
 def test_malloc_tuning_names_are_checked() -> None:
-    from tokensift.serve import memory
+    from tokensift.runtime import memory
 
     assert memory.parse_tuning("all") == memory.NAMES
     assert memory.parse_tuning(" OFF ") == ()
@@ -565,7 +565,7 @@ def test_malloc_tuning_names_are_checked() -> None:
 
 
 def test_trim_is_rate_limited() -> None:
-    from tokensift.serve import memory
+    from tokensift.runtime import memory
 
     if memory._LIBC is None:
         pytest.skip("not glibc")

@@ -31,6 +31,7 @@ from tokensift.bench.results import read_rows, row_key, write_rows
 from tokensift.bench.runner import BenchRun, Cell, prepare_run, run_cell
 from tokensift.errors import TokensiftError
 from tokensift.models import Model, load
+from tokensift.runtime import memory
 from tokensift.runtime.plan import Plan
 
 try:
@@ -120,6 +121,7 @@ class BenchWorker:
             return list(run_cell(self.model, self.config, cell, self.plans))
         finally:
             self.cell = None
+            memory.trim(min_interval=0)  # as run_bench does after every cell
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tokensift.bench.suites import SUITES
 from tokensift.bench.tasks import Sample, Task, get_task
 from tokensift.errors import TokensiftError, check_out_dir
 from tokensift.models import Model, load
+from tokensift.runtime import memory
 from tokensift.runtime.batch import DecodeStep, run_lockstep
 from tokensift.runtime.generate import encode, encode_split
 from tokensift.runtime.plan import Plan
@@ -323,7 +324,9 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Run every missing row of the grid in this process, appending to out/results.jsonl; returns all
     rows. `model` overrides loading `config.model` (e.g. an in-memory model wrapped with
-    `tokensift.wrap`). `tokensift.bench.ray_executor.run_bench_ray` runs the same cells on Ray.
+    `tokensift.wrap`). Free heap pages go back to the system after every cell (`runtime.memory`), so
+    a run of hours holds what one cell needs, not what glibc kept from all of them.
+    `tokensift.bench.ray_executor.run_bench_ray` runs the same cells on Ray.
     """
     run = prepare_run(config, out, model, LOCAL, progress)
     bar = tqdm(total=run.pending, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
@@ -332,6 +335,7 @@ def run_bench(
         for row in run_cell(run.model, config, cell, run.plans):
             run.record(row, LOCAL)
             bar.update()
+        memory.trim(min_interval=0)  # the cell's caches are freed: hand their heap pages back
     bar.close()
     return run.rows
 

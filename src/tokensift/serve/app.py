@@ -25,8 +25,8 @@ from pydantic import ValidationError
 
 from tokensift.errors import NoOpWarning, TokensiftError, one_line
 from tokensift.models import Model, load
+from tokensift.runtime import memory
 from tokensift.runtime.generate import Generation, check_context, encode_split
-from tokensift.serve import memory
 from tokensift.serve.config import ServeConfig
 from tokensift.serve.engine import (
     Batchers,
@@ -326,7 +326,7 @@ def create_app(config: ServeConfig, model: Model | None = None) -> FastAPI:
         def work() -> Generation:
             try:
                 return run_job(model, job, state.pool.held, state.metrics.itl.observe)
-            finally:  # the request's tensors are gone: hand their pages back (see serve.memory)
+            finally:  # the request's tensors are gone: hand their pages back (see runtime.memory)
                 if state.trim_after_request:
                     memory.trim()
 

@@ -51,7 +51,7 @@ class ServeConfig:
     eos_guard_floor: float = 1e-4  # EOS probability floor
     eos_guard_entropy: float = 0.0  # mean entropy (nats) below which output is low-entropy; 0: off
     eos_guard_distinct: float = 0.25  # distinct-token share in the window at or below which it repeats
-    malloc_tuning: str = "arena_max,trim"  # glibc: off, all, or a comma list of serve.memory.NAMES
+    malloc_tuning: str = "arena_max,trim"  # glibc: off, all, or a comma list of runtime.memory.NAMES
     extra: dict[str, str] = field(default_factory=dict)  # free-form labels (e.g. a deployment name)
 
     def __post_init__(self) -> None:
@@ -91,7 +91,7 @@ class ServeConfig:
 
     @property
     def malloc_settings(self) -> tuple[str, ...]:
-        from tokensift.serve.memory import parse_tuning
+        from tokensift.runtime.memory import parse_tuning
 
         return parse_tuning(self.malloc_tuning)
 
