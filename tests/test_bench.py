@@ -149,8 +149,8 @@ def test_dtype_is_recorded_and_keys_rows(tmp_path: Path, small_real_tokenizer_mo
 def test_bench_hands_free_heap_back_after_every_cell(
     tmp_path: Path, small_real_tokenizer_model: tokensift.Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """glibc keeps a finished cell's freed caches in the heap (RSS grew by 1.5-2 GB per 4k cell on
-    qwen2.5-coder-0.5b until the bench trimmed): `run_bench` trims once per cell, after its rows."""
+    """glibc keeps a finished cell's freed caches in its heap, resident: `run_bench` trims once per
+    cell, after the cell's rows are written."""
     from tokensift.bench import runner
     from tokensift.runtime import memory
 
@@ -165,6 +165,53 @@ def test_bench_hands_free_heap_back_after_every_cell(
     # cells: passkey at two depths (two methods each), perplexity once: a trim after each cell's rows
     assert rows_at_trim == [2, 4, 6], rows_at_trim
     assert len(rows) == 6
+
+
+@pytest.mark.parametrize("batch_decode", [False, True])
+def test_a_finished_cell_leaves_no_cache_for_the_cyclic_collector(
+    tmp_path: Path, small_real_tokenizer_model: tokensift.Model, batch_decode: bool
+) -> None:
+    """Reference counting alone frees every cache of a finished cell: a cache held in a reference
+    cycle lives until Python's next full collection, and a 4k leaderboard run held gigabytes of
+    finished caches that way. Shared prefills (exact and column sums), ragged layers (adaptive) and
+    batched decoding are all in the cell."""
+    import gc
+
+    from tokensift.bench.runner import prepare_run, run_cell
+    from tokensift.runtime.cache import TokenCache, TokenLayer
+
+    config = BenchConfig(
+        tasks=["niah_single_1"],
+        methods=[
+            "dense",
+            "snapkv:budget=0.5",
+            "adaptive(snapkv:budget=0.5)",
+            "h2o:budget=0.5",
+            "keyformer:budget=0.5",
+            "tova:budget=0.5",
+            "streaming_llm:budget=0.5",
+        ],
+        lengths=[256],
+        samples=1,
+        depths=[0.5],
+        batch_decode=batch_decode,
+    )
+    run = prepare_run(config, tmp_path, small_real_tokenizer_model, progress=False)
+
+    def alive() -> int:
+        return sum(isinstance(o, (TokenCache, TokenLayer)) for o in gc.get_objects())
+
+    gc.collect()
+    before = alive()
+    gc.disable()
+    try:
+        rows = [row for cell in run.cells for row in run_cell(run.model, config, cell, run.plans)]
+        left = alive() - before
+    finally:
+        gc.enable()
+    assert len(rows) == 7 and all(r.get("error") is None for r in rows), rows
+    assert any(r["method_resolved"].startswith("adaptive") for r in rows)
+    assert left == 0, f"{left} caches or layers wait for the cyclic collector"
 
 
 def test_trim_returns_freed_heap_pages() -> None:

@@ -13,6 +13,7 @@ Imported only for `tokensift bench --ray`: nothing else in tokensift imports Ray
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -121,7 +122,8 @@ class BenchWorker:
             return list(run_cell(self.model, self.config, cell, self.plans))
         finally:
             self.cell = None
-            memory.trim(min_interval=0)  # as run_bench does after every cell
+            gc.collect()  # as run_bench does after every cell
+            memory.trim(min_interval=0)
 
 
 @dataclass

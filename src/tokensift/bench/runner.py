@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import shlex
@@ -324,8 +325,8 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Run every missing row of the grid in this process, appending to out/results.jsonl; returns all
     rows. `model` overrides loading `config.model` (e.g. an in-memory model wrapped with
-    `tokensift.wrap`). Free heap pages go back to the system after every cell (`runtime.memory`), so
-    a run of hours holds what one cell needs, not what glibc kept from all of them.
+    `tokensift.wrap`). After every cell the cyclic collector runs and free heap pages go back to the
+    system (`runtime.memory`), so a run of hours holds what one cell needs, not what all of them left.
     `tokensift.bench.ray_executor.run_bench_ray` runs the same cells on Ray.
     """
     run = prepare_run(config, out, model, LOCAL, progress)
@@ -335,7 +336,8 @@ def run_bench(
         for row in run_cell(run.model, config, cell, run.plans):
             run.record(row, LOCAL)
             bar.update()
-        memory.trim(min_interval=0)  # the cell's caches are freed: hand their heap pages back
+        gc.collect()  # anything a cell left in a reference cycle (its caches are freed already)
+        memory.trim(min_interval=0)  # then hand the freed heap pages back to the system
     bar.close()
     return run.rows
 

@@ -12,6 +12,7 @@ next position from it, so neither sees the compressed length by mistake.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,25 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.untyped_storage().nbytes()
 
 
-class TokenLayer(CacheLayerMixin):
+class CacheLink:
+    """A layer's link back to the cache that owns it, held weakly. The cache holds its layers, so a
+    strong link back would make every cache a reference cycle, freed only when Python's cyclic
+    collector next runs a full pass: a bench at 4k kept gigabytes of finished caches alive that way."""
+
+    _cache: weakref.ref[TokenCache]
+
+    def link(self, cache: TokenCache) -> None:
+        self._cache = weakref.ref(cache)
+
+    @property
+    def cache(self) -> TokenCache:
+        cache = self._cache()
+        if cache is None:
+            raise TokensiftError("this layer's TokenCache is gone: keep the cache while you use its layers")
+        return cache
+
+
+class TokenLayer(CacheLink, CacheLayerMixin):
     """One layer's physical K/V plus per-token state (positions, method scores)."""
 
     is_sliding = False
@@ -46,7 +65,7 @@ class TokenLayer(CacheLayerMixin):
 
     def __init__(self, cache: TokenCache, index: int):
         super().__init__()
-        self.cache = cache
+        self.link(cache)
         self.index = index
         self.n = 0  # physical tokens held (per head)
         self.seen = 0  # tokens ever appended: the next true position

@@ -5,9 +5,9 @@ its own arena and, once a large block has been freed, raises its mmap threshold 
 later prompt-sized tensors come from the arenas' heaps instead of fresh mappings. Freed heap
 memory is returned to the system only from the top of a heap, so the process's RSS climbs with
 every new mix of sizes although no object outlives its request (benchmarks/serve_load.py measured
-+92% over a 170 s mixed load with glibc's defaults). A bench that runs cell after cell at 4k on one
-thread's arena does the same: its freed caches stay in the heap, so `run_bench` calls `trim` after
-every cell.
++92% over a 170 s mixed load with glibc's defaults). A bench that runs cell after cell at 4k does
+the same on one arena (4 of its 4.8 GB heap free but resident after ~5 cells), so `run_bench`
+calls `trim` after every cell.
 
 `tune_malloc` applies the chosen mallopt settings: a fixed mmap threshold (blocks above it are
 mapped and unmapped with each tensor, which also turns off the dynamic raise), a cap on the number

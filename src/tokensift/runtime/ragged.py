@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from tokensift.errors import TokensiftError
-from tokensift.runtime.cache import PENDING
+from tokensift.runtime.cache import PENDING, CacheLink
 from tokensift.runtime.scores import dense_attention
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def _headroom(n: int) -> int:
     return max(8, n // 32)
 
 
-class RaggedLayer(CacheLayerMixin):
+class RaggedLayer(CacheLink, CacheLayerMixin):
     """A layer whose head h holds `lengths[h]` tokens in keys[starts[h] : starts[h] + lengths[h]]."""
 
     is_sliding = False
@@ -42,7 +42,7 @@ class RaggedLayer(CacheLayerMixin):
         device: torch.device,
     ):
         super().__init__()
-        self.cache = cache
+        self.link(cache)
         self.head_dim, self.dtype, self.device = head_dim, dtype, device
         self.index = index
         self.seen = seen
