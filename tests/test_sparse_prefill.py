@@ -63,7 +63,10 @@ def engine_mask(
 
 
 def fake_layer(model: tokensift.Model, method: tokensift.methods.Method) -> object:
-    return TokenCache(model, method).layers[0]
+    cache = TokenCache(model, method)
+    layer = cache.layers[0]
+    layer.owner = cache  # a layer links to its cache weakly: keep the cache as long as the layer
+    return layer
 
 
 # --- the engine ----------------------------------------------------------------------------------
