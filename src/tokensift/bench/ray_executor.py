@@ -13,7 +13,6 @@ Imported only for `tokensift bench --ray`: nothing else in tokensift imports Ray
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -122,8 +121,7 @@ class BenchWorker:
             return list(run_cell(self.model, self.config, cell, self.plans))
         finally:
             self.cell = None
-            gc.collect()  # as run_bench does after every cell
-            memory.trim(min_interval=0)
+            memory.release()  # as run_bench does after every cell
 
 
 @dataclass

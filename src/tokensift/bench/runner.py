@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import platform
 import shlex
@@ -336,8 +335,7 @@ def run_bench(
         for row in run_cell(run.model, config, cell, run.plans):
             run.record(row, LOCAL)
             bar.update()
-        gc.collect()  # anything a cell left in a reference cycle (its caches are freed already)
-        memory.trim(min_interval=0)  # then hand the freed heap pages back to the system
+        memory.release()  # collect what a cell left in reference cycles, hand free heap pages back
     bar.close()
     return run.rows
 

@@ -6,8 +6,8 @@ later prompt-sized tensors come from the arenas' heaps instead of fresh mappings
 memory is returned to the system only from the top of a heap, so the process's RSS climbs with
 every new mix of sizes although no object outlives its request (benchmarks/serve_load.py measured
 +92% over a 170 s mixed load with glibc's defaults). A bench that runs cell after cell at 4k does
-the same on one arena (4 of its 4.8 GB heap free but resident after ~5 cells), so `run_bench`
-calls `trim` after every cell.
+the same on one arena (4 of its 4.8 GB heap free but resident after ~5 cells), so the bench calls
+`release` after every cell.
 
 `tune_malloc` applies the chosen mallopt settings: a fixed mmap threshold (blocks above it are
 mapped and unmapped with each tensor, which also turns off the dynamic raise), a cap on the number
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import threading
 import time
 from typing import Any
@@ -111,3 +112,10 @@ def trim(min_interval: float = 0.5) -> bool:
         _last_trim = now
     _LIBC.malloc_trim(0)
     return True
+
+
+def release() -> bool:
+    """Collect whatever sits in reference cycles, then `trim` at once: what a long run does between
+    units of work (the bench after every cell). True if the trim ran."""
+    gc.collect()
+    return trim(min_interval=0)
