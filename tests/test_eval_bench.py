@@ -41,6 +41,17 @@ def test_suites() -> None:
         get_suite("nope")
 
 
+def test_bench_help_names_every_suite(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps to the terminal, hyphens included
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for name in SUITES:
+        assert f" {name}," in text or f" {name} " in text, name
+
+
 def test_task_specs_on_the_command_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert split_tasks("vt,nt_multiple:needles=2,placement=random,cwe") == [
         "vt",

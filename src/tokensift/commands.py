@@ -79,7 +79,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="run tasks x methods x lengths; resumable")
-    p.add_argument("--suite", help="a named configuration: demo, ruler-lite or full (options override it)")
+    p.add_argument(
+        "--suite",
+        help="a named configuration: demo, ruler-lite, leaderboard, leaderboard-sparse or full "
+        "(options override it; --list-tasks shows each)",
+    )
     p.add_argument("--preset", help="the older name of --suite")
     p.add_argument("--model", default=None)
     p.add_argument(
