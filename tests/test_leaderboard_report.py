@@ -171,6 +171,23 @@ def test_protocols_stay_separate() -> None:
     assert tables["query-agnostic"]["tasks"] == {"niah_single_1": 2}
 
 
+def test_the_ratio_says_what_it_removes() -> None:
+    """Evictors remove KV; a sparse decoder keeps it all and skips part of the prompt at each step, so
+    the same ratio means something else, and the table (and its plot's axis) says which."""
+    assert _by_protocol(leaderboard_rows())["query-aware"]["removes"] == "fraction of the KV cache removed"
+    sparse = [
+        _row(task, spec, sample, 1.0, "query-aware")
+        for spec in ("dense", "quest:budget=0.75", "quest:budget=0.25")
+        for task in ("niah_single_1", "vt")
+        for sample in SAMPLES[task]
+    ]
+    assert _by_protocol(sparse)["query-aware"]["removes"] == "fraction of the prompt not attended"
+    both = leaderboard_rows() + [r for r in sparse if r["method_spec"] != "dense"]
+    assert _by_protocol(both)["query-aware"]["removes"] == (
+        "fraction of the KV cache removed or of the prompt not attended"
+    )
+
+
 def test_one_budget_gives_no_leaderboard() -> None:
     rows = [r for r in leaderboard_rows() if r["method_spec"] in ("dense", "snapkv:budget=0.25")]
     assert leaderboard_tables(rows) == []

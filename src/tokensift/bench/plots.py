@@ -233,7 +233,7 @@ def leaderboard_plots(tables: list[dict[str, Any]], out: Path) -> list[Path]:
             fontsize=9.5,
         )
         ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
-        ax.set_xlabel("compression ratio (fraction of the KV cache removed)")
+        ax.set_xlabel(f"compression ratio ({table['removes']})")
         ax.set_ylabel("accuracy, mean over tasks (%)")
         ax.set_ylim(-3, 103)
         ax.grid(alpha=0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -359,7 +360,23 @@ def _leaderboard(
         "unfinished_tasks": [t for t in all_tasks if t not in samples],
         "plans": len({r["method"] for r in group}),
         "families": families,
+        "removes": ratio_meaning(r.get("method_spec") or r["method"] for r in group),
     }
+
+
+def ratio_meaning(specs: Iterable[str]) -> str:
+    """What a compression ratio is a fraction of, for these plans: the KV cache (evictors remove it) or
+    the prompt (a sparse decoder attends to part of it each step and keeps the whole cache)."""
+    from tokensift.methods.base import Hook
+    from tokensift.runtime.plan import Plan
+
+    meanings = set()
+    for spec in set(specs):
+        plan = Plan.of(spec)
+        if not plan.is_dense:
+            selects = any(Hook.SELECT in m.hooks for m in plan.methods)
+            meanings.add("of the prompt not attended" if selects else "of the KV cache removed")
+    return "fraction " + " or ".join(sorted(meanings)) if meanings else "fraction removed"
 
 
 def fmt_ratio(ratio: float) -> str:
