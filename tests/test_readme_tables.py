@@ -66,3 +66,20 @@ def test_eviction_tables_in_readme_are_the_committed_results() -> None:
     aware = out.split("### query-aware")[1].split("###")[0].strip().splitlines()[2:]
     for row in aware:
         assert row.replace(" (1 run)", "") in readme, row
+
+
+@pytest.mark.parametrize("folder", ["leaderboard", "leaderboard_sparse"])
+def test_leaderboard_tables_in_readme_are_the_committed_results(folder: str) -> None:
+    """Each leaderboard row in the README is the one the report prints from the committed rows (the
+    README's header names the table, so compare rows)."""
+    from tokensift.bench.report import leaderboard_markdown, leaderboard_tables, scored
+    from tokensift.bench.results import read_rows
+
+    tables = leaderboard_tables(scored(read_rows(RESULTS / folder / "results.jsonl")))
+    assert tables, f"{folder}: no leaderboard table in the committed rows"
+    readme = _readme()
+    for table in tables:
+        rows = leaderboard_markdown(table).splitlines()[2:]
+        assert len(rows) >= 2, rows
+        for row in rows:
+            assert row in readme, f"{folder} {table['protocol']}: README lacks {row}"
