@@ -391,16 +391,9 @@ def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[
     return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
-def make_table(args: argparse.Namespace) -> None:
-    rows = []
-    for path in args.results:
-        for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-            try:
-                row = json.loads(line)
-                assert {"side", "press", "ratio", "protocol", "prompt", "score"} <= row.keys()
-            except (json.JSONDecodeError, AttributeError, AssertionError):
-                fail(f"{path}:{i} is not a result row of the `run` step: pass only its --out files")
-            rows.append(row)
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per (protocol, press, ratio, process, library): accuracy with a bootstrap CI, prefill
+    quartiles, peaks and KV held."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         key = (row["protocol"], row["press"], row["ratio"], process(row), row["side"])
@@ -425,6 +418,20 @@ def make_table(args: argparse.Namespace) -> None:
                 "kv_mib_median": statistics.median(r["kv_bytes"] for r in cell) / 2**20,
             }
         )
+    return summary
+
+
+def make_table(args: argparse.Namespace) -> None:
+    rows = []
+    for path in args.results:
+        for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                assert {"side", "press", "ratio", "protocol", "prompt", "score"} <= row.keys()
+            except (json.JSONDecodeError, AttributeError, AssertionError):
+                fail(f"{path}:{i} is not a result row of the `run` step: pass only its --out files")
+            rows.append(row)
+    summary = summarise(rows)
     lines = [
         "| protocol | press | ratio | process | library | n | accuracy [95% CI] | prefill s (median, IQR) | "
         "peak RSS MiB | peak above start MiB | KV MiB held |",
@@ -458,12 +465,56 @@ def make_table(args: argparse.Namespace) -> None:
                 + " | ".join(f"{med:.2f} ({q1:.2f}-{q3:.2f})" for q1, med, q3 in ratios)
                 + " |"
             )
+    lines += ["", "README rows (shared-process cells both libraries ran):", "", *readme_rows(summary, pairs)]
     table = "\n".join(lines)
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"cells": summary, "paired": pairs, "rows": rows}, indent=1))
         args.json.with_suffix(".md").write_text(table + "\n")
+
+
+# How the README names each press in its side-by-side table.
+README_NAMES = {
+    "dense": "dense",
+    "tova": "TOVA",
+    "knorm": "Knorm",
+    "snapkv": "SnapKV",
+    "streaming_llm": "StreamingLLM",
+    "h2o": "H2O (kvpress: ObservedAttention, eager)",
+    "adakv_snapkv": "AdaKV(SnapKV)",
+    "pyramidkv": "PyramidKV",
+}
+
+
+def readme_rows(summary: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> list[str]:
+    """The README's side-by-side rows, one per press, ratio and protocol both libraries ran in a shared
+    process: scores, answers that match prompt by prompt, prefill ratio and KV held."""
+    kv = {(s["protocol"], s["press"], s["ratio"], s["side"]): s for s in summary if s["process"] == "shared"}
+    out = []
+    for s in pairs:
+        if s["process"] != "shared":
+            continue
+        key = (s["protocol"], s["press"], s["ratio"])
+        ours, theirs = kv[(*key, "tokensift")], kv[(*key, "kvpress")]
+        n = s["n"]
+        if ours["n"] != n or theirs["n"] != n:
+            continue  # a cell one library has not finished
+        name = README_NAMES[s["press"]]
+        if s["press"] == "dense":
+            name += " (ratio 0)"
+        elif s["ratio"] != 0.75:
+            name += f" at ratio {s['ratio']:g}"
+        same = f"{s['same_answer']} of {n}"
+        if s["same_answer"] != s["same_score"]:
+            same += f" (scores: {s['same_score']} of {n})"
+        q1, med, q3 = s["prefill_ratio"]
+        out.append(
+            f"| {name} | {s['protocol']} | {ours['accuracy'] * n:g}/{n} | {theirs['accuracy'] * n:g}/{n} | "
+            f"{same} | {med:.2f} [{q1:.2f}-{q3:.2f}] | "
+            f"{ours['kv_mib_median']:.1f} / {theirs['kv_mib_median']:.1f} |"
+        )
+    return out
 
 
 def process(row: dict[str, Any]) -> str:
@@ -501,6 +552,7 @@ def paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "process": proc,
                 "n": len(shared),
                 "same_score": sum(a["score"] == b["score"] for a, b in pairs),
+                "same_answer": sum(a["prediction"].strip() == b["prediction"].strip() for a, b in pairs),
                 "accuracy_delta": statistics.fmean(deltas),
                 "ci95": [lo, hi],
                 "prefill_ratio": quartiles([a["prefill_seconds"] / b["prefill_seconds"] for a, b in pairs]),

@@ -106,13 +106,14 @@ def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
         return {
             "side": side, "press": "knorm", "ratio": 0.75, "protocol": "query-agnostic", "prompt": prompt,
             "score": score, "prefill_seconds": seconds, "peak_rss_mib": 1000 + above,
-            "rss_before_mib": 1000, "kv_bytes": kv,
+            "rss_before_mib": 1000, "kv_bytes": kv, "prediction": "x",
         }  # fmt: skip
 
     ours = [row("tokensift", p, s, 10.0, 100.0, 4) for p, s in enumerate([1, 1, 0, 1])]
     # a fresh-process row is its own cell, paired only with kvpress's fresh-process rows (none here)
     ours.append({**row("tokensift", 0, 0, 99.0, 9.0, 4), "fresh_process": True})
     theirs = [row("kvpress", p, s, 20.0, 400.0, 4) for p, s in enumerate([1, 0, 0, 0, 1])]  # one more prompt
+    ours[0]["prediction"], ours[2]["prediction"] = " x ", "y"  # same answer up to spaces; another answer
     for name, rows in (("o.jsonl", ours), ("k.jsonl", theirs)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "t.json"
@@ -122,10 +123,14 @@ def test_table_pairs_the_libraries_by_prompt(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     (pair,) = json.loads(out.read_text())["paired"]
     assert pair["n"] == 4 and pair["same_score"] == 2  # prompt 4 ran on one side only
+    assert pair["same_answer"] == 3
     assert pair["accuracy_delta"] == 0.5 and pair["ci95"][0] <= 0.5 <= pair["ci95"][1]
     assert pair["prefill_ratio"] == [0.5, 0.5, 0.5] and pair["peak_over_start_ratio"][1] == 0.25
     assert pair["kv_ratio"][1] == 1.0
-    assert "| query-agnostic | knorm | 0.75 | shared | 4 | 2 | +0.50" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| query-agnostic | knorm | 0.75 | shared | 4 | 2 | +0.50" in md
+    # No README row for a cell one library has not finished (kvpress ran a prompt ours did not).
+    assert md.rstrip().endswith("README rows (shared-process cells both libraries ran):")
     cells = json.loads(out.read_text())["cells"]
     assert sorted((c["process"], c["side"], c["n"]) for c in cells) == [
         ("fresh", "tokensift", 1), ("shared", "kvpress", 5), ("shared", "tokensift", 4)

@@ -83,3 +83,17 @@ def test_leaderboard_tables_in_readme_are_the_committed_results(folder: str) -> 
         assert len(rows) >= 2, rows
         for row in rows:
             assert row in readme, f"{folder} {table['protocol']}: README lacks {row}"
+
+
+def test_kvpress_side_by_side_rows_in_readme_are_the_committed_results() -> None:
+    """Every row of the README's 4k kvpress side-by-side table is the row `readme_rows` renders from the
+    committed raw rows (bold aside), and every cell both libraries finished has its row."""
+    sbs = _load("kvpress_side_by_side")
+    rows = json.loads((RESULTS / "kvpress_side_by_side_4k.json").read_text())["rows"]
+    rendered = sbs.readme_rows(sbs.summarise(rows), sbs.paired(rows))
+    header = "| press (ratio 0.75 unless stated) | protocol | tokensift | kvpress 0.5.5 |"
+    section = _readme().split(header, 1)[1].split("\n\n", 1)[0]
+    in_readme = [line.replace("**", "") for line in section.splitlines()[2:]]
+    assert len(rendered) >= 20, rendered
+    differing = "\n".join(sorted(set(in_readme) ^ set(rendered)))
+    assert sorted(in_readme) == sorted(rendered), f"README's kvpress rows differ from the rows:\n{differing}"
