@@ -117,6 +117,21 @@ def test_pyramidkv_layers_hold_their_budgets() -> None:
     assert expected[0] > expected[-1]
 
 
+def test_pyramidkv_says_when_no_pyramid_fits() -> None:
+    """The schedule falls back to equal budgets (SnapKV) when the top layer would keep fewer prefix
+    tokens than the window (as in KVCache-Factory and kvpress, e.g. ratio 0.75 at 4k with beta 20):
+    the run says so instead of calling itself a pyramid."""
+    model = tiny_model("llama", layers=4)
+    flat = pyramid_budgets(24, 8, PROMPT, 4, 20.0)  # (24 - 8) / 20 < 8: no slope fits
+    assert len(set(flat)) == 1
+    out = tokensift.generate(model, prompt_ids(PROMPT), "pyramidkv:budget=24,window_size=8", max_new_tokens=2)
+    assert out.stats.applied and any("this run is SnapKV" in n for n in out.stats.notes)
+    steep = tokensift.generate(
+        model, prompt_ids(PROMPT), "pyramidkv:budget=48,window_size=8,beta=4", max_new_tokens=2
+    )
+    assert not any("pyramidkv" in n for n in steep.stats.notes)
+
+
 def test_pyramidkv_rejects_a_flat_beta() -> None:
     with pytest.raises(TokensiftError, match="beta"):
         parse_method("pyramidkv:beta=0.5")

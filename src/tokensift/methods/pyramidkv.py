@@ -72,9 +72,16 @@ class PyramidKV(SnapKV):
         prompt = cache.prompt_tokens or layer.seen
         key = f"pyramidkv_budgets_{prompt}"
         if key not in cache.shared:
-            cache.shared[key] = pyramid_budgets(
-                self.tokens, self.window_size, prompt, cache.num_layers, self.beta
-            )
+            budgets = pyramid_budgets(self.tokens, self.window_size, prompt, cache.num_layers, self.beta)
+            cache.shared[key] = budgets
+            if cache.num_layers > 1 and len(set(budgets)) == 1:
+                # The schedule's own fallback (KVCache-Factory's, kvpress's): say so, it is SnapKV now.
+                cache.note(
+                    f"pyramidkv: no pyramid fits a {self.tokens}-token budget on a {prompt}-token prompt "
+                    f"(its top layer would keep fewer than window_size={self.window_size} beyond the "
+                    "window, or the bottom one more than the prompt), so every layer keeps the same "
+                    "budget: this run is SnapKV"
+                )
         return cache.shared[key]
 
     def layer_tokens(self, layer: TokenLayer) -> int:
