@@ -10,9 +10,10 @@
 sweep both) and entropy routing's entropy threshold, each family's default among them. `choose` reads
 the calibration run (seed 0: prompts never used for the held-out figures) and picks, per family, the
 fastest setting whose task score over the calibration prompts is at least the large model's own
-(transformers' greedy on the same prompts); if none is, the best-scoring one. Speed is the median over
-prompts of the decode rate against transformers' greedy on the same prompt. It prints every setting and
-the chosen spec per family, to run on the held-out seed with `--pair-ours`.
+(transformers' greedy on the same prompts); if none is, the best-scoring one. Speed is the decode
+rate against transformers' greedy on the same prompt, paired per repeat (median [IQR] over prompts
+and repeats). It prints every setting and the chosen spec per family, to run on the held-out seed
+with `--pair-ours`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+from tokensift.bench.timing import Spread
 
 GRID = [
     "bild:fallback_threshold=0.4,rollback_threshold=5",
@@ -44,8 +47,9 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def rate(run: dict[str, Any]) -> float:
-    return run["new_tokens"] / statistics.median(run["decode_seconds"])
+def rates(run: dict[str, Any]) -> list[float]:
+    """Decode tokens per second, one per repeat."""
+    return [run["new_tokens"] / seconds for seconds in run["decode_seconds"]]
 
 
 def settings(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -63,8 +67,8 @@ def settings(report: dict[str, Any]) -> list[dict[str, Any]]:
         runs = [(p["runs"][key], p["runs"][REFERENCE]) for p in prompts if key in p["runs"]]
         if len(runs) < len(prompts):
             continue  # a setting the run had not finished
-        speed = sorted(rate(ours) / rate(ref) for ours, ref in runs)
-        q = statistics.quantiles(speed, n=4, method="inclusive") if len(speed) > 1 else speed * 3
+        # Rate ratios paired per repeat, as generation_loops.py pairs them.
+        speed = Spread.of(a / b for ours, ref in runs for a, b in zip(rates(ours), rates(ref), strict=True))
         out.append(
             {
                 "family": family,
@@ -72,7 +76,7 @@ def settings(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "prompts": len(runs),
                 "score": statistics.fmean(ours["score"] for ours, _ in runs),
                 "reference_score": statistics.fmean(ref["score"] for _, ref in runs),
-                "vs_large_greedy": {"q1": q[0], "median": statistics.median(speed), "q3": q[2]},
+                "vs_large_greedy": speed.as_dict(),
                 "identical_to_large_greedy": sum(bool(ours["identical_to_hf_greedy"]) for ours, _ in runs),
             }
         )
@@ -116,11 +120,10 @@ def main() -> None:
     print("| setting | prompts | score | large model's score | decode vs large greedy | identical |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        s = r["vs_large_greedy"]
         mark = " (chosen)" if chosen[r["family"]] == r["spec"] else ""
         print(
             f"| `{r['spec']}`{mark} | {r['prompts']} | {r['score']:.2f} | {r['reference_score']:.2f} | "
-            f"{s['median']:.2f}x [{s['q1']:.2f}-{s['q3']:.2f}] | "
+            f"{Spread(**r['vs_large_greedy']).format(suffix='x')} | "
             f"{r['identical_to_large_greedy']}/{r['prompts']} |"
         )
     print("chosen: " + " ".join(chosen.values()))
