@@ -179,3 +179,62 @@ print(json.dumps({"before": before, **sbs.reset_peak_rss()}))
     if not out["heap_trimmed"]:
         pytest.skip("no glibc malloc_trim here")
     assert out["before"] - out["rss_before_mib"] > 100  # the freed blocks left the baseline
+
+
+def _module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kvpress_side_by_side", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resumed_run_warms_the_model_before_its_first_measured_row(
+    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run appending a second press to a file that has rows still loads and warms the model before
+    the first peak baseline: otherwise that row's "peak above start" counts the whole model."""
+    sbs = _module()
+    calls: list[tuple[str, int | None]] = []
+
+    def runner(prompt: dict, press: str, ratio: float, protocol: str, dtype: str) -> dict:
+        calls.append((press, prompt.get("max_new_tokens")))
+        return {"prediction": "x", "prefill_seconds": 1.0, "kv_bytes": 1, "tokens_held": 1}
+
+    monkeypatch.setitem(sbs.RUNNERS, "tokensift", runner)
+    out = tmp_path / "rows.jsonl"
+    first = {"press": "knorm", "ratio": 0.5, "protocol": "query-agnostic", "prompt": 0, "score": 1.0}
+    out.write_text(json.dumps({**first, "side": "tokensift"}) + "\n")
+    namespace = sbs.argparse.Namespace(
+        side="tokensift", prompts=prompts, presses="tova", ratios="0.5", protocol="query-agnostic",
+        dtype="float32", limit=1, fresh_process=False, out=out,
+    )  # fmt: skip
+    sbs.run_side(namespace)
+    assert calls == [("dense", 1), ("tova", calls[1][1])]  # the warm-up, then the measured row
+    calls.clear()
+    sbs.run_side(namespace)  # nothing left to run: no warm-up either
+    assert calls == []
+
+
+def test_peaks_from_an_unloaded_baseline_are_left_out() -> None:
+    """A row whose baseline was read before the model was loaded (old resumed runs) keeps its
+    accuracy and time but is left out of the peak-above-start medians and ratios."""
+    sbs = _module()
+
+    def row(side: str, prompt: int, before: float, above: float) -> dict:
+        return {
+            "side": side, "press": "knorm", "ratio": 0.25, "protocol": "query-agnostic", "prompt": prompt,
+            "score": 1.0, "prefill_seconds": 10.0, "peak_rss_mib": before + above, "rss_before_mib": before,
+            "kv_bytes": 4, "prediction": "x",
+        }  # fmt: skip
+
+    ours = [row("tokensift", 0, 220.0, 2500.0)] + [row("tokensift", p, 2400.0, 200.0) for p in (1, 2, 3)]
+    theirs = [row("kvpress", p, 2450.0, 400.0) for p in range(4)]
+    (pair,) = sbs.paired(ours + theirs)
+    assert pair["n"] == 4 and pair["peak_pairs"] == 3
+    assert list(pair["peak_over_start_ratio"]) == [0.5, 0.5, 0.5]
+    assert list(pair["prefill_ratio"]) == [1.0, 1.0, 1.0]  # the row's time still counts
+    cells = {c["side"]: c for c in sbs.summarise(ours + theirs)}
+    assert cells["tokensift"]["peak_over_start_mib_median"] == 200.0
+    assert cells["tokensift"]["peak_rows_unloaded"] == 1 and cells["kvpress"]["peak_rows_unloaded"] == 0
