@@ -339,53 +339,46 @@ def run_side(args: argparse.Namespace) -> None:
     runner = RUNNERS[args.side]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(args.out)
-    todo = any(
-        (press, ratio, protocol, prompt["prompt"]) not in done
+    todo = [
+        (protocol, press, ratio, prompt)
         for protocol in protocols
         for press, ratio in grid
         for prompt in prompts
-    )
+        if (press, ratio, protocol, prompt["prompt"]) not in done
+    ]
     if todo and not args.fresh_process:
         # Load and warm up before the first measured row, also when resuming into a file that has
         # rows: the first forward pays one-off allocations, and a baseline taken before the model is
         # loaded would count the whole model in that row's peak.
         runner({**prompts[0], "max_new_tokens": 1}, "dense", 0.0, "query-aware", args.dtype)
-    for protocol in protocols:
-        for press, ratio in grid:
-            for prompt in prompts:
-                if (press, ratio, protocol, prompt["prompt"]) in done:
-                    continue
-                if args.fresh_process:
-                    result = fresh(args, prompt, press, ratio, protocol)
-                else:
-                    result = measured(args.side, prompt, press, ratio, protocol, args.dtype)
-                row = {
-                    "side": args.side,
-                    "press": press,
-                    "ratio": ratio,
-                    "protocol": protocol,
-                    "prompt": prompt["prompt"],
-                    "task": prompt["task"],
-                    "prompt_tokens": len(prompt["context_ids"]) + len(prompt["question_ids"]),
-                    "score": score(result["prediction"], prompt["answers"]),
-                    "fresh_process": args.fresh_process,
-                    "threads": torch.get_num_threads(),
-                    "dtype": args.dtype,
-                    **result,
-                }
-                append(args.out, row)
-                print(
-                    f"{args.side} {protocol} {press}@{ratio} #{prompt['prompt']}: score {row['score']:.2f}, "
-                    f"prefill {row['prefill_seconds']:.2f}s, peak {row['peak_rss_mib']:.0f} MiB",
-                    flush=True,
-                )
+    for protocol, press, ratio, prompt in todo:
+        if args.fresh_process:
+            result = fresh(args, prompt, press, ratio, protocol)
+        else:
+            result = measured(args.side, prompt, press, ratio, protocol, args.dtype)
+        row = {
+            "side": args.side,
+            "press": press,
+            "ratio": ratio,
+            "protocol": protocol,
+            "prompt": prompt["prompt"],
+            "task": prompt["task"],
+            "prompt_tokens": len(prompt["context_ids"]) + len(prompt["question_ids"]),
+            "score": score(result["prediction"], prompt["answers"]),
+            "fresh_process": args.fresh_process,
+            "threads": torch.get_num_threads(),
+            "dtype": args.dtype,
+            **result,
+        }
+        append(args.out, row)
+        print(
+            f"{args.side} {protocol} {press}@{ratio} #{prompt['prompt']}: score {row['score']:.2f}, "
+            f"prefill {row['prefill_seconds']:.2f}s, peak {row['peak_rss_mib']:.0f} MiB",
+            flush=True,
+        )
 
 
 # -- step 3: the table -------------------------------------------------------------------------------
-
-
-def median_or_nan(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -428,9 +421,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ci95": [lo, hi],
                 "prefill_seconds_q1_median_q3": quartiles([r["prefill_seconds"] for r in cell]),
                 "peak_rss_mib_max": max(r["peak_rss_mib"] for r in cell),
-                "peak_over_start_mib_median": median_or_nan(
-                    [above(r) for r in cell if id(r) not in unloaded]
-                ),
+                "peak_over_start_mib_median": quartiles([above(r) for r in cell if id(r) not in unloaded])[1],
                 "peak_rows_unloaded": sum(id(r) in unloaded for r in cell),
                 "kv_mib_median": statistics.median(r["kv_bytes"] for r in cell) / 2**20,
             }

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_smol_model
+from .conftest import load_benchmark, tiny_smol_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "kvpress_side_by_side.py"
@@ -181,21 +181,12 @@ print(json.dumps({"before": before, **sbs.reset_peak_rss()}))
     assert out["before"] - out["rss_before_mib"] > 100  # the freed blocks left the baseline
 
 
-def _module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kvpress_side_by_side", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_resumed_run_warms_the_model_before_its_first_measured_row(
     prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run appending a second press to a file that has rows still loads and warms the model before
     the first peak baseline: otherwise that row's "peak above start" counts the whole model."""
-    sbs = _module()
+    sbs = load_benchmark("kvpress_side_by_side")
     calls: list[tuple[str, int | None]] = []
 
     def runner(prompt: dict, press: str, ratio: float, protocol: str, dtype: str) -> dict:
@@ -220,7 +211,7 @@ def test_resumed_run_warms_the_model_before_its_first_measured_row(
 def test_peaks_from_an_unloaded_baseline_are_left_out() -> None:
     """A row whose baseline was read before the model was loaded (old resumed runs) keeps its
     accuracy and time but is left out of the peak-above-start medians and ratios."""
-    sbs = _module()
+    sbs = load_benchmark("kvpress_side_by_side")
 
     def row(side: str, prompt: int, before: float, above: float) -> dict:
         return {

@@ -4,7 +4,6 @@ a hand edit of a figure, or a results file replaced without regenerating the REA
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import sys
@@ -12,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _printed(argv: list[str], main) -> str:
@@ -44,14 +38,14 @@ def test_bench_table_in_readme_is_the_committed_results(table: str, folder: str)
     directory = RESULTS / folder
     if not (directory / "results.jsonl").is_file():
         pytest.fail(f"{directory}/results.jsonl is not committed: the README's {table} table has no source")
-    tables = _load("readme_tables")
+    tables = load_benchmark("readme_tables")
     printed = _printed(["readme_tables.py", table, str(directory)], tables.main).strip()
     assert printed.count("\n") >= 3, printed
     assert printed in _readme(), f"README's {table} table differs from readme_tables.py's output:\n{printed}"
 
 
 def test_eviction_tables_in_readme_are_the_committed_results() -> None:
-    eviction = _load("eviction")
+    eviction = load_benchmark("eviction")
     saved = json.loads((RESULTS / "eviction.json").read_text())
     assert set(saved["cost"]) == {"query-aware", "query-agnostic"}, "cost cells per protocol"
     out = _printed(["eviction.py", "--render", str(RESULTS / "eviction.json")], eviction.main)
@@ -88,7 +82,7 @@ def test_leaderboard_tables_in_readme_are_the_committed_results(folder: str) -> 
 def test_kvpress_side_by_side_rows_in_readme_are_the_committed_results() -> None:
     """Every row of the README's 4k kvpress side-by-side table is the row `readme_rows` renders from the
     committed raw rows (bold aside), and every cell both libraries finished has its row."""
-    sbs = _load("kvpress_side_by_side")
+    sbs = load_benchmark("kvpress_side_by_side")
     rows = json.loads((RESULTS / "kvpress_side_by_side_4k.json").read_text())["rows"]
     rendered = sbs.readme_rows(sbs.summarise(rows), sbs.paired(rows))
     header = "| press (ratio 0.75 unless stated) | protocol | tokensift | kvpress 0.5.5 |"
