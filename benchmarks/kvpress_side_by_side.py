@@ -19,13 +19,15 @@ in the same format (see `prompts`) and pass it with --prompts.
 A reset peak in a shared process still counts heap the allocator kept from earlier cells, which
 differs between the two libraries; `run --fresh-process` runs every row in its own process (model
 loaded and warmed on 8 tokens, then the peak reset), so the peak above start is the peak above the
-loaded model.
+loaded model. `malloc` runs one prompt that way in both venvs, with glibc's default malloc and with a
+fixed mmap threshold, to tell memory held from freed heap the allocator keeps resident.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -315,17 +317,34 @@ def run_cell(args: argparse.Namespace) -> None:
     print("ROW " + json.dumps(row))
 
 
-def fresh(args: argparse.Namespace, prompt: dict[str, Any], press: str, ratio: float, protocol: str) -> dict:
-    """run_cell in a child process of this venv's Python; its row, or a one-line error."""
-    cmd = [sys.executable, __file__, "cell", "--side", args.side, "--prompts", str(args.prompts)]
-    cmd += ["--index", str(prompt["index"]), "--press", press, "--ratio", str(ratio)]
-    cmd += ["--protocol", protocol, "--dtype", args.dtype]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def child_cell(
+    python: str,
+    side: str,
+    prompts: Path,
+    index: int,
+    press: str,
+    ratio: float,
+    protocol: str,
+    dtype: str,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """run_cell in a child process of `python` (the side's venv), with `env` if given; its row, or a
+    one-line error."""
+    cmd = [python, __file__, "cell", "--side", side, "--prompts", str(prompts), "--index", str(index)]
+    cmd += ["--press", press, "--ratio", str(ratio), "--protocol", protocol, "--dtype", dtype]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
     if done.returncode or not rows:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        fail(f"the fresh process for {press}@{ratio} {protocol} prompt {prompt['prompt']} failed: {tail[0]}")
+        fail(f"the fresh {side} process for {press}@{ratio} {protocol} prompt {index} failed: {tail[0]}")
     return json.loads(rows[-1])
+
+
+def fresh(args: argparse.Namespace, prompt: dict[str, Any], press: str, ratio: float, protocol: str) -> dict:
+    """run_cell for one row of `run --fresh-process`, in a child process of this venv's Python."""
+    return child_cell(
+        sys.executable, args.side, args.prompts, prompt["index"], press, ratio, protocol, args.dtype
+    )
 
 
 def run_side(args: argparse.Namespace) -> None:
@@ -376,6 +395,94 @@ def run_side(args: argparse.Namespace) -> None:
             f"prefill {row['prefill_seconds']:.2f}s, peak {row['peak_rss_mib']:.0f} MiB",
             flush=True,
         )
+
+
+# -- the allocator check: one prompt in fresh processes, glibc's default malloc against a fixed mmap
+# threshold -------------------------------------------------------------------------------------------
+
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+# label -> the value of MALLOC_MMAP_THRESHOLD_ (None: unset, glibc's dynamic threshold)
+MALLOC_SETTINGS: dict[str, str | None] = {
+    "glibc default (dynamic mmap threshold)": None,
+    f"{MMAP_THRESHOLD_ENV}=131072": "131072",
+}
+SIDES = ("tokensift", "kvpress")
+
+
+def run_malloc(args: argparse.Namespace) -> None:
+    """Fresh-process peaks above the loaded model for one prompt, both libraries, with glibc's default
+    malloc and with a fixed 128 KiB mmap threshold (large blocks always mapped, so a freed one goes
+    back to the OS at once): does a peak-RSS gap between the libraries come from memory held, or from
+    freed heap the allocator keeps resident? Runs interleave (press, repeat, setting, side), one
+    process at a time; `--out` is rewritten after every run and a rerun skips the runs it holds."""
+    pythons = {"tokensift": args.tokensift_python, "kvpress": args.kvpress_python}
+    for side, python in pythons.items():
+        if not Path(python).is_file():
+            fail(f"--{side}-python {python} does not exist: make that venv (make bench-kvpress) or pass one")
+    prompts = read_prompts(args.prompts)
+    if not 0 <= args.index < len(prompts):
+        fail(f"--index {args.index} is outside {args.prompts} ({len(prompts)} prompts)")
+    presses = args.presses.split(",")
+    cells(presses, [args.ratio])  # names checked
+    data: dict[str, Any] = {"runs": []}
+    if args.out.exists():
+        try:
+            data = json.loads(args.out.read_text())
+            assert isinstance(data.get("runs"), list)
+        except (json.JSONDecodeError, AssertionError, AttributeError):
+            fail(f"{args.out} is not a results file of this step: pass a new --out or remove it")
+    done = {malloc_key(r) for r in data["runs"]}
+    base_env = {k: v for k, v in os.environ.items() if k != MMAP_THRESHOLD_ENV}
+    cell = {"press": "", "ratio": args.ratio, "protocol": args.protocol, "index": args.index}
+    order = itertools.product(presses, range(1, args.repeats + 1), MALLOC_SETTINGS, SIDES)
+    for press, repeat, label, side in order:
+        run = {**cell, "press": press, "repeat": repeat, "malloc": label, "side": side}
+        if malloc_key(run) in done:
+            continue
+        threshold = MALLOC_SETTINGS[label]
+        env = base_env if threshold is None else {**base_env, MMAP_THRESHOLD_ENV: threshold}
+        row = child_cell(
+            pythons[side], side, args.prompts, args.index, press, args.ratio, args.protocol, args.dtype, env
+        )
+        run |= {
+            "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "rss_before_mib": round(row["rss_before_mib"]),
+            "peak_above_loaded_mib": round(row["peak_rss_mib"] - row["rss_before_mib"]),
+            "prefill_seconds": round(row["prefill_seconds"], 1),
+            "prediction": row["prediction"],
+        }
+        data["runs"].append(run)
+        data["summary"] = malloc_summary(data["runs"])
+        data["command"] = "python benchmarks/kvpress_side_by_side.py " + " ".join(sys.argv[1:])
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(args.out)  # whole or not at all
+        print(
+            f"{press} #{args.index} {repeat} {label} {side}: {run['peak_above_loaded_mib']} MiB", flush=True
+        )
+
+
+def malloc_key(run: dict[str, Any]) -> tuple:
+    return tuple(run.get(k) for k in ("press", "ratio", "protocol", "index", "repeat", "malloc", "side"))
+
+
+def malloc_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per press, ratio, protocol, prompt and malloc setting: each library's median peak above the
+    loaded model and ours minus kvpress's."""
+    groups: dict[tuple, dict[str, list[int]]] = {}
+    for run in runs:
+        key = (run["press"], run["ratio"], run["protocol"], run["index"], run["malloc"])
+        groups.setdefault(key, {}).setdefault(run["side"], []).append(run["peak_above_loaded_mib"])
+    out = []
+    for (press, ratio, protocol, index, label), sides in groups.items():
+        medians = {side: statistics.median(v) for side, v in sides.items()}
+        entry = {"press": press, "ratio": ratio, "protocol": protocol, "index": index, "malloc": label}
+        entry |= {f"{side}_median_mib": medians.get(side) for side in SIDES}
+        entry["runs"] = {side: len(sides.get(side, [])) for side in SIDES}
+        both = all(side in medians for side in SIDES)
+        entry["ours_minus_kvpress_mib"] = medians["tokensift"] - medians["kvpress"] if both else None
+        out.append(entry)
+    return out
 
 
 # -- step 3: the table -------------------------------------------------------------------------------
@@ -627,6 +734,19 @@ def main() -> None:
     p.add_argument("--ratio", type=float, required=True)
     p.add_argument("--protocol", choices=PROTOCOLS, required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p = sub.add_parser(
+        "malloc", help="one prompt in fresh processes, both sides, glibc's malloc vs a fixed mmap threshold"
+    )
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--presses", default="knorm")
+    p.add_argument("--ratio", type=float, default=0.25)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="query-aware")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--tokensift-python", default=".venv/bin/python")
+    p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("table", help="merge both sides' rows into one table")
     p.add_argument("results", nargs="+")
     p.add_argument("--json", type=Path)
@@ -637,6 +757,8 @@ def main() -> None:
         run_side(args)
     elif args.step == "cell":
         run_cell(args)
+    elif args.step == "malloc":
+        run_malloc(args)
     else:
         make_table(args)
 

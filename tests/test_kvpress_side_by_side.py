@@ -229,3 +229,62 @@ def test_peaks_from_an_unloaded_baseline_are_left_out() -> None:
     cells = {c["side"]: c for c in sbs.summarise(ours + theirs)}
     assert cells["tokensift"]["peak_over_start_mib_median"] == 200.0
     assert cells["tokensift"]["peak_rows_unloaded"] == 1 and cells["kvpress"]["peak_rows_unloaded"] == 0
+
+
+def test_malloc_step_interleaves_sets_the_threshold_and_resumes(
+    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`malloc` runs one fresh process per (press, repeat, setting, library), interleaved; only the
+    fixed-threshold runs get MALLOC_MMAP_THRESHOLD_ (a value the user exported is not inherited by the
+    default runs); the results file is rewritten after every run and a rerun skips what it holds."""
+    sbs = load_benchmark("kvpress_side_by_side")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "999")
+    calls: list[tuple[str, str, str | None]] = []
+
+    def child(cmd: list[str], env: dict[str, str], **_: object) -> subprocess.CompletedProcess[str]:
+        side, press = cmd[cmd.index("--side") + 1], cmd[cmd.index("--press") + 1]
+        threshold = env.get("MALLOC_MMAP_THRESHOLD_")
+        calls.append((press, side, threshold))
+        above = 300.0 if threshold else (450.0 if side == "tokensift" else 400.0)
+        row = {"rss_before_mib": 2400.0, "peak_rss_mib": 2400.0 + above, "prefill_seconds": 30.0}
+        return subprocess.CompletedProcess(cmd, 0, "ROW " + json.dumps({**row, "prediction": " 1."}), "")
+
+    monkeypatch.setattr(sbs.subprocess, "run", child)
+    out = tmp_path / "malloc.json"
+    args = ["malloc", "--prompts", str(prompts), "--presses", "knorm,tova", "--repeats", "2"]
+    args += ["--tokensift-python", sys.executable, "--kvpress-python", sys.executable, "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", ["kvpress_side_by_side.py", *args])
+    sbs.main()
+    assert len(calls) == 2 * 2 * 2 * 2
+    assert calls[:4] == [
+        ("knorm", "tokensift", None), ("knorm", "kvpress", None),
+        ("knorm", "tokensift", "131072"), ("knorm", "kvpress", "131072"),
+    ]  # fmt: skip
+    data = json.loads(out.read_text())
+    assert len(data["runs"]) == 16 and " malloc --prompts " in data["command"]
+    by = {(s["press"], s["malloc"]): s for s in data["summary"]}
+    default = by[("tova", "glibc default (dynamic mmap threshold)")]
+    assert default["ours_minus_kvpress_mib"] == 50 and default["runs"] == {"tokensift": 2, "kvpress": 2}
+    assert by[("tova", "MALLOC_MMAP_THRESHOLD_=131072")]["ours_minus_kvpress_mib"] == 0
+    calls.clear()
+    sbs.main()  # everything is there: nothing runs again
+    assert calls == [] and len(json.loads(out.read_text())["runs"]) == 16
+
+
+def test_malloc_step_bad_input_is_one_line(prompts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "malloc.json"
+
+    def malloc(*extra: str, kvpress: str = sys.executable) -> subprocess.CompletedProcess[str]:
+        args = ["malloc", "--prompts", str(prompts), "--kvpress-python", kvpress, "--out", str(out)]
+        return _run(sys.executable, *args, *extra)
+
+    done = malloc(kvpress=str(tmp_path / "none"))
+    assert done.returncode == 2 and "--kvpress-python" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+    out.write_text("not json")
+    done = malloc()
+    assert done.returncode == 2 and "is not a results file" in done.stderr
+    assert out.read_text() == "not json"  # left as it was
+    out.unlink()
+    done = malloc("--index", "99")
+    assert done.returncode == 2 and "--index 99" in done.stderr and not out.exists()
