@@ -291,14 +291,19 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
 RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress}
 
 
+def warm_up_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The prompt's first 9 tokens, one new token: loads the model and pays the first forward's
+    one-off allocations before anything is measured."""
+    ctx = prompt["context_ids"]
+    return {**prompt, "context_ids": ctx[:8], "question_ids": ctx[8:9], "max_new_tokens": 1}
+
+
 def from_loaded_model(side: str, prompt: dict, press: str, ratio: float, protocol: str, dtype: str) -> dict:
     """Load and warm the model on 8 tokens, reset the peak, run one prompt: its result with the RSS of
     the loaded model as `rss_before_mib` and the peak since as `peak_rss_mib` (for a fresh process)."""
-    runner = RUNNERS[side]
-    warm = {**prompt, "context_ids": prompt["context_ids"][:8], "question_ids": prompt["context_ids"][8:9]}
     # kvpress's H2O runs on an eager-attention model: warm that one, not an sdpa model it would replace
     eager = press == "h2o" and side == "kvpress"
-    runner({**warm, "max_new_tokens": 1}, "h2o" if eager else "dense", 0.5, "query-aware", dtype)
+    RUNNERS[side](warm_up_prompt(prompt), "h2o" if eager else "dense", 0.5, "query-aware", dtype)
     return measured(side, prompt, press, ratio, protocol, dtype)
 
 
@@ -419,18 +424,12 @@ def run_malloc(args: argparse.Namespace) -> None:
     for side, python in pythons.items():
         if not Path(python).is_file():
             fail(f"--{side}-python {python} does not exist: make that venv (make bench-kvpress) or pass one")
-    prompts = read_prompts(args.prompts)
-    if not 0 <= args.index < len(prompts):
-        fail(f"--index {args.index} is outside {args.prompts} ({len(prompts)} prompts)")
-    presses = args.presses.split(",")
-    cells(presses, [args.ratio])  # names checked
-    data: dict[str, Any] = {"runs": []}
-    if args.out.exists():
-        try:
-            data = json.loads(args.out.read_text())
-            assert isinstance(data.get("runs"), list)
-        except (json.JSONDecodeError, AssertionError, AttributeError):
-            fail(f"{args.out} is not a results file of this step: pass a new --out or remove it")
+    _, presses, data = one_prompt_step(args)
+    data.setdefault(
+        "what",
+        "fresh-process peak RSS above the loaded model, one prompt, both libraries, "
+        f"glibc's default malloc against {MMAP_THRESHOLD_ENV}=131072, runs interleaved",
+    )
     done = {malloc_key(r) for r in data["runs"]}
     base_env = {k: v for k, v in os.environ.items() if k != MMAP_THRESHOLD_ENV}
     cell = {"press": "", "ratio": args.ratio, "protocol": args.protocol, "index": args.index}
@@ -453,13 +452,41 @@ def run_malloc(args: argparse.Namespace) -> None:
         }
         data["runs"].append(run)
         data["summary"] = malloc_summary(data["runs"])
-        data["command"] = "python benchmarks/kvpress_side_by_side.py " + " ".join(sys.argv[1:])
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(args.out)  # whole or not at all
+        write_runs(args.out, data)
         print(
             f"{press} #{args.index} {repeat} {label} {side}: {run['peak_above_loaded_mib']} MiB", flush=True
         )
+
+
+def one_prompt_step(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """What `malloc` and `profile` start from, checked: the prompt at --index, the presses, and the
+    runs --out already holds."""
+    prompts = read_prompts(args.prompts)
+    if not 0 <= args.index < len(prompts):
+        fail(f"--index {args.index} is outside {args.prompts} ({len(prompts)} prompts)")
+    presses = args.presses.split(",")
+    cells(presses, [args.ratio])  # names checked
+    return prompts[args.index], presses, read_runs(args.out)
+
+
+def read_runs(path: Path) -> dict[str, Any]:
+    """A results file of the `malloc` or `profile` step ({"runs": [...], ...}), or an empty one."""
+    if not path.exists():
+        return {"runs": []}
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data.get("runs"), list)
+    except (json.JSONDecodeError, AssertionError, AttributeError):
+        fail(f"{path} is not a results file of this step: pass a new --out or remove it")
+    return data
+
+
+def write_runs(path: Path, data: dict[str, Any]) -> None:
+    """Rewrite the results file whole (never half-written), with the command that ran last."""
+    data["command"] = "python benchmarks/kvpress_side_by_side.py " + " ".join(sys.argv[1:])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def malloc_key(run: dict[str, Any]) -> tuple:
@@ -483,6 +510,78 @@ def malloc_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["ours_minus_kvpress_mib"] = medians["tokensift"] - medians["kvpress"] if both else None
         out.append(entry)
     return out
+
+
+# -- where our prefill time goes: cProfile of one prompt on the tokensift side -----------------------
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    """cProfile our generation of one prompt per press (tokensift venv), presses alternated, after a
+    warm-up: how much of it is the press's own work (every `compress` of tokensift's methods, with the
+    torch ops it calls) against the model's linear layers and attention. A time gap to kvpress larger
+    than the press's own work is not the press. Appends to `--out` (resumable like `malloc`)."""
+    import cProfile
+    import pstats
+
+    prompt, presses, data = one_prompt_step(args)
+    data.setdefault(
+        "what",
+        "cProfile of tokensift's generation of one prompt per press (tokensift venv, "
+        "presses alternated after a warm-up): compress_seconds is the cumulative time of the "
+        "methods' `compress` (outermost calls, with the torch ops they call), linear_seconds "
+        "and sdpa_seconds the own time of those torch ops, profiled_seconds the whole call "
+        "(prefill and the answer's decode steps; cProfile's overhead included)",
+    )
+    key = ("press", "ratio", "protocol", "index", "repeat")
+    done = {tuple(r.get(k) for k in key) for r in data["runs"]}
+    todo = [
+        (repeat, press)
+        for repeat in range(1, args.repeats + 1)
+        for press in presses
+        if (press, args.ratio, args.protocol, args.index, repeat) not in done
+    ]
+    if todo:
+        run_tokensift(warm_up_prompt(prompt), "dense", 0.0, "query-aware", args.dtype)
+    for repeat, press in todo:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        row = run_tokensift(prompt, press, args.ratio, args.protocol, args.dtype)
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        run = {"press": press, "ratio": args.ratio, "protocol": args.protocol, "index": args.index}
+        run |= {"repeat": repeat, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        run |= {"prefill_seconds": round(row["prefill_seconds"], 2), **profile_split(stats)}
+        run["prediction"] = row["prediction"]
+        data["runs"].append(run)
+        write_runs(args.out, data)
+        print(
+            f"{press}@{args.ratio} {args.protocol} #{args.index} {repeat}: "
+            f"prefill {run['prefill_seconds']} s, "
+            f"compress {run['compress_seconds']} s, linear {run['linear_seconds']} s",
+            flush=True,
+        )
+
+
+def profile_split(stats: dict[tuple, tuple]) -> dict[str, float]:
+    """Seconds in the press's own work (cumulative time of tokensift methods' `compress`, outermost
+    calls only), in the model's linear layers and in SDPA (their own time), and in all."""
+    methods = f"{os.sep}tokensift{os.sep}methods{os.sep}"
+
+    def ours(func: tuple) -> bool:
+        return methods in func[0] and func[2] == "compress"
+
+    compress = sum(
+        entry[3] for func, entry in stats.items() if ours(func) and not any(ours(c) for c in entry[4])
+    )
+    builtin = {func[2]: entry[2] for func, entry in stats.items() if func[0] == "~"}
+    return {
+        "compress_seconds": round(compress, 6),
+        "linear_seconds": round(builtin.get("<built-in method torch._C._nn.linear>", 0.0), 3),
+        "sdpa_seconds": round(
+            builtin.get("<built-in method torch._C._nn.scaled_dot_product_attention>", 0.0), 3
+        ),
+        "profiled_seconds": round(max(entry[3] for entry in stats.values()), 3),
+    }
 
 
 # -- step 3: the table -------------------------------------------------------------------------------
@@ -747,6 +846,15 @@ def main() -> None:
     p.add_argument("--tokensift-python", default=".venv/bin/python")
     p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("profile", help="cProfile one prompt per press on the tokensift side: press vs model")
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--presses", required=True)
+    p.add_argument("--ratio", type=float, required=True)
+    p.add_argument("--protocol", choices=PROTOCOLS, required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("table", help="merge both sides' rows into one table")
     p.add_argument("results", nargs="+")
     p.add_argument("--json", type=Path)
@@ -759,6 +867,8 @@ def main() -> None:
         run_cell(args)
     elif args.step == "malloc":
         run_malloc(args)
+    elif args.step == "profile":
+        run_profile(args)
     else:
         make_table(args)
 

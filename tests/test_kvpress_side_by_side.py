@@ -288,3 +288,22 @@ def test_malloc_step_bad_input_is_one_line(prompts: Path, tmp_path: Path) -> Non
     out.unlink()
     done = malloc("--index", "99")
     assert done.returncode == 2 and "--index 99" in done.stderr and not out.exists()
+
+
+def test_profile_step_splits_press_work_from_the_model(prompts: Path) -> None:
+    """`profile` records, per press and repeat, the press's own work (its `compress` calls) beside the
+    model's linear layers and the whole call; dense compresses nothing; a rerun adds nothing."""
+    out = prompts.with_name("profile.json")
+    args = ["profile", "--prompts", str(prompts), "--presses", "dense,knorm,adakv_snapkv", "--ratio", "0.5"]
+    args += ["--protocol", "query-aware", "--repeats", "1", "--out", str(out)]
+    done = _run(sys.executable, *args)
+    assert done.returncode == 0, done.stderr
+    runs = {r["press"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"dense", "knorm", "adakv_snapkv"}
+    assert runs["dense"]["compress_seconds"] == 0
+    for press in ("knorm", "adakv_snapkv"):
+        run = runs[press]
+        assert 0 < run["compress_seconds"] < run["profiled_seconds"]
+        assert 0 < run["linear_seconds"] < run["profiled_seconds"]
+    again = _run(sys.executable, *args)
+    assert again.returncode == 0 and len(json.loads(out.read_text())["runs"]) == 3
