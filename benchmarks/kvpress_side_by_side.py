@@ -430,13 +430,12 @@ def run_malloc(args: argparse.Namespace) -> None:
         "fresh-process peak RSS above the loaded model, one prompt, both libraries, "
         f"glibc's default malloc against {MMAP_THRESHOLD_ENV}=131072, runs interleaved",
     )
-    done = {malloc_key(r) for r in data["runs"]}
+    done = {run_key(r, MALLOC_FIELDS) for r in data["runs"]}
     base_env = {k: v for k, v in os.environ.items() if k != MMAP_THRESHOLD_ENV}
-    cell = {"press": "", "ratio": args.ratio, "protocol": args.protocol, "index": args.index}
     order = itertools.product(presses, range(1, args.repeats + 1), MALLOC_SETTINGS, SIDES)
     for press, repeat, label, side in order:
-        run = {**cell, "press": press, "repeat": repeat, "malloc": label, "side": side}
-        if malloc_key(run) in done:
+        run = {**step_run(args, press, repeat), "malloc": label, "side": side}
+        if run_key(run, MALLOC_FIELDS) in done:
             continue
         threshold = MALLOC_SETTINGS[label]
         env = base_env if threshold is None else {**base_env, MMAP_THRESHOLD_ENV: threshold}
@@ -489,8 +488,24 @@ def write_runs(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def malloc_key(run: dict[str, Any]) -> tuple:
-    return tuple(run.get(k) for k in ("press", "ratio", "protocol", "index", "repeat", "malloc", "side"))
+# What names one run of the `malloc` and `profile` steps (a rerun skips a run its --out holds).
+STEP_FIELDS = ("press", "ratio", "protocol", "index", "repeat")
+MALLOC_FIELDS = (*STEP_FIELDS, "malloc", "side")
+
+
+def step_run(args: argparse.Namespace, press: str, repeat: int) -> dict[str, Any]:
+    """The STEP_FIELDS of one run: the press and repeat, at the step's ratio, protocol and prompt."""
+    return {
+        "press": press,
+        "ratio": args.ratio,
+        "protocol": args.protocol,
+        "index": args.index,
+        "repeat": repeat,
+    }
+
+
+def run_key(run: dict[str, Any], fields: tuple[str, ...]) -> tuple:
+    return tuple(run.get(k) for k in fields)
 
 
 def malloc_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -532,24 +547,19 @@ def run_profile(args: argparse.Namespace) -> None:
         "and sdpa_seconds the own time of those torch ops, profiled_seconds the whole call "
         "(prefill and the answer's decode steps; cProfile's overhead included)",
     )
-    key = ("press", "ratio", "protocol", "index", "repeat")
-    done = {tuple(r.get(k) for k in key) for r in data["runs"]}
-    todo = [
-        (repeat, press)
-        for repeat in range(1, args.repeats + 1)
-        for press in presses
-        if (press, args.ratio, args.protocol, args.index, repeat) not in done
-    ]
+    done = {run_key(r, STEP_FIELDS) for r in data["runs"]}
+    runs = (step_run(args, press, repeat) for repeat in range(1, args.repeats + 1) for press in presses)
+    todo = [run for run in runs if run_key(run, STEP_FIELDS) not in done]
     if todo:
         run_tokensift(warm_up_prompt(prompt), "dense", 0.0, "query-aware", args.dtype)
-    for repeat, press in todo:
+    for run in todo:
+        press, repeat = run["press"], run["repeat"]
         profiler = cProfile.Profile()
         profiler.enable()
         row = run_tokensift(prompt, press, args.ratio, args.protocol, args.dtype)
         profiler.disable()
         stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-        run = {"press": press, "ratio": args.ratio, "protocol": args.protocol, "index": args.index}
-        run |= {"repeat": repeat, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+        run["utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         run |= {"prefill_seconds": round(row["prefill_seconds"], 2), **profile_split(stats)}
         run["prediction"] = row["prediction"]
         data["runs"].append(run)
