@@ -20,7 +20,10 @@ A reset peak in a shared process still counts heap the allocator kept from earli
 differs between the two libraries; `run --fresh-process` runs every row in its own process (model
 loaded and warmed on 8 tokens, then the peak reset), so the peak above start is the peak above the
 loaded model. `malloc` runs one prompt that way in both venvs, with glibc's default malloc and with a
-fixed mmap threshold, to tell memory held from freed heap the allocator keeps resident.
+fixed mmap threshold, to tell memory held from freed heap the allocator keeps resident; `timing`
+runs one prompt that way, both venvs interleaved run by run, for prefill times that do not carry the
+machine's drift between two sequential halves; `profile` splits our prefill into the press's own
+work and the model's.
 """
 
 from __future__ import annotations
@@ -317,9 +320,11 @@ def measured(side: str, prompt: dict, press: str, ratio: float, protocol: str, d
 
 def run_cell(args: argparse.Namespace) -> None:
     """One prompt of one cell in this (fresh) process, printed as a row (`--fresh-process`)."""
+    import torch
+
     prompt = read_prompts(args.prompts)[args.index]
     row = from_loaded_model(args.side, prompt, args.press, args.ratio, args.protocol, args.dtype)
-    print("ROW " + json.dumps(row))
+    print("ROW " + json.dumps({**row, "threads": torch.get_num_threads()}))
 
 
 def child_cell(
@@ -402,63 +407,84 @@ def run_side(args: argparse.Namespace) -> None:
         )
 
 
-# -- the allocator check: one prompt in fresh processes, glibc's default malloc against a fixed mmap
-# threshold -------------------------------------------------------------------------------------------
+# -- fresh-process pairs: one prompt, both libraries, interleaved; `malloc` also sets glibc's mmap
+# threshold, `timing` repeats the default for prefill times free of the drift between two halves -----
 
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+DEFAULT_MALLOC = "glibc default (dynamic mmap threshold)"
 # label -> the value of MALLOC_MMAP_THRESHOLD_ (None: unset, glibc's dynamic threshold)
 MALLOC_SETTINGS: dict[str, str | None] = {
-    "glibc default (dynamic mmap threshold)": None,
+    DEFAULT_MALLOC: None,
     f"{MMAP_THRESHOLD_ENV}=131072": "131072",
 }
 SIDES = ("tokensift", "kvpress")
+FRESH_PAIRS_WHAT = {
+    "malloc": "fresh-process peak RSS above the loaded model, one prompt, both libraries, "
+    f"glibc's default malloc against {MMAP_THRESHOLD_ENV}=131072, runs interleaved",
+    "timing": "fresh-process prefill+compression time and peak RSS, one prompt, both libraries, "
+    "glibc's default malloc, runs interleaved (the first library alternates by repeat)",
+}
 
 
-def run_malloc(args: argparse.Namespace) -> None:
-    """Fresh-process peaks above the loaded model for one prompt, both libraries, with glibc's default
-    malloc and with a fixed 128 KiB mmap threshold (large blocks always mapped, so a freed one goes
-    back to the OS at once): does a peak-RSS gap between the libraries come from memory held, or from
-    freed heap the allocator keeps resident? Runs interleave (press, repeat, setting, side), one
-    process at a time; `--out` is rewritten after every run and a rerun skips the runs it holds."""
+def run_fresh_pairs(args: argparse.Namespace) -> None:
+    """One prompt in fresh processes of both libraries' venvs, interleaved (press, repeat, setting,
+    library; the library that goes first alternates by repeat), one process at a time; `--out` is
+    rewritten after every run and a rerun skips the runs it holds.
+
+    `malloc`: glibc's default malloc and a fixed 128 KiB mmap threshold (large blocks always mapped,
+    so a freed one goes back to the OS at once): does a peak-RSS gap between the libraries come from
+    memory held, or from freed heap the allocator keeps resident?
+    `timing`: the default allocator only, for prefill times measured side by side, so that a time
+    ratio does not carry the machine's drift between a run of one library and a later run of the
+    other (what the sequential `run` halves do)."""
     pythons = {"tokensift": args.tokensift_python, "kvpress": args.kvpress_python}
     for side, python in pythons.items():
         if not Path(python).is_file():
             fail(f"--{side}-python {python} does not exist: make that venv (make bench-kvpress) or pass one")
     _, presses, data = one_prompt_step(args)
-    data.setdefault(
-        "what",
-        "fresh-process peak RSS above the loaded model, one prompt, both libraries, "
-        f"glibc's default malloc against {MMAP_THRESHOLD_ENV}=131072, runs interleaved",
-    )
+    data.setdefault("what", FRESH_PAIRS_WHAT[args.step])
+    settings = MALLOC_SETTINGS if args.step == "malloc" else {DEFAULT_MALLOC: None}
     done = {run_key(r, MALLOC_FIELDS) for r in data["runs"]}
     base_env = {k: v for k, v in os.environ.items() if k != MMAP_THRESHOLD_ENV}
-    order = itertools.product(presses, range(1, args.repeats + 1), MALLOC_SETTINGS, SIDES)
-    for press, repeat, label, side in order:
-        run = {**step_run(args, press, repeat), "malloc": label, "side": side}
-        if run_key(run, MALLOC_FIELDS) in done:
-            continue
-        threshold = MALLOC_SETTINGS[label]
-        env = base_env if threshold is None else {**base_env, MMAP_THRESHOLD_ENV: threshold}
-        row = child_cell(
-            pythons[side], side, args.prompts, args.index, press, args.ratio, args.protocol, args.dtype, env
-        )
-        run |= {
-            "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-            "rss_before_mib": round(row["rss_before_mib"]),
-            "peak_above_loaded_mib": round(row["peak_rss_mib"] - row["rss_before_mib"]),
-            "prefill_seconds": round(row["prefill_seconds"], 1),
-            "prediction": row["prediction"],
-        }
-        data["runs"].append(run)
-        data["summary"] = malloc_summary(data["runs"])
-        write_runs(args.out, data)
-        print(
-            f"{press} #{args.index} {repeat} {label} {side}: {run['peak_above_loaded_mib']} MiB", flush=True
-        )
+    order = itertools.product(presses, range(1, args.repeats + 1), settings)
+    for press, repeat, label in order:
+        for side in SIDES if repeat % 2 else SIDES[::-1]:
+            run = {**step_run(args, press, repeat), "malloc": label, "side": side}
+            if run_key(run, MALLOC_FIELDS) in done:
+                continue
+            threshold = settings[label]
+            env = base_env if threshold is None else {**base_env, MMAP_THRESHOLD_ENV: threshold}
+            row = child_cell(
+                pythons[side],
+                side,
+                args.prompts,
+                args.index,
+                press,
+                args.ratio,
+                args.protocol,
+                args.dtype,
+                env,
+            )
+            run |= {
+                "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                "threads": row.get("threads"),
+                "rss_before_mib": round(row["rss_before_mib"]),
+                "peak_above_loaded_mib": round(row["peak_rss_mib"] - row["rss_before_mib"]),
+                "prefill_seconds": round(row["prefill_seconds"], 2),
+                "prediction": row["prediction"],
+            }
+            data["runs"].append(run)
+            data["summary"] = fresh_pairs_summary(data["runs"])
+            write_runs(args.out, data)
+            print(
+                f"{press} #{args.index} {repeat} {label} {side}: {run['peak_above_loaded_mib']} MiB, "
+                f"prefill {run['prefill_seconds']:.1f} s",
+                flush=True,
+            )
 
 
 def one_prompt_step(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """What `malloc` and `profile` start from, checked: the prompt at --index, the presses, and the
+    """What `malloc`, `timing` and `profile` start from, checked: the prompt at --index, the presses, and the
     runs --out already holds."""
     prompts = read_prompts(args.prompts)
     if not 0 <= args.index < len(prompts):
@@ -481,14 +507,18 @@ def read_runs(path: Path) -> dict[str, Any]:
 
 
 def write_runs(path: Path, data: dict[str, Any]) -> None:
-    """Rewrite the results file whole (never half-written), with the command that ran last."""
-    data["command"] = "python benchmarks/kvpress_side_by_side.py " + " ".join(sys.argv[1:])
+    """Rewrite the results file whole (never half-written), with every distinct command that added
+    runs to it (a file written before `commands` existed keeps its one `command` as the first)."""
+    command = "python benchmarks/kvpress_side_by_side.py " + " ".join(sys.argv[1:])
+    commands = data.setdefault("commands", [data.pop("command")] if "command" in data else [])
+    if command not in commands:
+        commands.append(command)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     tmp.replace(path)
 
 
-# What names one run of the `malloc` and `profile` steps (a rerun skips a run its --out holds).
+# What names one run of the `malloc`, `timing` and `profile` steps (a rerun skips a run its --out holds).
 STEP_FIELDS = ("press", "ratio", "protocol", "index", "repeat")
 MALLOC_FIELDS = (*STEP_FIELDS, "malloc", "side")
 
@@ -508,21 +538,35 @@ def run_key(run: dict[str, Any], fields: tuple[str, ...]) -> tuple:
     return tuple(run.get(k) for k in fields)
 
 
-def malloc_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fresh_pairs_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per press, ratio, protocol, prompt and malloc setting: each library's median peak above the
-    loaded model and ours minus kvpress's."""
-    groups: dict[tuple, dict[str, list[int]]] = {}
+    loaded model and ours minus kvpress's; each library's prefill seconds and ours / kvpress's paired
+    by repeat, as [lower quartile, median, upper quartile]."""
+    groups: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = {}
     for run in runs:
         key = (run["press"], run["ratio"], run["protocol"], run["index"], run["malloc"])
-        groups.setdefault(key, {}).setdefault(run["side"], []).append(run["peak_above_loaded_mib"])
+        groups.setdefault(key, {}).setdefault(run["side"], {})[run["repeat"]] = run
     out = []
     for (press, ratio, protocol, index, label), sides in groups.items():
-        medians = {side: statistics.median(v) for side, v in sides.items()}
+        peaks = {
+            side: statistics.median(r["peak_above_loaded_mib"] for r in v.values())
+            for side, v in sides.items()
+        }
         entry = {"press": press, "ratio": ratio, "protocol": protocol, "index": index, "malloc": label}
-        entry |= {f"{side}_median_mib": medians.get(side) for side in SIDES}
-        entry["runs"] = {side: len(sides.get(side, [])) for side in SIDES}
-        both = all(side in medians for side in SIDES)
-        entry["ours_minus_kvpress_mib"] = medians["tokensift"] - medians["kvpress"] if both else None
+        entry |= {f"{side}_median_mib": peaks.get(side) for side in SIDES}
+        entry["runs"] = {side: len(sides.get(side, {})) for side in SIDES}
+        both = all(side in peaks for side in SIDES)
+        entry["ours_minus_kvpress_mib"] = peaks["tokensift"] - peaks["kvpress"] if both else None
+        for side in SIDES:
+            entry[f"{side}_prefill_s"] = list(
+                quartiles([r["prefill_seconds"] for r in sides.get(side, {}).values()])
+            )
+        ours, theirs = sides.get("tokensift", {}), sides.get("kvpress", {})
+        ratios = [
+            ours[k]["prefill_seconds"] / theirs[k]["prefill_seconds"]
+            for k in sorted(ours.keys() & theirs.keys())
+        ]
+        entry["prefill_ratio"] = list(quartiles(ratios)) if ratios else None
         out.append(entry)
     return out
 
@@ -843,19 +887,21 @@ def main() -> None:
     p.add_argument("--ratio", type=float, required=True)
     p.add_argument("--protocol", choices=PROTOCOLS, required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p = sub.add_parser(
-        "malloc", help="one prompt in fresh processes, both sides, glibc's malloc vs a fixed mmap threshold"
-    )
-    p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--presses", default="knorm")
-    p.add_argument("--ratio", type=float, default=0.25)
-    p.add_argument("--protocol", choices=PROTOCOLS, default="query-aware")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--tokensift-python", default=".venv/bin/python")
-    p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
-    p.add_argument("--out", type=Path, required=True)
+    for step, repeats, help_text in (
+        ("malloc", 2, "one prompt in fresh processes, both sides, glibc's malloc vs a fixed mmap threshold"),
+        ("timing", 5, "one prompt in fresh processes, both sides interleaved: prefill times side by side"),
+    ):
+        p = sub.add_parser(step, help=help_text)
+        p.add_argument("--prompts", type=Path, required=True)
+        p.add_argument("--index", type=int, default=0)
+        p.add_argument("--presses", default="knorm")
+        p.add_argument("--ratio", type=float, default=0.25)
+        p.add_argument("--protocol", choices=PROTOCOLS, default="query-aware")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+        p.add_argument("--repeats", type=int, default=repeats)
+        p.add_argument("--tokensift-python", default=".venv/bin/python")
+        p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
+        p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("profile", help="cProfile one prompt per press on the tokensift side: press vs model")
     p.add_argument("--prompts", type=Path, required=True)
     p.add_argument("--index", type=int, default=0)
@@ -875,8 +921,8 @@ def main() -> None:
         run_side(args)
     elif args.step == "cell":
         run_cell(args)
-    elif args.step == "malloc":
-        run_malloc(args)
+    elif args.step in ("malloc", "timing"):
+        run_fresh_pairs(args)
     elif args.step == "profile":
         run_profile(args)
     else:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -231,13 +233,12 @@ def test_peaks_from_an_unloaded_baseline_are_left_out() -> None:
     assert cells["tokensift"]["peak_rows_unloaded"] == 1 and cells["kvpress"]["peak_rows_unloaded"] == 0
 
 
-def test_malloc_step_interleaves_sets_the_threshold_and_resumes(
-    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`malloc` runs one fresh process per (press, repeat, setting, library), interleaved; only the
-    fixed-threshold runs get MALLOC_MMAP_THRESHOLD_ (a value the user exported is not inherited by the
-    default runs); the results file is rewritten after every run and a rerun skips what it holds."""
-    sbs = load_benchmark("kvpress_side_by_side")
+def fake_cells(
+    sbs: Any, monkeypatch: pytest.MonkeyPatch, row: Callable[[str, str | None, int], dict[str, float]]
+) -> list[tuple[str, str, str | None]]:
+    """Stand in for the fresh `cell` processes of `malloc` and `timing`: each call is recorded as (press,
+    side, MALLOC_MMAP_THRESHOLD_ it got) and answers `row(side, threshold, calls so far)`; a threshold
+    the user exported is set, so a run that should not get one shows it if it inherits it."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "999")
     calls: list[tuple[str, str, str | None]] = []
 
@@ -245,30 +246,85 @@ def test_malloc_step_interleaves_sets_the_threshold_and_resumes(
         side, press = cmd[cmd.index("--side") + 1], cmd[cmd.index("--press") + 1]
         threshold = env.get("MALLOC_MMAP_THRESHOLD_")
         calls.append((press, side, threshold))
-        above = 300.0 if threshold else (450.0 if side == "tokensift" else 400.0)
-        row = {"rss_before_mib": 2400.0, "peak_rss_mib": 2400.0 + above, "prefill_seconds": 30.0}
-        return subprocess.CompletedProcess(cmd, 0, "ROW " + json.dumps({**row, "prediction": " 1."}), "")
+        fixed = {"rss_before_mib": 2400.0, "prediction": " 1.", "threads": 2}
+        done = {**fixed, **row(side, threshold, len(calls))}
+        return subprocess.CompletedProcess(cmd, 0, "ROW " + json.dumps(done), "")
 
     monkeypatch.setattr(sbs.subprocess, "run", child)
-    out = tmp_path / "malloc.json"
-    args = ["malloc", "--prompts", str(prompts), "--presses", "knorm,tova", "--repeats", "2"]
-    args += ["--tokensift-python", sys.executable, "--kvpress-python", sys.executable, "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", ["kvpress_side_by_side.py", *args])
+    return calls
+
+
+def run_step(
+    sbs: Any, monkeypatch: pytest.MonkeyPatch, step: str, prompts: Path, out: Path, *args: str
+) -> None:
+    """The script's main() on `step` and `args`, with this interpreter as both libraries' Python."""
+    paths = ["--prompts", str(prompts), "--out", str(out)]
+    pythons = ["--tokensift-python", sys.executable, "--kvpress-python", sys.executable]
+    monkeypatch.setattr(sys, "argv", ["kvpress_side_by_side.py", step, *paths, *pythons, *args])
     sbs.main()
+
+
+def test_malloc_step_interleaves_sets_the_threshold_and_resumes(
+    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`malloc` runs one fresh process per (press, repeat, setting, library), interleaved; only the
+    fixed-threshold runs get MALLOC_MMAP_THRESHOLD_ (a value the user exported is not inherited by the
+    default runs); the results file is rewritten after every run and a rerun skips what it holds."""
+    sbs = load_benchmark("kvpress_side_by_side")
+
+    def row(side: str, threshold: str | None, _: int) -> dict[str, float]:
+        above = 300.0 if threshold else (450.0 if side == "tokensift" else 400.0)
+        return {"peak_rss_mib": 2400.0 + above, "prefill_seconds": 30.0}
+
+    calls = fake_cells(sbs, monkeypatch, row)
+    out = tmp_path / "malloc.json"
+    args = ["--presses", "knorm,tova", "--repeats", "2"]
+    run_step(sbs, monkeypatch, "malloc", prompts, out, *args)
     assert len(calls) == 2 * 2 * 2 * 2
     assert calls[:4] == [
         ("knorm", "tokensift", None), ("knorm", "kvpress", None),
         ("knorm", "tokensift", "131072"), ("knorm", "kvpress", "131072"),
     ]  # fmt: skip
     data = json.loads(out.read_text())
-    assert len(data["runs"]) == 16 and " malloc --prompts " in data["command"]
+    assert len(data["runs"]) == 16 and " malloc --prompts " in data["commands"][-1]
     by = {(s["press"], s["malloc"]): s for s in data["summary"]}
     default = by[("tova", "glibc default (dynamic mmap threshold)")]
     assert default["ours_minus_kvpress_mib"] == 50 and default["runs"] == {"tokensift": 2, "kvpress": 2}
     assert by[("tova", "MALLOC_MMAP_THRESHOLD_=131072")]["ours_minus_kvpress_mib"] == 0
     calls.clear()
-    sbs.main()  # everything is there: nothing runs again
+    run_step(sbs, monkeypatch, "malloc", prompts, out, *args)  # everything is there: nothing runs again
     assert calls == [] and len(json.loads(out.read_text())["runs"]) == 16
+    # another cell appends to the same file: its runs, its summary group and its command are added
+    run_step(sbs, monkeypatch, "malloc", prompts, out, *args, "--presses", "knorm", "--ratio", "0.5")
+    data = json.loads(out.read_text())
+    assert len(calls) == 8 and len(data["runs"]) == 24 and len(data["commands"]) == 2
+    groups = {(s["press"], s["ratio"]) for s in data["summary"]}
+    assert groups == {("knorm", 0.25), ("tova", 0.25), ("knorm", 0.5)}
+
+
+def test_timing_step_alternates_the_first_library_and_pairs_prefill_times(
+    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`timing` runs the default allocator only, five repeats unless told, the library that goes first
+    alternating by repeat; the summary pairs each repeat's prefill times (ours / kvpress's)."""
+    sbs = load_benchmark("kvpress_side_by_side")
+
+    def row(side: str, _: str | None, call: int) -> dict[str, float]:
+        seconds = 30.0 + call if side == "tokensift" else 40.0  # ours: 31, 34, 35, 38, 39 s
+        return {"peak_rss_mib": 2800.0, "prefill_seconds": seconds}
+
+    calls = fake_cells(sbs, monkeypatch, row)
+    out = tmp_path / "timing.json"
+    run_step(sbs, monkeypatch, "timing", prompts, out, "--presses", "streaming_llm")
+    assert [side for _, side, _ in calls] == ["tokensift", "kvpress", "kvpress", "tokensift"] * 2 + [
+        "tokensift", "kvpress"
+    ]  # fmt: skip
+    assert {threshold for *_, threshold in calls} == {None}  # the exported threshold is not inherited
+    data = json.loads(out.read_text())
+    (summary,) = data["summary"]
+    assert summary["runs"] == {"tokensift": 5, "kvpress": 5} and summary["kvpress_prefill_s"][1] == 40.0
+    assert summary["prefill_ratio"] == pytest.approx([34 / 40, 35 / 40, 38 / 40])
+    assert {r["threads"] for r in data["runs"]} == {2} and "interleaved" in data["what"]
 
 
 def test_malloc_step_bad_input_is_one_line(prompts: Path, tmp_path: Path) -> None:
