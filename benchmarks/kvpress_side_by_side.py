@@ -484,13 +484,17 @@ def run_fresh_pairs(args: argparse.Namespace) -> None:
 
 
 def one_prompt_step(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """What `malloc`, `timing` and `profile` start from, checked: the prompt at --index, the presses, and the
-    runs --out already holds."""
+    """What `malloc`, `timing` and `profile` start from, checked: the prompt at --index, the repeats,
+    the presses and ratio, and the runs --out already holds."""
     prompts = read_prompts(args.prompts)
     if not 0 <= args.index < len(prompts):
         fail(f"--index {args.index} is outside {args.prompts} ({len(prompts)} prompts)")
+    if args.repeats < 1:
+        fail(f"--repeats {args.repeats}: pass 1 or more")
     presses = args.presses.split(",")
     cells(presses, [args.ratio])  # names checked
+    if not 0 <= args.ratio < 1 or (args.ratio == 0 and presses != ["dense"]):
+        fail(f"--ratio {args.ratio} is not a fraction removed: pass one in (0, 1), or 0 with --presses dense")
     return prompts[args.index], presses, read_runs(args.out)
 
 
@@ -524,10 +528,11 @@ MALLOC_FIELDS = (*STEP_FIELDS, "malloc", "side")
 
 
 def step_run(args: argparse.Namespace, press: str, repeat: int) -> dict[str, Any]:
-    """The STEP_FIELDS of one run: the press and repeat, at the step's ratio, protocol and prompt."""
+    """The STEP_FIELDS of one run: the press and repeat, at the step's ratio (0 for dense, which
+    removes nothing), protocol and prompt."""
     return {
         "press": press,
-        "ratio": args.ratio,
+        "ratio": 0.0 if press == "dense" else args.ratio,
         "protocol": args.protocol,
         "index": args.index,
         "repeat": repeat,

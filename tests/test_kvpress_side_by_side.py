@@ -344,6 +344,10 @@ def test_malloc_step_bad_input_is_one_line(prompts: Path, tmp_path: Path) -> Non
     out.unlink()
     done = malloc("--index", "99")
     assert done.returncode == 2 and "--index 99" in done.stderr and not out.exists()
+    for bad, named in (("--repeats", "0"), ("--ratio", "1.5"), ("--ratio", "0")):
+        done = malloc(bad, named)
+        assert done.returncode == 2 and f"{bad} {named}" in done.stderr and not out.exists()
+        assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_profile_step_splits_press_work_from_the_model(prompts: Path) -> None:
