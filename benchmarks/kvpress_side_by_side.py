@@ -460,7 +460,7 @@ def run_fresh_pairs(args: argparse.Namespace) -> None:
                 args.prompts,
                 args.index,
                 press,
-                args.ratio,
+                run["ratio"],
                 args.protocol,
                 args.dtype,
                 env,
@@ -562,10 +562,9 @@ def fresh_pairs_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["runs"] = {side: len(sides.get(side, {})) for side in SIDES}
         both = all(side in peaks for side in SIDES)
         entry["ours_minus_kvpress_mib"] = peaks["tokensift"] - peaks["kvpress"] if both else None
-        for side in SIDES:
-            entry[f"{side}_prefill_s"] = list(
-                quartiles([r["prefill_seconds"] for r in sides.get(side, {}).values()])
-            )
+        for side in SIDES:  # None, not NaN (invalid JSON), for a library with no run yet
+            seconds = [r["prefill_seconds"] for r in sides.get(side, {}).values()]
+            entry[f"{side}_prefill_s"] = list(quartiles(seconds)) if seconds else None
         ours, theirs = sides.get("tokensift", {}), sides.get("kvpress", {})
         ratios = [
             ours[k]["prefill_seconds"] / theirs[k]["prefill_seconds"]

@@ -325,6 +325,10 @@ def test_timing_step_alternates_the_first_library_and_pairs_prefill_times(
     assert summary["runs"] == {"tokensift": 5, "kvpress": 5} and summary["kvpress_prefill_s"][1] == 40.0
     assert summary["prefill_ratio"] == pytest.approx([34 / 40, 35 / 40, 38 / 40])
     assert {r["threads"] for r in data["runs"]} == {2} and "interleaved" in data["what"]
+    # a file written after the first run of a pair (one library only) stays valid JSON: no NaN
+    (partial,) = sbs.fresh_pairs_summary(data["runs"][:1])
+    assert partial["kvpress_prefill_s"] is None and partial["prefill_ratio"] is None
+    assert partial["tokensift_prefill_s"] == [31.0, 31.0, 31.0]
 
 
 def test_malloc_step_bad_input_is_one_line(prompts: Path, tmp_path: Path) -> None:
