@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -228,7 +230,9 @@ _KV_MODELS: dict[str, Any] = {}
 
 
 def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str, dtype: str) -> dict:
-    import kvpress  # the presses live in its namespace
+    """kvpress's pipeline as its README runs it: the press as a context manager around the model's
+    forward, then greedy decoding on the compressed DynamicCache. Dense runs no press and imports
+    nothing of kvpress: plain transformers (what the `transformers` side runs in our venv)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
@@ -243,7 +247,7 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
         _KV_MODELS[key] = (model, AutoTokenizer.from_pretrained(prompt["model_dir"]))
     model, tok = _KV_MODELS[key]
     source = PRESSES[press][1]
-    press_obj = eval(source.format(r=ratio), vars(kvpress)) if source else None
+    press_obj = eval(source.format(r=ratio), vars(importlib.import_module("kvpress"))) if source else None
     ctx = torch.tensor([prompt["context_ids"]])
     q = torch.tensor([prompt["question_ids"]])
     aware = protocol == "query-aware"
@@ -291,7 +295,16 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
     }
 
 
-RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress}
+def run_transformers(prompt: dict[str, Any], press: str, ratio: float, protocol: str, dtype: str) -> dict:
+    """Plain transformers in our venv: kvpress's harness without a press (dense only). Beside dense
+    in both libraries' venvs it splits a dense gap into ours vs transformers (same venv) and
+    transformers 5.2x vs the version kvpress pins (same code, two venvs)."""
+    if press != "dense":
+        fail(f"the transformers side runs dense only, not {press}")
+    return run_kvpress(prompt, press, ratio, protocol, dtype)
+
+
+RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress, "transformers": run_transformers}
 
 
 def warm_up_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
@@ -314,8 +327,21 @@ def measured(side: str, prompt: dict, press: str, ratio: float, protocol: str, d
     """One prompt on `side` from a reset peak: its result with the baseline (`reset_peak_rss`) and the
     peak RSS since as `peak_rss_mib`."""
     baseline = reset_peak_rss()
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = RUNNERS[side](prompt, press, ratio, protocol, dtype)
-    return {**baseline, "peak_rss_mib": rss_mib("VmHWM"), **result}
+    return {**baseline, "peak_rss_mib": rss_mib("VmHWM"), **result, **cpu_since(before)}
+
+
+def cpu_since(before: resource.struct_rusage) -> dict[str, float]:
+    """This process's CPU seconds in user code and in the kernel (page faults are most of it: a 4k
+    prefill touches gigabytes of freshly mapped activations) and its minor page faults since `before`:
+    what a wall-time gap between two runs of the same computation is made of."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "cpu_user_s": round(now.ru_utime - before.ru_utime, 2),
+        "cpu_sys_s": round(now.ru_stime - before.ru_stime, 2),
+        "minor_faults": now.ru_minflt - before.ru_minflt,
+    }
 
 
 def run_cell(args: argparse.Namespace) -> None:
@@ -418,6 +444,9 @@ MALLOC_SETTINGS: dict[str, str | None] = {
     f"{MMAP_THRESHOLD_ENV}=131072": "131072",
 }
 SIDES = ("tokensift", "kvpress")
+# --sides of `malloc` and `timing`: the two libraries, or dense in three arms with plain transformers
+# run in our venv (the same computation in both venvs, and ours beside it in the same venv)
+ALL_SIDES = ("tokensift", "transformers", "kvpress")
 FRESH_PAIRS_WHAT = {
     "malloc": "fresh-process peak RSS above the loaded model, one prompt, both libraries, "
     f"glibc's default malloc against {MMAP_THRESHOLD_ENV}=131072, runs interleaved",
@@ -437,18 +466,25 @@ def run_fresh_pairs(args: argparse.Namespace) -> None:
     `timing`: the default allocator only, for prefill times measured side by side, so that a time
     ratio does not carry the machine's drift between a run of one library and a later run of the
     other (what the sequential `run` halves do)."""
-    pythons = {"tokensift": args.tokensift_python, "kvpress": args.kvpress_python}
+    venvs = {"tokensift": "tokensift", "transformers": "tokensift", "kvpress": "kvpress"}
+    sides = fresh_sides(args)
+    _, presses, data = one_prompt_step(args)
+    if "transformers" in sides and presses != ["dense"]:
+        fail("--sides with transformers runs dense only: pass --presses dense --ratio 0")
+    pythons = {side: getattr(args, f"{venvs[side]}_python") for side in sides}
     for side, python in pythons.items():
         if not Path(python).is_file():
-            fail(f"--{side}-python {python} does not exist: make that venv (make bench-kvpress) or pass one")
-    _, presses, data = one_prompt_step(args)
-    data.setdefault("what", FRESH_PAIRS_WHAT[args.step])
+            venv = f"--{venvs[side]}-python"
+            fail(f"{venv} {python} does not exist: make that venv (make bench-kvpress) or pass one")
+    third = "; a third arm, plain transformers in our venv (dense)" if "transformers" in sides else ""
+    data.setdefault("what", FRESH_PAIRS_WHAT[args.step] + third)
     settings = MALLOC_SETTINGS if args.step == "malloc" else {DEFAULT_MALLOC: None}
     done = {run_key(r, MALLOC_FIELDS) for r in data["runs"]}
     base_env = {k: v for k, v in os.environ.items() if k != MMAP_THRESHOLD_ENV}
     order = itertools.product(presses, range(1, args.repeats + 1), settings)
     for press, repeat, label in order:
-        for side in SIDES if repeat % 2 else SIDES[::-1]:
+        first = (repeat - 1) % len(sides)  # two libraries: alternate; three: rotate
+        for side in sides[first:] + sides[:first]:
             run = {**step_run(args, press, repeat), "malloc": label, "side": side}
             if run_key(run, MALLOC_FIELDS) in done:
                 continue
@@ -471,6 +507,7 @@ def run_fresh_pairs(args: argparse.Namespace) -> None:
                 "rss_before_mib": round(row["rss_before_mib"]),
                 "peak_above_loaded_mib": round(row["peak_rss_mib"] - row["rss_before_mib"]),
                 "prefill_seconds": round(row["prefill_seconds"], 2),
+                **{k: row[k] for k in CPU_FIELDS if k in row},
                 "prediction": row["prediction"],
             }
             data["runs"].append(run)
@@ -481,6 +518,14 @@ def run_fresh_pairs(args: argparse.Namespace) -> None:
                 f"prefill {run['prefill_seconds']:.1f} s",
                 flush=True,
             )
+
+
+def fresh_sides(args: argparse.Namespace) -> list[str]:
+    """The libraries of a `malloc` or `timing` step, checked: two or three of ALL_SIDES, each once."""
+    sides = args.sides.split(",")
+    if len(set(sides)) != len(sides) or len(sides) < 2 or not set(sides) <= set(ALL_SIDES):
+        fail(f"--sides {args.sides}: pass two or three of {','.join(ALL_SIDES)}, each once")
+    return sides
 
 
 def one_prompt_step(args: argparse.Namespace) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
@@ -543,10 +588,20 @@ def run_key(run: dict[str, Any], fields: tuple[str, ...]) -> tuple:
     return tuple(run.get(k) for k in fields)
 
 
+CPU_FIELDS = ("cpu_user_s", "cpu_sys_s", "minor_faults")
+# paired prefill ratios a summary gives when both sides ran: key -> (numerator side, denominator side)
+PAIRED_RATIOS = {
+    "prefill_ratio": ("tokensift", "kvpress"),
+    "prefill_ratio_tokensift_vs_transformers": ("tokensift", "transformers"),
+    "prefill_ratio_transformers_vs_kvpress": ("transformers", "kvpress"),
+}
+
+
 def fresh_pairs_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per press, ratio, protocol, prompt and malloc setting: each library's median peak above the
-    loaded model and ours minus kvpress's; each library's prefill seconds and ours / kvpress's paired
-    by repeat, as [lower quartile, median, upper quartile]."""
+    loaded model and ours minus kvpress's; each library's prefill seconds (and CPU seconds, user and
+    kernel, and minor faults where the runs record them) and the prefill ratios of PAIRED_RATIOS
+    paired by repeat, as [lower quartile, median, upper quartile]."""
     groups: dict[tuple, dict[str, dict[int, dict[str, Any]]]] = {}
     for run in runs:
         key = (run["press"], run["ratio"], run["protocol"], run["index"], run["malloc"])
@@ -558,19 +613,23 @@ def fresh_pairs_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for side, v in sides.items()
         }
         entry = {"press": press, "ratio": ratio, "protocol": protocol, "index": index, "malloc": label}
-        entry |= {f"{side}_median_mib": peaks.get(side) for side in SIDES}
-        entry["runs"] = {side: len(sides.get(side, {})) for side in SIDES}
+        shown = [side for side in ALL_SIDES if side in SIDES or side in sides]
+        entry |= {f"{side}_median_mib": peaks.get(side) for side in shown}
+        entry["runs"] = {side: len(sides.get(side, {})) for side in shown}
         both = all(side in peaks for side in SIDES)
         entry["ours_minus_kvpress_mib"] = peaks["tokensift"] - peaks["kvpress"] if both else None
-        for side in SIDES:  # None, not NaN (invalid JSON), for a library with no run yet
-            seconds = [r["prefill_seconds"] for r in sides.get(side, {}).values()]
-            entry[f"{side}_prefill_s"] = list(quartiles(seconds)) if seconds else None
-        ours, theirs = sides.get("tokensift", {}), sides.get("kvpress", {})
-        ratios = [
-            ours[k]["prefill_seconds"] / theirs[k]["prefill_seconds"]
-            for k in sorted(ours.keys() & theirs.keys())
-        ]
-        entry["prefill_ratio"] = list(quartiles(ratios)) if ratios else None
+        for side in shown:  # None, not NaN (invalid JSON), for a library with no run yet
+            for field in ("prefill_seconds", *CPU_FIELDS):
+                values = [r[field] for r in sides.get(side, {}).values() if field in r]
+                name = f"{side}_prefill_s" if field == "prefill_seconds" else f"{side}_{field}"
+                if values or field == "prefill_seconds":
+                    entry[name] = list(quartiles(values)) if values else None
+        for name, (top, bottom) in PAIRED_RATIOS.items():
+            if name != "prefill_ratio" and not (top in sides and bottom in sides):
+                continue
+            a, b = sides.get(top, {}), sides.get(bottom, {})
+            ratios = [a[k]["prefill_seconds"] / b[k]["prefill_seconds"] for k in sorted(a.keys() & b.keys())]
+            entry[name] = list(quartiles(ratios)) if ratios else None
         out.append(entry)
     return out
 
@@ -884,7 +943,7 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("cell", help="one prompt of one cell (what --fresh-process runs per row)")
-    p.add_argument("--side", choices=["tokensift", "kvpress"], required=True)
+    p.add_argument("--side", choices=list(ALL_SIDES), required=True)
     p.add_argument("--prompts", type=Path, required=True)
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--press", choices=list(PRESSES), required=True)
@@ -903,6 +962,12 @@ def main() -> None:
         p.add_argument("--protocol", choices=PROTOCOLS, default="query-aware")
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
         p.add_argument("--repeats", type=int, default=repeats)
+        p.add_argument(
+            "--sides",
+            default="tokensift,kvpress",
+            help="the libraries, in first-run order: two or three of tokensift, transformers (plain "
+            "transformers in our venv, dense only) and kvpress",
+        )
         p.add_argument("--tokensift-python", default=".venv/bin/python")
         p.add_argument("--kvpress-python", default=".venv-kvpress/bin/python")
         p.add_argument("--out", type=Path, required=True)

@@ -352,6 +352,45 @@ def test_malloc_step_bad_input_is_one_line(prompts: Path, tmp_path: Path) -> Non
         done = malloc(bad, named)
         assert done.returncode == 2 and f"{bad} {named}" in done.stderr and not out.exists()
         assert len(done.stderr.strip().splitlines()) == 1
+    for sides in ("tokensift", "tokensift,tokensift", "tokensift,vllm"):
+        done = malloc("--sides", sides)
+        assert done.returncode == 2 and f"--sides {sides}: pass two or three" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+    done = malloc("--sides", "tokensift,transformers,kvpress", "--presses", "knorm")
+    assert done.returncode == 2 and "runs dense only" in done.stderr and not out.exists()
+
+
+def test_timing_step_with_plain_transformers_rotates_three_arms(
+    prompts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--sides tokensift,transformers,kvpress` (dense): plain transformers runs in our venv's Python,
+    the first arm rotates by repeat, and the summary pairs ours / transformers and transformers /
+    kvpress's beside ours / kvpress's, with each arm's CPU seconds and page faults."""
+    sbs = load_benchmark("kvpress_side_by_side")
+    seconds = {"tokensift": 33.0, "transformers": 30.0, "kvpress": 20.0}
+
+    def row(side: str, _: str | None, call: int) -> dict[str, float]:
+        cpu = {"cpu_user_s": 50.0, "cpu_sys_s": 5.0 + call, "minor_faults": 1000 * call}
+        return {"peak_rss_mib": 2800.0, "prefill_seconds": seconds[side], **cpu}
+
+    calls = fake_cells(sbs, monkeypatch, row)
+    out = tmp_path / "timing3.json"
+    sides = ["--sides", "tokensift,transformers,kvpress", "--presses", "dense", "--ratio", "0"]
+    run_step(sbs, monkeypatch, "timing", prompts, out, *sides, "--repeats", "3")
+    assert [side for _, side, _ in calls] == [
+        "tokensift", "transformers", "kvpress",
+        "transformers", "kvpress", "tokensift",
+        "kvpress", "tokensift", "transformers",
+    ]  # fmt: skip
+    data = json.loads(out.read_text())
+    (summary,) = data["summary"]
+    assert summary["runs"] == {"tokensift": 3, "transformers": 3, "kvpress": 3}
+    assert summary["prefill_ratio"] == pytest.approx([33 / 20] * 3)
+    assert summary["prefill_ratio_tokensift_vs_transformers"] == pytest.approx([1.1] * 3)
+    assert summary["prefill_ratio_transformers_vs_kvpress"] == pytest.approx([1.5] * 3)
+    assert summary["tokensift_cpu_sys_s"][1] == 11.0  # calls 1, 6, 8: 6, 11, 13 s
+    assert summary["kvpress_minor_faults"][1] == 5000 and "third arm" in data["what"]
+    assert {r["ratio"] for r in data["runs"]} == {0.0}
 
 
 def test_profile_step_splits_press_work_from_the_model(prompts: Path) -> None:
