@@ -295,16 +295,10 @@ def run_kvpress(prompt: dict[str, Any], press: str, ratio: float, protocol: str,
     }
 
 
-def run_transformers(prompt: dict[str, Any], press: str, ratio: float, protocol: str, dtype: str) -> dict:
-    """Plain transformers in our venv: kvpress's harness without a press (dense only). Beside dense
-    in both libraries' venvs it splits a dense gap into ours vs transformers (same venv) and
-    transformers 5.2x vs the version kvpress pins (same code, two venvs)."""
-    if press != "dense":
-        fail(f"the transformers side runs dense only, not {press}")
-    return run_kvpress(prompt, press, ratio, protocol, dtype)
-
-
-RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress, "transformers": run_transformers}
+# "transformers": plain transformers in our venv, kvpress's harness without a press (dense only,
+# checked by run_cell). Beside dense in both libraries' venvs it splits a dense gap into ours vs
+# transformers (same venv) and our venv's transformers vs the version kvpress pins (same code).
+RUNNERS = {"tokensift": run_tokensift, "kvpress": run_kvpress, "transformers": run_kvpress}
 
 
 def warm_up_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
@@ -347,10 +341,14 @@ def cpu_since(before: resource.struct_rusage) -> dict[str, float]:
 def run_cell(args: argparse.Namespace) -> None:
     """One prompt of one cell in this (fresh) process, printed as a row (`--fresh-process`)."""
     import torch
+    import transformers
 
+    if args.side == "transformers" and args.press != "dense":
+        fail(f"the transformers side runs dense only, not {args.press}")
     prompt = read_prompts(args.prompts)[args.index]
     row = from_loaded_model(args.side, prompt, args.press, args.ratio, args.protocol, args.dtype)
-    print("ROW " + json.dumps({**row, "threads": torch.get_num_threads()}))
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    print("ROW " + json.dumps({**row, "threads": torch.get_num_threads(), "versions": versions}))
 
 
 def child_cell(
@@ -504,6 +502,7 @@ def run_fresh_pairs(args: argparse.Namespace) -> None:
             run |= {
                 "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                 "threads": row.get("threads"),
+                "versions": row.get("versions"),  # torch and transformers of the side's venv
                 "rss_before_mib": round(row["rss_before_mib"]),
                 "peak_above_loaded_mib": round(row["peak_rss_mib"] - row["rss_before_mib"]),
                 "prefill_seconds": round(row["prefill_seconds"], 2),

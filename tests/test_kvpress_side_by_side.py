@@ -160,6 +160,25 @@ def test_fresh_process_rows_match_the_shared_process(prompts: Path) -> None:
     assert b["heap_trimmed"] in (True, False) and a["heap_trimmed"] == b["heap_trimmed"]
 
 
+def test_transformers_cell_runs_dense_without_kvpress(prompts: Path) -> None:
+    """The `transformers` side runs kvpress's harness with no press in our venv (kvpress is not
+    installed here): the dense answer ours gives, with its versions, CPU seconds and page faults."""
+    args = ["cell", "--prompts", str(prompts), "--index", "0", "--press", "dense", "--ratio", "0"]
+    args += ["--protocol", "query-agnostic"]
+    rows = {}
+    for side in ("transformers", "tokensift"):
+        done = _run(sys.executable, *args, "--side", side)
+        assert done.returncode == 0, done.stderr
+        rows[side] = json.loads(done.stdout.split("ROW ", 1)[1])
+    hf, ours = rows["transformers"], rows["tokensift"]
+    assert hf["prediction"] == ours["prediction"] and hf["method"] == "dense"
+    assert hf["versions"]["transformers"] == ours["versions"]["transformers"]
+    assert hf["cpu_user_s"] >= 0 and hf["minor_faults"] > 0 and "cpu_sys_s" in hf
+    done = _run(sys.executable, *args[:6], "knorm", *args[7:], "--side", "transformers")
+    assert done.returncode == 2 and "runs dense only" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_peak_baseline_excludes_freed_heap() -> None:
     """`reset_peak_rss` reads its baseline after giving free heap back to the OS: heap a loader freed
     but kept resident would otherwise let a run "peak lower above the model" by reusing it."""
@@ -247,6 +266,7 @@ def fake_cells(
         threshold = env.get("MALLOC_MMAP_THRESHOLD_")
         calls.append((press, side, threshold))
         fixed = {"rss_before_mib": 2400.0, "prediction": " 1.", "threads": 2}
+        fixed["versions"] = {"torch": "2.13.0", "transformers": "5.0"}
         done = {**fixed, **row(side, threshold, len(calls))}
         return subprocess.CompletedProcess(cmd, 0, "ROW " + json.dumps(done), "")
 
@@ -391,6 +411,7 @@ def test_timing_step_with_plain_transformers_rotates_three_arms(
     assert summary["tokensift_cpu_sys_s"][1] == 11.0  # calls 1, 6, 8: 6, 11, 13 s
     assert summary["kvpress_minor_faults"][1] == 5000 and "third arm" in data["what"]
     assert {r["ratio"] for r in data["runs"]} == {0.0}
+    assert {r["versions"]["transformers"] for r in data["runs"]} == {"5.0"}
 
 
 def test_profile_step_splits_press_work_from_the_model(prompts: Path) -> None:
