@@ -22,8 +22,10 @@ loaded and warmed on 8 tokens, then the peak reset), so the peak above start is 
 loaded model. `malloc` runs one prompt that way in both venvs, with glibc's default malloc and with a
 fixed mmap threshold, to tell memory held from freed heap the allocator keeps resident; `timing`
 runs one prompt that way, both venvs interleaved run by run, for prefill times that do not carry the
-machine's drift between two sequential halves; `profile` splits our prefill into the press's own
-work and the model's.
+machine's drift between two sequential halves (`--sides tokensift,transformers,kvpress --presses
+dense` adds plain transformers in our venv, to tell our code from our venv's transformers version;
+every run records its CPU seconds, user and kernel, and minor page faults); `profile` splits our
+prefill into the press's own work and the model's.
 """
 
 from __future__ import annotations
