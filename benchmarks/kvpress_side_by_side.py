@@ -619,12 +619,15 @@ def fresh_pairs_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["runs"] = {side: len(sides.get(side, {})) for side in shown}
         both = all(side in peaks for side in SIDES)
         entry["ours_minus_kvpress_mib"] = peaks["tokensift"] - peaks["kvpress"] if both else None
-        for side in shown:  # None, not NaN (invalid JSON), for a library with no run yet
-            for field in ("prefill_seconds", *CPU_FIELDS):
-                values = [r[field] for r in sides.get(side, {}).values() if field in r]
-                name = f"{side}_prefill_s" if field == "prefill_seconds" else f"{side}_{field}"
-                if values or field == "prefill_seconds":
-                    entry[name] = list(quartiles(values)) if values else None
+        for side in shown:
+            side_runs = sides.get(side, {}).values()
+            seconds = [r["prefill_seconds"] for r in side_runs]
+            # None, not NaN (invalid JSON), for a library with no run yet
+            entry[f"{side}_prefill_s"] = list(quartiles(seconds)) if seconds else None
+            for field in CPU_FIELDS:  # only where the runs record them (files from before lack them)
+                values = [r[field] for r in side_runs if field in r]
+                if values:
+                    entry[f"{side}_{field}"] = list(quartiles(values))
         for name, (top, bottom) in PAIRED_RATIOS.items():
             if name != "prefill_ratio" and not (top in sides and bottom in sides):
                 continue
