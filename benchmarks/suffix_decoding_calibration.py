@@ -183,14 +183,27 @@ def simulate(specs: list[str]) -> None:
         print(line, flush=True)
 
 
-def grid() -> None:
-    """The replay over a grid of the adaptive schedule's priors, weight, offset and min_rate: the
-    geometric mean speed-up over the repetitive workloads and the worst and mean open chat prompt.
-    The defaults are the best repetitive mean whose worst chat prompt stays >= 0.98 (modelled), and
-    the cost model's batch_cost / row_cost are checked at them."""
+def rank(specs: list[str]) -> None:
+    """The replay of every spec on every calibration prompt: the geometric mean speed-up over the
+    repetitive workloads and the worst and mean open chat prompt, best first."""
     report = json.loads(OUT.read_text())
     table = {int(k): v for k, v in report["forward_cost"].items()}
     rows = []
+    for spec in specs:
+        chat, rep = [], []
+        for p in report["prompts"]:
+            speed = replay(spec, p["ids"], p["greedy"], table)["speedup"]
+            (chat if p["group"] == "open-ended" else rep).append(speed)
+        rows.append((statistics.geometric_mean(rep), min(chat), statistics.geometric_mean(chat), spec))
+    print("repetitive geo mean | worst chat | chat geo mean | spec")
+    for row in sorted(rows, reverse=True):
+        print(f"{row[0]:.2f} | {row[1]:.3f} | {row[2]:.3f} | {row[3]}")
+
+
+def grid() -> None:
+    """The adaptive schedule's priors, weight, offset and min_rate, and the cost model's batch_cost /
+    row_cost at them. The defaults are the best repetitive mean whose worst chat prompt stays >= 0.98
+    (modelled)."""
     axes = ([0.4, 0.5, 0.7, 1.0], [0.8, 0.9, 1.0], [2, 4, 8], [4, 8, 12], [1.0, 1.1, 1.2])
     specs = [
         f"suffix_decoding:first_prior={a},next_prior={b},prior_weight={w},max_spec_offset={o},min_rate={m}"
@@ -201,15 +214,69 @@ def grid() -> None:
         for b in (0.5, 0.65, 0.8, 1.0)
         for r in (0.03, 0.06, 0.08)
     ]
-    for spec in specs:
-        chat, rep = [], []
-        for p in report["prompts"]:
-            speed = replay(spec, p["ids"], p["greedy"], table)["speedup"]
-            (chat if p["group"] == "open-ended" else rep).append(speed)
-        rows.append((statistics.geometric_mean(rep), min(chat), statistics.geometric_mean(chat), spec))
-    print("repetitive geo mean | worst chat | chat geo mean | spec")
-    for row in sorted(rows, reverse=True):
-        print(f"{row[0]:.2f} | {row[1]:.3f} | {row[2]:.3f} | {row[3]}")
+    rank(specs)
+
+
+def grid_copy() -> None:
+    """The fixed schedule's copy offset, its window and the draft cap, beside the paper's rule (copy
+    offset 0, vLLM's cap 16). The defaults are the best repetitive mean whose worst chat prompt is the
+    paper rule's (modelled)."""
+    rank(
+        ["suffix_decoding:copy_offset=0,max_spec_tokens=16"]
+        + [
+            f"suffix_decoding:copy_offset={o},copy_window={w},max_spec_tokens={m}"
+            for o, w, m in itertools.product([8, 12, 16, 24, 32], [1, 2, 3], [16, 24, 32, 48])
+        ]
+    )
+
+
+def cheapest(greedy: list[int], novel: list[bool], cost: Any, cap: int = 48) -> tuple[float, int]:
+    """(time, steps) of an oracle that drafts exactly the greedy continuation wherever a model-free
+    drafter could (never a novel token), with the draft lengths that make the total time least: each
+    step verifies j <= `cap` drafts that hold no novel token and commits them plus the model's own
+    token, at `cost(1 + j)`. `novel[i]` marks greedy[i + 1]. A dynamic program over positions."""
+    n = len(greedy)
+    best: list[tuple[float, int]] = [(0.0, 0)] * (n + 1)
+    for c in range(n - 1, 0, -1):  # c tokens committed (the prefill wrote greedy[0])
+        options, run = [], 0
+        while True:
+            nxt = min(c + run + 1, n)
+            options.append((cost(1 + run) + best[nxt][0], best[nxt][1] + 1))
+            if run >= cap or c + run >= n - 1 or novel[c + run - 1]:
+                break
+            run += 1
+        best[c] = min(options)
+    return best[1]
+
+
+def oracle() -> None:
+    """Per calibration prompt: what the best model-free drafter could do at all (`cheapest`), under
+    the measured CPU forward costs and with every forward costing one (a GPU, where verification
+    is nearly free), beside the replay of our default and transformers' lookup rule (3/5/10, best)."""
+    gl = loops_module()
+    report = json.loads(OUT.read_text())
+    table = {int(k): v for k, v in report["forward_cost"].items()}
+    lookups = [f"prompt_lookup:num_tokens={n}" for n in (3, 5, 10)]
+    print(
+        "workload | novel / decode tokens | oracle vs greedy: CPU, flat | best lookup (n) | ours | "
+        "oracle / best lookup: CPU, flat"
+    )
+    for p in report["prompts"]:
+        ids, greedy = p["ids"], p["greedy"]
+        novel_at = gl.novel_flags(ids, greedy)
+        plain = len(greedy) - 1
+        cpu = plain / cheapest(greedy, novel_at, lambda rows: measured_cost(table, rows))[0]
+        flat_steps = cheapest(greedy, novel_at, lambda rows: 1.0)[1]
+        flat = plain / flat_steps
+        looks = {n: replay(n, ids, greedy, table) for n in lookups}
+        best = max(looks, key=lambda n: looks[n]["speedup"])
+        look_flat = plain / looks[best]["steps"]
+        ours = replay("suffix_decoding", ids, greedy, table)["speedup"]
+        print(
+            f"{p['group']} | {sum(novel_at)} / {plain} | {cpu:.2f}, {flat:.2f} | "
+            f"{looks[best]['speedup']:.2f} ({best.rsplit('=', 1)[1]}) | {ours:.2f} | "
+            f"{cpu / looks[best]['speedup']:.2f}, {flat / look_flat:.2f}"
+        )
 
 
 def rates(run: dict[str, Any]) -> list[float]:
@@ -321,6 +388,10 @@ def main() -> None:
         collect()
     elif sys.argv[1] == "grid":
         grid()
+    elif sys.argv[1] == "grid-copy":
+        grid_copy()
+    elif sys.argv[1] == "oracle":
+        oracle()
     elif sys.argv[1] == "run":
         run(sys.argv[2:])
     elif sys.argv[1] == "table":

@@ -12,7 +12,12 @@ import torch
 import tokensift
 from tokensift.errors import TokensiftError
 from tokensift.methods.bild import BiLD
-from tokensift.methods.suffix_decoding import ADAPTIVE_MAX_SPEC, FIXED_MAX_SPEC, SuffixDecoding
+from tokensift.methods.suffix_decoding import (
+    ADAPTIVE_MAX_SPEC,
+    FIXED_COPY_OFFSET,
+    FIXED_MAX_SPEC,
+    SuffixDecoding,
+)
 from tokensift.runtime.plan import Plan
 from tokensift.speculative import clear_global_caches
 from tokensift.speculative.cost import ForwardCost
@@ -85,7 +90,7 @@ def test_adaptive_skips_a_weak_draft() -> None:
 def test_adaptive_takes_a_long_confident_draft() -> None:
     """The output copies a 100-token span of the prompt. The first draft stays moderate (nothing
     is known about this generation yet); once the model has accepted it whole, the next one runs
-    past the paper's 16-token cap, where the fixed schedule stops at 16."""
+    past vLLM's 16-token cap, where the fixed schedule stops at its own cap."""
     span = list(range(10, 110))
     prompt = [*span, 3, 4, 5, *span[:10]]
     adaptive = drafter(ADAPTIVE, prompt)
@@ -96,12 +101,35 @@ def test_adaptive_takes_a_long_confident_draft() -> None:
     adaptive.observe(copied)
     second = adaptive.propose(NEW).token_ids
     at = 11 + len(first)
-    assert len(second) > FIXED_MAX_SPEC and second == span[at : at + len(second)]
+    assert len(second) > 16 and second == span[at : at + len(second)]
     assert len(second) <= ADAPTIVE_MAX_SPEC
     fixed = drafter("suffix_decoding:schedule=fixed", [*prompt, *copied])
-    assert fixed.propose(NEW).token_ids == span[at : at + FIXED_MAX_SPEC]
+    draft = fixed.propose(NEW).token_ids
+    assert draft == span[at : at + len(draft)] and len(draft) <= FIXED_MAX_SPEC
     # The room left in the generation caps it.
     assert len(adaptive.propose(5)) <= 5
+
+
+def test_fixed_schedule_drafts_past_a_short_match_while_the_output_copies() -> None:
+    """An edit inside a copy: the output copied `a` (accepted drafts), then wrote a token of its own
+    (X) and goes on with the copy. The match after X is one token long, so the paper's rule drafts
+    one token; while the last steps accepted drafts the copy offset lets the draft run on."""
+    a, b = list(range(10, 40)), list(range(40, 80))
+    X = 5
+    prompt = [*a, 7, *b, 3, 3, 3, *a]  # the text to copy is a 7 b; the output writes a X b
+    fixed = drafter("suffix_decoding:copy_offset=0", prompt)
+    fixed.observe([X, 40])  # X was seen once, before 6 in a pair nowhere else: match length 1
+    plain = fixed.propose(NEW).token_ids
+    assert plain == b[1 : 1 + len(plain)] and len(plain) <= 2
+    copying = drafter("suffix_decoding", prompt)
+    copying.feedback(12)  # the previous step accepted 12 draft tokens
+    copying.observe([X, 40])
+    draft = copying.propose(NEW).token_ids
+    assert draft == b[1 : 1 + len(draft)] and len(draft) > len(plain) + 8
+    # Two steps without an accepted draft token end the copy regime (copy_window 2).
+    copying.feedback(0)
+    copying.feedback(0)
+    assert len(copying.propose(NEW).token_ids) == len(plain)
 
 
 def test_acceptance_factor_learns_from_judged_tokens() -> None:
@@ -150,13 +178,23 @@ def test_adaptive_parameters() -> None:
     fixed = SuffixDecoding()
     assert fixed.schedule == "fixed" and fixed.max_spec_tokens is None  # the default: the earlier rule
     d = fixed.drafter(SuffixCache(64, 0))
-    assert (d.max_spec_tokens, d.max_spec_offset, d.min_token_prob) == (16, 0.0, 0.1)
+    assert (d.max_spec_tokens, d.max_spec_offset, d.min_token_prob) == (FIXED_MAX_SPEC, 0.0, 0.1)
+    assert (d.copy_offset, d.copy_window) == (FIXED_COPY_OFFSET, 2)
     assert isinstance(d.cut, DraftCut) and not d.adaptive
     assert SuffixDecoding(verify_cost=0).drafter(SuffixCache(64, 0)).cut is None  # the paper's
     a = SuffixDecoding(schedule="adaptive").drafter(SuffixCache(64, 0))
     assert (a.max_spec_tokens, a.max_spec_offset, a.min_token_prob) == (ADAPTIVE_MAX_SPEC, 8.0, 0.1)
+    assert a.copy_offset == 0.0
     assert isinstance(a.cut, AdaptiveCut) and a.adaptive
-    for bad in ("schedule=greedy", "row_cost=-1", "first_prior=0", "next_prior=-1", "max_spec_offset=-1"):
+    for bad in (
+        "schedule=greedy",
+        "row_cost=-1",
+        "first_prior=0",
+        "next_prior=-1",
+        "max_spec_offset=-1",
+        "copy_offset=-1",
+        "copy_window=0",
+    ):
         with pytest.raises(TokensiftError):
             Plan.of(f"suffix_decoding:{bad}")
 

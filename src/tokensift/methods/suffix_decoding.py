@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 
     from tokensift.runtime.generate import Decoding
 
-FIXED_MAX_SPEC = 16  # vLLM's default
+# The fixed schedule's draft caps (calibration: benchmarks/suffix_decoding_calibration.py grid-copy,
+# seed 0): vLLM's default cap is 16 with no offset; 32 and, while the output copies, 24 more tokens
+# than the match length allows.
+FIXED_MAX_SPEC, FIXED_COPY_OFFSET, COPY_WINDOW = 32, 24.0, 2
 # The adaptive schedule's defaults (calibration: benchmarks/suffix_decoding_calibration.py, seed 0).
 ADAPTIVE_MAX_SPEC, ADAPTIVE_OFFSET = 48, 8.0
 
@@ -50,7 +53,10 @@ class SuffixDecoding(LoopMethod):
     match; the global tree's only when strictly better) and cuts it to the prefix with the best
     expected tokens per unit of time under 1 + `verify_cost` * (1 + j / 16), with a per-bucket
     acceptance factor starting at 2 and at least 4 tokens, skipping it when no prefix beats a plain
-    step; `schedule=fixed,verify_cost=0` verifies every draft, as the paper does.
+    step; `schedule=fixed,verify_cost=0` verifies every draft, as the paper does. While the output
+    copies (one of the last `copy_window` steps accepted a draft token) a draft may run
+    `copy_offset` tokens past the paper's `max_spec_factor * p` (not in the paper): right after an
+    edit the match is short, and the copy it interrupted usually goes on.
 
     `schedule=adaptive` (opt-in; not in the paper) weighs, for the draft of every match length p
     (each at most `min(max_spec_tokens, max_spec_factor * p + max_spec_offset)` tokens, walked while
@@ -85,12 +91,18 @@ class SuffixDecoding(LoopMethod):
         `fixed` (the paper's draft, cut by `verify_cost`) or `adaptive` (the cost and acceptance
         models above, opt-in).
     max_spec_tokens:
-        Most draft tokens per step. None: 16 under `fixed` (vLLM's default), `ADAPTIVE_MAX_SPEC`
-        (48) under `adaptive`, where the cost model decides how much of a draft is verified.
+        Most draft tokens per step. None: `FIXED_MAX_SPEC` (32; vLLM's default is 16) under `fixed`,
+        `ADAPTIVE_MAX_SPEC` (48) under `adaptive`, where the cost model decides how much of a draft
+        is verified.
     max_spec_factor, max_spec_offset:
         Draft at most `factor * match_length + offset` tokens (paper: 1.0 and 0). Offset None: 0
         under `fixed`, `ADAPTIVE_OFFSET` (8) under `adaptive`, so that a short match (say right after
         a renamed identifier) can still propose a long copy and the cost model judges it.
+    copy_offset, copy_window:
+        Extra draft tokens allowed (on top of `max_spec_offset`) while one of the last `copy_window`
+        steps accepted a draft token. Offset None: `FIXED_COPY_OFFSET` (24) under `fixed` (set on
+        calibration seed 0: the replay's best repetitive speed-up that leaves every open chat prompt
+        where the paper's rule has it), 0 under `adaptive`. 0 is the paper's rule.
     min_token_prob:
         Stop drafting where the estimated token probability falls below this (paper: 0.1).
     max_cached_requests:
@@ -140,6 +152,8 @@ class SuffixDecoding(LoopMethod):
     verify_cost: float = 1.0
     tree: bool = False
     max_branches: int = 4
+    copy_offset: float | None = None
+    copy_window: int = COPY_WINDOW
 
     def __post_init__(self) -> None:
         if self.max_depth < 2:
@@ -152,6 +166,10 @@ class SuffixDecoding(LoopMethod):
             raise TokensiftError(f"suffix_decoding max_spec_factor must be >= 0, got {self.max_spec_factor}")
         if self.max_spec_offset is not None and self.max_spec_offset < 0:
             raise TokensiftError(f"suffix_decoding max_spec_offset must be >= 0, got {self.max_spec_offset}")
+        if self.copy_offset is not None and self.copy_offset < 0:
+            raise TokensiftError(f"suffix_decoding copy_offset must be >= 0, got {self.copy_offset}")
+        if self.copy_window < 1:
+            raise TokensiftError(f"suffix_decoding copy_window must be >= 1, got {self.copy_window}")
         if not 0.0 <= self.min_token_prob <= 1.0:
             raise TokensiftError(
                 f"suffix_decoding min_token_prob must lie in [0, 1], got {self.min_token_prob}"
@@ -181,6 +199,9 @@ class SuffixDecoding(LoopMethod):
         offset = self.max_spec_offset
         if offset is None:
             offset = ADAPTIVE_OFFSET if adaptive else 0.0
+        copy_offset = self.copy_offset
+        if copy_offset is None:
+            copy_offset = 0.0 if adaptive else FIXED_COPY_OFFSET
         if adaptive:
             cut: DraftCut | AdaptiveCut | None = AdaptiveCut(
                 ForwardCost(self.batch_cost, self.row_cost),
@@ -204,6 +225,8 @@ class SuffixDecoding(LoopMethod):
             adaptive,
             self.tree,
             self.max_branches,
+            copy_offset,
+            self.copy_window,
         )
 
     def decode(self, decoding: Decoding, logits: torch.Tensor) -> None:

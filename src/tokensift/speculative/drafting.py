@@ -346,7 +346,10 @@ class SuffixDrafter:
     adaptive: bool = False
     tree: bool = False  # draft token trees (verified in one tree-masked forward)
     max_branches: int = 0  # children per tree node (0: no limit)
+    copy_offset: float = 0.0  # added to max_spec_offset while the model copies (see `copying`)
+    copy_window: int = 1  # steps looked back for an accepted draft token
     local: SuffixTree = field(init=False)
+    recent: deque[int] = field(default_factory=deque)  # accepted draft tokens of the last steps
     context: list[int] = field(default_factory=list)
     from_global: int = 0  # steps whose draft came from the global tree
     withheld: int = 0  # draft tokens not verified because they were not worth a longer forward
@@ -364,11 +367,17 @@ class SuffixDrafter:
         self.local.extend(0, tokens)
         self.context += tokens
 
+    @property
+    def copying(self) -> bool:
+        """Whether one of the last `copy_window` steps accepted a draft token: the output is copying
+        a span of its context, so a short match after an edit is worth a longer draft."""
+        return any(self.recent)
+
     def args(self, max_tokens: int) -> tuple[int, float, float, float, bool, int]:
         return (
             max_tokens,
             self.max_spec_factor,
-            self.max_spec_offset,
+            self.max_spec_offset + (self.copy_offset if self.copying else 0.0),
             self.min_token_prob,
             self.tree,
             self.max_branches,
@@ -419,6 +428,9 @@ class SuffixDrafter:
     def feedback(self, accepted: int) -> None:
         if self.cut is not None:
             self.cut.update(accepted)
+        self.recent.append(accepted)
+        while len(self.recent) > self.copy_window:
+            self.recent.popleft()
 
     def finish(self, response: list[int]) -> None:
         self.shared.add(list(response))
