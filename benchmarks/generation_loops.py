@@ -19,7 +19,10 @@ Times. End-to-end: wall-clock seconds of the whole call (prefill + decode). Deco
 `max_new_tokens=1` transformers call on the prompt), since `generate` does not report it. Speed-ups
 are rates (tokens per second) paired per repeat, median [IQR] over every repeat of a workload's
 prompts (tokensift.bench.timing); a target counts as met only if its lower quartile meets it.
-Every row says whether its tokens equal transformers' greedy tokens (and ours).
+Every row says whether its tokens equal transformers' greedy tokens (and ours), and how many of the
+decode tokens are novel (their pair with the previous token occurs nowhere earlier in prompt and
+output, so no model-free draft could hold them) with the ceiling that puts on any model-free
+drafter's speed-up over transformers' best lookup (`copy_ceiling`).
 
 With --hf-lookup-mode select, each prompt first runs transformers' lookup once per num_tokens
 (a selection run, kept in the JSON) and only the fastest is timed in the repeats.

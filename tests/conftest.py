@@ -109,3 +109,15 @@ def noisy_pair(noise: float) -> tuple[tokensift.Model, tokensift.Model]:
         for p in clone.parameters():
             p.add_(torch.randn(p.shape, generator=g) * noise * p.std())
     return large, tokensift.wrap(clone, name="tiny-small")
+
+
+def loop_row(bench: ModuleType, group: str, runs: dict[str, tuple[list[int], list[float]]], ids=(1, 2, 3)):
+    """A generation-loops benchmark row with given tokens and decode seconds per method (one repeat
+    per entry; end-to-end = decode + 1 s)."""
+    row = bench.Row(bench.Prompt(group, "p"), 4, list(ids))
+    for key, (tokens, decode) in runs.items():
+        t = bench.Timed()
+        for d in decode:
+            t.add(tokens, d + 1.0, d)
+        row.runs[key] = t
+    return row

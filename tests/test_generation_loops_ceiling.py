@@ -8,7 +8,7 @@ import pytest
 import tokensift
 from tokensift.speculative import clear_global_caches
 
-from .conftest import load_benchmark, prompt_ids, tiny_model
+from .conftest import load_benchmark, loop_row, prompt_ids, tiny_model
 
 bench = load_benchmark("generation_loops")
 
@@ -34,16 +34,6 @@ def test_no_model_free_loop_takes_fewer_steps_than_novel_tokens(method: str) -> 
     assert novel > 0 and steps >= novel
 
 
-def _row(group: str, runs: dict[str, tuple[list[int], list[float]]], ids: list[int]):
-    row = bench.Row(bench.Prompt(group, "p"), 8, ids)
-    for key, (tokens, decode) in runs.items():
-        t = bench.Timed()
-        for d in decode:
-            t.add(tokens, d + 1.0, d)
-        row.runs[key] = t
-    return row
-
-
 def test_ceiling_and_the_target_it_rules_out() -> None:
     ids = [1, 2, 3, 4, 5, 6]
     out = [7, 1, 2, 3, 8, 4, 5, 6, 9]  # novel: (7,1), (3,8), (8,4), (6,9); 8 decode tokens
@@ -55,7 +45,7 @@ def test_ceiling_and_the_target_it_rules_out() -> None:
         lookup: (out, [4.0] * 5),  # 2 tokens/s: lookup doubles greedy
         bench.SUFFIX: (out, [3.0] * 5),
     }
-    rows = [_row("edit_records", runs, ids)]
+    rows = [loop_row(bench, "edit_records", runs, ids)]
     ceiling, novel = bench.copy_ceiling(rows, lambda r: lookup)
     # At least 4 steps of 1 s each: at best 8/4 = 2 tokens/s over lookup's 2: 1.0x.
     assert novel == [4] and ceiling.median == pytest.approx(1.0)

@@ -13,7 +13,7 @@ import tokensift
 from tokensift.bench.tasks.loop_workloads import exact_match
 from tokensift.methods.bild import BiLD
 
-from .conftest import noisy_pair, prompt_ids
+from .conftest import loop_row, noisy_pair, prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,16 +46,6 @@ def test_assisted_generation_and_lossless_bild_give_the_large_greedy() -> None:
     assert ours.stats.counters["small_model_tokens"] > 0
 
 
-def _row(bench, group: str, runs: dict[str, tuple[list[int], list[float]]]):
-    row = bench.Row(bench.Prompt(group, "p"), 4, [1, 2, 3])
-    for key, (tokens, decode) in runs.items():
-        t = bench.Timed()
-        for d in decode:
-            t.add(tokens, d + 1.0, d)
-        row.runs[key] = t
-    return row
-
-
 def test_pair_table_and_target() -> None:
     bench = _bench()
     ref = [5, 6, 7, 8, 9]
@@ -63,7 +53,7 @@ def test_pair_table_and_target() -> None:
     lossy = "bild:small=s"
     fast = [1.0, 1.0, 1.0, 1.0, 1.0]
     rows = [
-        _row(
+        loop_row(
             bench,
             "edit_records",
             {
@@ -118,7 +108,7 @@ def test_divergence_reads_both_models_at_the_first_difference() -> None:
     ids = prompt_ids(20, seed=5)
     ref, _ = bench.hf_generate(large, ids, 6, None)
     other = [*ref[:2], (ref[2] + 1) % 128, *ref[3:]]
-    row = _row(bench, "g", {bench.HF_GREEDY: (ref, [1.0]), "loop": (other, [1.0]), "same": (ref, [1.0])})
+    row = loop_row(bench, "g", {bench.HF_GREEDY: (ref, [1.0]), "loop": (other, [1.0]), "same": (ref, [1.0])})
     row.ids = ids
     found = {d["method"]: d for d in bench.divergence(large, small, [row], ["loop", "same"])}
     assert found["same"]["first_divergence"] == len(ref) and "loop_token" not in found["same"]

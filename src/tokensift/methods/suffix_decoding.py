@@ -101,8 +101,8 @@ class SuffixDecoding(LoopMethod):
     copy_offset, copy_window:
         Extra draft tokens allowed (on top of `max_spec_offset`) while one of the last `copy_window`
         steps accepted a draft token. Offset None: `FIXED_COPY_OFFSET` (24) under `fixed` (set on
-        calibration seed 0: the replay's best repetitive speed-up that leaves every open chat prompt
-        where the paper's rule has it), 0 under `adaptive`. 0 is the paper's rule.
+        calibration seed 0: on the plateau of the replay's best repetitive speed-ups whose worst open
+        chat prompt stays the paper rule's), 0 under `adaptive`. 0 is the paper's rule.
     min_token_prob:
         Stop drafting where the estimated token probability falls below this (paper: 0.1).
     max_cached_requests:
