@@ -6,9 +6,10 @@ import contextlib
 import copy
 import importlib.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -111,7 +112,12 @@ def noisy_pair(noise: float) -> tuple[tokensift.Model, tokensift.Model]:
     return large, tokensift.wrap(clone, name="tiny-small")
 
 
-def loop_row(bench: ModuleType, group: str, runs: dict[str, tuple[list[int], list[float]]], ids=(1, 2, 3)):
+def loop_row(
+    bench: ModuleType,
+    group: str,
+    runs: dict[str, tuple[list[int], list[float]]],
+    ids: Sequence[int] = (1, 2, 3),
+) -> Any:
     """A generation-loops benchmark row with given tokens and decode seconds per method (one repeat
     per entry; end-to-end = decode + 1 s)."""
     row = bench.Row(bench.Prompt(group, "p"), 4, list(ids))
