@@ -111,6 +111,12 @@ def collect() -> None:
     print(f"wrote {OUT}")
 
 
+def calibration() -> tuple[dict[str, Any], dict[int, float]]:
+    """The collected calibration file and its forward-cost table (rows -> one-token forwards)."""
+    report = json.loads(OUT.read_text())
+    return report, {int(k): v for k, v in report["forward_cost"].items()}
+
+
 def measured_cost(table: dict[int, float], rows: int) -> float:
     """A forward over `rows` tokens in one-token forwards, interpolated in the measured table."""
     rows = PAD_ROWS.get(rows, rows)
@@ -163,8 +169,7 @@ def replay(spec: str, ids: list[int], greedy: list[int], table: dict[int, float]
 
 
 def simulate(specs: list[str]) -> None:
-    report = json.loads(OUT.read_text())
-    table = {int(k): v for k, v in report["forward_cost"].items()}
+    report, table = calibration()
     print("forward cost:", {k: round(v, 2) for k, v in table.items()})
     groups: dict[str, list[dict[str, Any]]] = {}
     for p in report["prompts"]:
@@ -188,8 +193,7 @@ def simulate(specs: list[str]) -> None:
 def rank(specs: list[str]) -> None:
     """The replay of every spec on every calibration prompt: the geometric mean speed-up over the
     repetitive workloads and the worst and mean open chat prompt, best first."""
-    report = json.loads(OUT.read_text())
-    table = {int(k): v for k, v in report["forward_cost"].items()}
+    report, table = calibration()
     rows = []
     for spec in specs:
         chat, rep = [], []
@@ -233,18 +237,18 @@ def grid_copy() -> None:
     )
 
 
-def cheapest(greedy: list[int], novel: list[bool], cost: Any, cap: int = 48) -> tuple[float, int]:
-    """(time, steps) of an oracle that drafts exactly the greedy continuation wherever a model-free
-    drafter could (never a novel token), with the draft lengths that make the total time least: each
-    step verifies j <= `cap` drafts that hold no novel token and commits them plus the model's own
-    token, at `cost(1 + j)`. `novel[i]` marks greedy[i + 1]. A dynamic program over positions."""
+def cheapest(greedy: list[int], novel: list[bool], cost: Any, cap: int = 48) -> float:
+    """The time of an oracle that drafts exactly the greedy continuation wherever a model-free drafter
+    could (never a novel token), with the draft lengths that make the total time least: each step
+    verifies j <= `cap` drafts that hold no novel token and commits them plus the model's own token,
+    at `cost(1 + j)`. `novel[i]` marks greedy[i + 1]. A dynamic program over positions; with every
+    forward costing one, the time is the fewest steps."""
     n = len(greedy)
-    best: list[tuple[float, int]] = [(0.0, 0)] * (n + 1)
+    best = [0.0] * (n + 1)
     for c in range(n - 1, 0, -1):  # c tokens committed (the prefill wrote greedy[0])
         options, run = [], 0
         while True:
-            nxt = min(c + run + 1, n)
-            options.append((cost(1 + run) + best[nxt][0], best[nxt][1] + 1))
+            options.append(cost(1 + run) + best[c + run + 1])
             if run >= cap or c + run >= n - 1 or novel[c + run - 1]:
                 break
             run += 1
@@ -257,8 +261,7 @@ def oracle() -> None:
     the measured CPU forward costs and with every forward costing one (a GPU, where verification
     is nearly free), beside the replay of our default and transformers' lookup rule (3/5/10, best)."""
     gl = loops_module()
-    report = json.loads(OUT.read_text())
-    table = {int(k): v for k, v in report["forward_cost"].items()}
+    report, table = calibration()
     lookups = [f"prompt_lookup:num_tokens={n}" for n in (3, 5, 10)]
     print(
         "workload | novel / decode tokens | oracle vs greedy: CPU, flat | best lookup (n) | ours | "
@@ -268,12 +271,11 @@ def oracle() -> None:
         ids, greedy = p["ids"], p["greedy"]
         novel_at = gl.novel_flags(ids, greedy)
         plain = len(greedy) - 1
-        cpu = plain / cheapest(greedy, novel_at, lambda rows: measured_cost(table, rows))[0]
-        flat_steps = cheapest(greedy, novel_at, lambda rows: 1.0)[1]
-        flat = plain / flat_steps
+        cpu = plain / cheapest(greedy, novel_at, lambda rows: measured_cost(table, rows))
+        flat = plain / cheapest(greedy, novel_at, lambda rows: 1.0)
         looks = {n: replay(n, ids, greedy, table) for n in lookups}
         best = max(looks, key=lambda n: looks[n]["speedup"])
-        look_flat = plain / looks[best]["steps"]
+        look_flat = plain / min(look["steps"] for look in looks.values())  # flat: the fewest steps
         ours = replay("suffix_decoding", ids, greedy, table)["speedup"]
         print(
             f"{p['group']} | {sum(novel_at)} / {plain} | {cpu:.2f}, {flat:.2f} | "

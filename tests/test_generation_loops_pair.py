@@ -3,34 +3,18 @@ through the same helper as its greedy, the pair table and targets, and the rewri
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 import tokensift
 from tokensift.bench.tasks.loop_workloads import exact_match
 from tokensift.methods.bild import BiLD
 
-from .conftest import loop_row, noisy_pair, prompt_ids
+from .conftest import load_benchmark, loop_row, noisy_pair, prompt_ids
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    name = "generation_loops"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+bench = load_benchmark("generation_loops")
 
 
 def test_assisted_generation_and_lossless_bild_give_the_large_greedy() -> None:
-    bench = _bench()
     large, small = noisy_pair(0.3)
     ids = prompt_ids(40, seed=3)
     ids = ids + ids[:20]
@@ -47,7 +31,6 @@ def test_assisted_generation_and_lossless_bild_give_the_large_greedy() -> None:
 
 
 def test_pair_table_and_target() -> None:
-    bench = _bench()
     ref = [5, 6, 7, 8, 9]
     lossless = "bild:lossless=true,small=s"
     lossy = "bild:small=s"
@@ -86,7 +69,6 @@ def test_pair_table_and_target() -> None:
 
 
 def test_first_divergence() -> None:
-    bench = _bench()
     assert bench.first_divergence([1, 2, 3], [1, 2, 3]) == 3
     assert bench.first_divergence([1, 9, 3], [1, 2, 3]) == 1
     assert bench.first_divergence([1, 2], [1, 2, 3]) == 2
@@ -103,7 +85,6 @@ def test_exact_match() -> None:
 
 
 def test_divergence_reads_both_models_at_the_first_difference() -> None:
-    bench = _bench()
     large, small = noisy_pair(0.3)
     ids = prompt_ids(20, seed=5)
     ref, _ = bench.hf_generate(large, ids, 6, None)

@@ -349,7 +349,7 @@ class SuffixDrafter:
     copy_offset: float = 0.0  # added to max_spec_offset while the model copies (see `copying`)
     copy_window: int = 1  # steps looked back for an accepted draft token
     local: SuffixTree = field(init=False)
-    recent: deque[int] = field(default_factory=deque)  # accepted draft tokens of the last steps
+    recent: deque[int] = field(init=False)  # accepted draft tokens of the last `copy_window` steps
     context: list[int] = field(default_factory=list)
     from_global: int = 0  # steps whose draft came from the global tree
     withheld: int = 0  # draft tokens not verified because they were not worth a longer forward
@@ -358,6 +358,7 @@ class SuffixDrafter:
 
     def __post_init__(self) -> None:
         self.local = SuffixTree(self.shared.max_depth)
+        self.recent = deque(maxlen=self.copy_window)
 
     def start(self, prompt: list[int]) -> None:
         self.local.extend(0, prompt)
@@ -429,8 +430,6 @@ class SuffixDrafter:
         if self.cut is not None:
             self.cut.update(accepted)
         self.recent.append(accepted)
-        while len(self.recent) > self.copy_window:
-            self.recent.popleft()
 
     def finish(self, response: list[int]) -> None:
         self.shared.add(list(response))
