@@ -149,20 +149,33 @@ def build_random(
     return tokensift.wrap(model, None, name=f"random:{path.stem}")
 
 
+def fitted(model: tokensift.Model, length: int, room: int) -> int:
+    """`length`, at most the model's context minus `room` (the tokens generated after it)."""
+    return min(length, model.context_length - room) if model.context_length else length
+
+
+def passkey_samples(model: tokensift.Model, length: int, room: int, depths: list[float]) -> list[Any]:
+    """One passkey sample (seed 0) of `length` tokens, chat template included, per depth."""
+    from tokensift.bench.runner import token_counter
+    from tokensift.bench.tasks import get_task
+
+    count = token_counter(model)
+    return [
+        get_task("passkey").samples(count, fitted(model, length, room), 1, seed=0, depths=[d])[0]
+        for d in depths
+    ]
+
+
 def prompt_ids(model: tokensift.Model, length: int, room: int) -> list[int]:
     """`length` tokens (at most the context minus `room`): the passkey prompt (depth 0.5) of a real
     model, seeded random ids for one without a tokenizer."""
-    if model.context_length:
-        length = min(length, model.context_length - room)
+    length = fitted(model, length, room)
     if model.tokenizer is None:
         g = torch.Generator().manual_seed(length)
         return [int(t) for t in torch.randint(3, int(model.config.vocab_size), (length,), generator=g)]
-    from tokensift.bench.runner import token_counter
-    from tokensift.bench.tasks import get_task
     from tokensift.runtime.generate import encode
 
-    sample = get_task("passkey").samples(token_counter(model), length, 1, seed=0, depths=[0.5])[0]
-    return encode(model, sample.prompt)
+    return encode(model, passkey_samples(model, length, room, [0.5])[0].prompt)
 
 
 def calibrations(model: tokensift.Model, random: bool, work: Path) -> dict[str, str]:
@@ -202,10 +215,27 @@ def with_file(spec: str, key: str, path: str) -> str:
 
 
 class Results:
-    """The JSON document, rewritten whole after every cell."""
+    """The JSON document, rewritten whole after every cell. `runs` holds the prefill part's timed runs
+    one by one as they finish; with `resume` those of the file at `path` are kept (and not rerun)."""
 
-    def __init__(self, path: Path | None, header: dict[str, Any]):
-        self.path, self.doc = path, {**header, "rows": []}
+    def __init__(self, path: Path | None, header: dict[str, Any], resume: bool = False):
+        runs: list[dict[str, Any]] = []
+        if resume and path is not None and path.exists():
+            try:
+                runs = json.loads(path.read_text())["runs"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SystemExit(
+                    f"error: cannot resume from {path} ({exc}): rerun without --resume"
+                ) from None
+        self.path, self.doc = path, {**header, "rows": [], "runs": runs}
+        self.write()
+
+    def run(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """The recorded timed run with these key fields (dtype, length, spec, repeat), if any."""
+        return next((r for r in self.doc["runs"] if all(r.get(k) == v for k, v in key.items())), None)
+
+    def add_run(self, run: dict[str, Any]) -> None:
+        self.doc["runs"].append(run)
         self.write()
 
     def add(self, row: dict[str, Any]) -> None:
@@ -297,10 +327,20 @@ def decode_part(model, ids, args, clock, base_row, results) -> None:  # type: ig
         )
 
 
-def prefill_part(model, ids, args, clock, files, base_row, results) -> None:  # type: ignore[no-untyped-def]
+def prefill_part(model, ids, length, args, clock, files, base_row, results) -> None:  # type: ignore[no-untyped-def]
+    tail = args.prefill_tail
     specs = ["dense"] + [
-        with_file(f"{m}:dense_tail=0", FILE_KEY.get(m, ""), files.get(m, "")) for m in args.prefill_methods
+        with_file(f"{m}:dense_tail={tail}", FILE_KEY.get(m, ""), files.get(m, ""))
+        for m in args.prefill_methods
     ]
+    # With --prefill-depths (a real model) repeat r prefills the passkey prompt at depth r mod the
+    # depths and decodes its answer: every spec's accuracy on those prompts stands beside its speed,
+    # and the paired speed-up compares the specs on the same prompt in each repeat.
+    samples = (
+        passkey_samples(model, length, args.new_tokens + 8, args.prefill_depths)
+        if args.prefill_depths
+        else []
+    )
     usable = []
     for spec in specs:  # warm-up at a quarter length; a method without its calibration is skipped
         try:
@@ -319,15 +359,28 @@ def prefill_part(model, ids, args, clock, files, base_row, results) -> None:  # 
                 }
             )
             print(f"  {spec}: skipped ({exc})", flush=True)
-    runs: dict[str, list[dict[str, float]]] = {s: [] for s in usable}
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in usable}
     for r in range(args.repeats):
+        sample = samples[r % len(samples)] if samples else None
         for spec in rotated(usable, r):
-            clock.reset_prefill()
-            sync(model.device)
-            t = time.perf_counter()
-            one = sparse_prefill.prefill(model, ids, spec)  # stats.prefill_seconds synchronises on CUDA
-            one["wall"] = time.perf_counter() - t
-            one["attention"] = clock.prefill_seconds
+            key = {"dtype": base_row["dtype"], "length": base_row["length"], "spec": spec, "repeat": r}
+            one = results.run(key)
+            if one is None:
+                clock.reset_prefill()
+                sync(model.device)
+                t = time.perf_counter()
+                # stats.prefill_seconds synchronises on CUDA
+                one = sparse_prefill.prefill(model, sample.prompt if sample else ids, spec, sample)
+                one["wall"] = time.perf_counter() - t
+                one["attention"] = clock.prefill_seconds
+                one.update(
+                    key, depth=sample.depth if sample else 0.5, answer=sample.answer if sample else None
+                )
+                results.add_run(one)
+                answer = f", score {one['score']:.0f} ({one['prediction']!r})" if sample else ""
+                print(
+                    f"  repeat {r} {spec.split(',')[0]}: prefill {one['prefill']:.1f} s{answer}", flush=True
+                )
             runs[spec].append(one)
     base = runs.get("dense")
     for spec, rs in runs.items():
@@ -347,11 +400,15 @@ def prefill_part(model, ids, args, clock, files, base_row, results) -> None:  # 
             "pairs_computed": rs[0]["density"],
             "prefill_runs": [r["prefill"] for r in rs],
         }
+        if samples:
+            row["depths"] = [r["depth"] for r in rs]
+            row["scores"] = [r["score"] for r in rs]
+            row["tokens"] = [r["tokens"] for r in rs]
         results.add(row)
         print(
             f"  {row['spec']}: prefill {fmt(row['prefill_seconds'])} s, vs dense "
             f"{fmt(row['prefill_vs_dense'], 'x')}, attention vs dense {fmt(row['attention_vs_dense'], 'x')}, "
-            f"pairs {row['pairs_computed']:.3f}",
+            f"pairs {row['pairs_computed']:.3f}, passkey found {found(row)}",
             flush=True,
         )
 
@@ -425,6 +482,11 @@ def fmt(spread: dict[str, Any], suffix: str = "", digits: int = 2) -> str:
     return Spread(spread["median"], spread["q1"], spread["q3"], spread["n"]).format(digits, suffix)
 
 
+def found(row: dict[str, Any]) -> str:
+    """`k/n` passkeys a prefill row's repeats found, or "not run" (one prompt, one token)."""
+    return f"{sum(row['scores']):.0f}/{len(row['scores'])}" if "scores" in row else "not run"
+
+
 def render(doc: dict[str, Any]) -> str:
     """Markdown tables of a results document."""
     rows = [r for r in doc["rows"] if "skipped" not in r]
@@ -445,13 +507,14 @@ def render(doc: dict[str, Any]) -> str:
     if pre:
         out += [
             "\n| dtype | context | spec | prefill s | vs dense | attention s | attention vs dense "
-            "| pairs computed |",
-            "|---|---|---|---|---|---|---|---|",
+            "| pairs computed | passkey found |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         out += [
             f"| {r['dtype']} | {r['length']} | `{r['spec']}` | {fmt(r['prefill_seconds'], digits=3)} "
             f"| {fmt(r['prefill_vs_dense'], 'x')} | {r['attention_seconds']['median']:.3f} "
-            f"| {fmt(r['attention_vs_dense'], 'x')} | {r['pairs_computed']:.3f} |"
+            f"| {fmt(r['attention_vs_dense'], 'x')} | {r['pairs_computed']:.3f} "
+            f"| {found(r)} |"
             for r in pre
         ]
     ev = [r for r in rows if r["part"] == "eviction"]
@@ -496,6 +559,27 @@ def main() -> None:
         help="eviction part: one dense prefill fills every method it serves exactly (decode speed and KV "
         "held as alone; prefill time then not per method)",
     )
+    parser.add_argument(
+        "--prefill-tail",
+        type=int,
+        default=0,
+        help="prefill part: every method's dense_tail (0: the pattern alone; 64: a question at the end "
+        "attends to the whole prompt)",
+    )
+    parser.add_argument(
+        "--prefill-depths",
+        type=float,
+        nargs="+",
+        help="prefill part, real model: repeat r prefills the passkey prompt at depth r mod these and "
+        "decodes its answer, so each spec's passkey accuracy stands beside its speed (default: the "
+        "depth-0.5 prompt, one token)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the prefill part's timed runs already in --out (same dtype, length, spec, repeat) and "
+        "run only the missing ones; every other part reruns",
+    )
     add_repeats_argument(parser)
     parser.add_argument("--threads", type=int, help="torch threads for everything (default: torch's)")
     parser.add_argument("--out", type=Path, help="results JSON, rewritten after every cell")
@@ -507,6 +591,15 @@ def main() -> None:
     check_repeats(args.repeats)
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be >= 2 (the first token comes from the prefill)")
+    if args.prefill_tail < 0:
+        raise SystemExit(f"error: --prefill-tail must be >= 0, got {args.prefill_tail}")
+    if args.prefill_depths and (args.random_weights or not all(0 <= d <= 1 for d in args.prefill_depths)):
+        raise SystemExit(
+            "error: --prefill-depths takes depths in [0, 1] and a real model (random weights have no "
+            "tokenizer for a passkey prompt)"
+        )
+    if args.resume and not args.out:
+        raise SystemExit("error: --resume needs --out (the results file to resume)")
     from tokensift.models import _dtype, resolve_device
 
     try:
@@ -534,6 +627,7 @@ def main() -> None:
             "note": RANDOM_NOTE if args.random_weights else "",
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "gpu": gpu},
         },
+        resume=args.resume,
     )
     start = time.time()
     work = Path(tempfile.mkdtemp(prefix="long-context-"))
@@ -551,7 +645,7 @@ def main() -> None:
             print(f"{dtype_name}, {len(ids)} tokens:", flush=True)
             parts = {
                 "decode": (decode_part, (model, ids, args, clock, base_row, results)),
-                "prefill": (prefill_part, (model, ids, args, clock, files, base_row, results)),
+                "prefill": (prefill_part, (model, ids, length, args, clock, files, base_row, results)),
                 "eviction": (eviction_part, (model, ids, args, files, base_row, results)),
             }
             for name, (run, run_args) in parts.items():

@@ -72,21 +72,33 @@ class AttentionClock:
         self.attention.run_layer = self._inner
 
 
-def prefill(model: Any, prompt: str, method: str) -> dict[str, float]:
+def prefill(model: Any, prompt: Any, method: str, sample: Any = None) -> dict[str, Any]:
+    """One `generate` of `prompt` (text or token ids) under `method`: prefill seconds, seconds in the
+    attention function, share of causal pairs computed. Without a task `sample` one token is
+    generated; with one (its prompt, tokensift.bench.tasks.Sample) its answer is decoded and scored
+    too (`score`, `prediction`): prefill seconds stay the prefill's own, attention seconds then
+    include the answer's few one-query steps."""
     import tokensift
+    from tokensift.bench.tasks import get_task
     from tokensift.errors import NoOpWarning
 
+    new, prefix = (sample.max_new_tokens, sample.answer_prefix) if sample is not None else (1, "")
     with AttentionClock() as clock, warnings.catch_warnings():
         warnings.simplefilter("ignore", NoOpWarning)
-        stats = tokensift.generate(model, prompt, method, max_new_tokens=1).stats
+        result = tokensift.generate(model, prompt, method, max_new_tokens=new, answer_prefix=prefix)
+    stats = result.stats
     pairs = stats.counters.get("prefill_attention_pairs")
     dense_pairs = stats.counters.get("prefill_attention_pairs_dense")
-    return {
+    out = {
         "tokens": stats.prompt_tokens,
         "prefill": stats.prefill_seconds,
         "attention": clock.seconds,
         "density": pairs / dense_pairs if pairs and dense_pairs else 1.0,
     }
+    if sample is not None:
+        out["score"] = get_task(sample.task).score(sample, result.text)
+        out["prediction"] = result.text
+    return out
 
 
 def speed(args: argparse.Namespace, model: Any) -> None:

@@ -14,6 +14,8 @@ import pytest
 
 import tokensift.runtime.attention as attention
 
+from .conftest import tiny_smol_model
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "model_type": "qwen2",
@@ -90,3 +92,53 @@ def test_shared_prefill_eviction_rows_hold_what_their_own_prefill_holds(
         for field in ("kv_mib_final", "kv_mib_peak", "tokens_held", "applied"):
             assert row[field] == own[field], (spec, field)
     assert docs[True]["snapkv:budget=0.5"]["kv_final_vs_dense"] < 0.75
+
+
+def test_prefill_part_scores_each_depth_and_resumes_without_rerunning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--prefill-depths: repeat r prefills the passkey prompt at depth r mod the depths and scores its
+    answer for every spec; --resume keeps the timed runs already in the file and runs only the rest."""
+    import argparse
+
+    import torch
+
+    lc = _module()
+    model = tiny_smol_model(context=4096)
+    clock = lc.Clock(torch.device("cpu"))
+    monkeypatch.setattr(attention, "run_layer", clock)
+    out = tmp_path / "pre.json"
+    ids = lc.prompt_ids(model, 600, 20)
+    base_row = {"dtype": "float32", "length": len(ids), "device": "cpu", "model": model.name}
+
+    def run(repeats: int, resume: bool) -> dict:
+        args = argparse.Namespace(
+            prefill_methods=["a_shape"],
+            prefill_tail=16,
+            prefill_depths=[0.2, 0.8],
+            new_tokens=12,
+            repeats=repeats,
+        )
+        results = lc.Results(out, {"setup": "test"}, resume=resume)
+        lc.prefill_part(model, ids, 600, args, clock, {}, base_row, results)
+        return json.loads(out.read_text())
+
+    first = run(2, resume=False)
+    assert [(r["spec"].split(":")[0], r["repeat"]) for r in first["runs"]] == [
+        ("dense", 0),
+        ("a_shape", 0),
+        ("a_shape", 1),
+        ("dense", 1),  # rotated order
+    ]
+    row = next(r for r in first["rows"] if r["spec"] == "a_shape:dense_tail=16")
+    assert row["depths"] == [0.2, 0.8] and len(row["scores"]) == 2
+    assert all(s in (0.0, 1.0) for s in row["scores"])
+    assert all(r["answer"] and "prediction" in r for r in first["runs"])
+    assert lc.found(row) == f"{sum(row['scores']):.0f}/2"
+    # A killed run keeps its runs: resuming with one more repeat reruns nothing already timed.
+    again = run(3, resume=True)
+    assert again["runs"][:4] == first["runs"] and len(again["runs"]) == 6
+    assert {r["depth"] for r in again["runs"][4:]} == {0.2}
+    row = next(r for r in again["rows"] if r["spec"] == "a_shape:dense_tail=16")
+    assert row["prefill_runs"][:2] == [r["prefill"] for r in first["runs"] if r["spec"].startswith("a_shape")]
+    assert row["depths"] == [0.2, 0.8, 0.2]
