@@ -4,7 +4,8 @@ dense on qwen2.5-coder-0.5b at 8k, 16k and 32k tokens, every figure a same-run r
     python benchmarks/long_context.py [--model qwen2.5-coder-0.5b | --random-weights CONFIG_JSON]
         [--device cpu] [--dtype float32 bfloat16] [--lengths 8192 16384 32768] [--repeats 5]
         [--parts decode prefill eviction] [--budgets 512 1024 2048] [--eviction-budgets 0.1 0.25]
-        [--new-tokens 32] [--threads N] [--out benchmarks/results/long_context.json]
+        [--new-tokens 32] [--prefill-tail 0] [--prefill-depths 0.1 0.5 0.9] [--resume]
+        [--threads N] [--out benchmarks/results/long_context.json]
     python benchmarks/long_context.py --render benchmarks/results/long_context.json
 
 Parts (issue 15, part 1), each timed `--repeats` times (>= 5 for a claim) with the specs in rotated
@@ -15,9 +16,14 @@ order inside every repeat, medians with the interquartile range, speed-ups paire
   once, densely, and replayed into a fresh cache per spec (benchmarks/sparse_decode.py's `decode`):
   decode tokens/s and per-token attention time (the runtime's attention call for one-query
   forwards, selection included) against dense.
-- prefill: a_shape, minference and dhsa with dense_tail=0 (the pattern alone): prefill seconds (one
-  `generate` of one token, benchmarks/sparse_prefill.py's `prefill`) and the attention share, against
-  dense, and the share of causal (row, key) pairs computed.
+- prefill: a_shape, minference and dhsa with dense_tail `--prefill-tail` (0, the default: the
+  pattern alone; 64: the last 64 queries, a question at the end, attend densely): prefill seconds
+  (one `generate`, benchmarks/sparse_prefill.py's `prefill`) and the attention share, against dense,
+  and the share of causal (row, key) pairs computed. With `--prefill-depths` (a real model) repeat r
+  prefills the passkey prompt at depth r mod those depths and decodes its answer, so each spec's
+  passkey accuracy stands beside its speed (every spec of a repeat on the same prompt); without, one
+  token of the depth-0.5 prompt. Every timed run is written to the JSON's `runs` as it finishes and
+  `--resume` keeps those (same dtype, length, spec and repeat) instead of rerunning them.
 - eviction: snapkv, compresskv and adaptive(snapkv) at `--eviction-budgets` (fractions of the prompt):
   whole generations (benchmarks/kv_memory_and_speed.py's `measure`), decode tokens/s against dense
   and the KV bytes held after the prefill's compression (final) and at the peak. With

@@ -4,7 +4,6 @@ KV than dense). The real run (qwen2.5-coder-0.5b at 8k-32k) is far too heavy for
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import warnings
@@ -14,9 +13,8 @@ import pytest
 
 import tokensift.runtime.attention as attention
 
-from .conftest import tiny_smol_model
+from .conftest import load_benchmark, tiny_smol_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "model_type": "qwen2",
     "vocab_size": 256,
@@ -31,15 +29,6 @@ TINY = {
 }
 
 
-def _module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("long_context", ROOT / "benchmarks" / "long_context.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_long_context_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(attention, "run_layer", attention.run_layer)  # the benchmark wraps it: restore
     config, out = tmp_path / "tiny.json", tmp_path / "lc.json"
@@ -49,7 +38,7 @@ def test_long_context_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _module().main()
+        load_benchmark("long_context").main()
     doc = json.loads(out.read_text())
     assert "random weights" in doc["note"]
     rows = doc["rows"]
@@ -83,7 +72,7 @@ def test_shared_prefill_eviction_rows_hold_what_their_own_prefill_holds(
         monkeypatch.setattr(sys, "argv", argv + (["--share-prefill"] if shared else []))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _module().main()
+            load_benchmark("long_context").main()
         docs[shared] = {r["spec"]: r for r in json.loads(out.read_text())["rows"] if "skipped" not in r}
     assert docs[True].keys() == docs[False].keys() and len(docs[True]) == 4
     for spec, row in docs[True].items():
@@ -103,7 +92,7 @@ def test_prefill_part_scores_each_depth_and_resumes_without_rerunning(
 
     import torch
 
-    lc = _module()
+    lc = load_benchmark("long_context")
     model = tiny_smol_model(context=4096)
     clock = lc.Clock(torch.device("cpu"))
     monkeypatch.setattr(attention, "run_layer", clock)

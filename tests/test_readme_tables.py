@@ -91,3 +91,24 @@ def test_kvpress_side_by_side_rows_in_readme_are_the_committed_results() -> None
     assert len(rendered) >= 20, rendered
     differing = "\n".join(sorted(set(in_readme) ^ set(rendered)))
     assert sorted(in_readme) == sorted(rendered), f"README's kvpress rows differ from the rows:\n{differing}"
+
+
+def test_long_context_32k_prefill_rows_in_readme_are_the_committed_results() -> None:
+    """Each spec's line of the README's 32k sparse-prefill table carries the committed run's speed-up,
+    attention speed-up, pairs computed and passkeys found, as the benchmark formats them."""
+    lc = load_benchmark("long_context")
+    doc = json.loads((RESULTS / "long_context_32k_prefill.json").read_text())
+    header = (
+        "| spec | prefill s | vs dense | attention s | attention vs dense | pairs computed | passkey found |"
+    )
+    table = _readme().split(header, 1)[1].split("\n\n", 1)[0].replace("**", "")
+    rows = [r for r in doc["rows"] if r["part"] == "prefill" and "skipped" not in r]
+    assert len(rows) == 4 and len(doc["runs"]) == 20
+    for row in rows:
+        name = "dense" if row["spec"] == "dense" else f"`{row['spec']}`"
+        line = next(x for x in table.splitlines() if x.startswith(f"| {name} |"))
+        cells = [f"{row['pairs_computed']:.3f}", lc.found(row)]
+        if row["spec"] != "dense":
+            cells += [lc.fmt(row["prefill_vs_dense"], "x"), lc.fmt(row["attention_vs_dense"], "x")]
+        for cell in cells:
+            assert f" {cell} " in line, (row["spec"], cell, line)
