@@ -58,7 +58,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -78,6 +78,12 @@ DECODE_METHODS = sparse_decode.METHODS  # quest, tokenselect, tidaldecode, hip
 PREFILL_METHODS = ["a_shape", "minference", "dhsa"]
 EVICTION_METHODS = ["snapkv", "compresskv", "adaptive(snapkv)"]
 RANDOM_NOTE = "random weights, qwen2.5-coder-0.5b architecture; accuracy not measured"
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line naming the problem and the fix, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def sync(device: torch.device) -> None:
@@ -141,11 +147,11 @@ def build_random(
     path = Path(config_path)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
-        raise SystemExit(f"--random-weights: no config file at {config_path}")
+        fail(f"--random-weights: no config file at {config_path}: give a Hugging Face config.json")
     data = json.loads(path.read_text())
     model_type = data.pop("model_type", None)
     if model_type is None:
-        raise SystemExit(f"--random-weights: {path} has no model_type")
+        fail(f"--random-weights: {path} has no model_type: give a Hugging Face config.json")
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
         data.pop(key, None)
     config = AutoConfig.for_model(model_type, **data)
@@ -230,14 +236,12 @@ class Results:
             try:
                 runs = json.loads(path.read_text())["runs"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise SystemExit(
-                    f"error: cannot resume from {path} ({exc}): rerun without --resume"
-                ) from None
+                fail(f"cannot resume from {path} ({exc}): rerun without --resume, or with another --out")
         self.path, self.doc = path, {**header, "rows": [], "runs": runs}
         self.write()
 
     def run(self, key: dict[str, Any]) -> dict[str, Any] | None:
-        """The recorded timed run with these key fields (dtype, length, spec, repeat), if any."""
+        """The recorded timed run with these fields (model, dtype, length, spec, repeat, depth), if any."""
         return next((r for r in self.doc["runs"] if all(r.get(k) == v for k, v in key.items())), None)
 
     def add_run(self, run: dict[str, Any]) -> None:
@@ -267,6 +271,11 @@ def prefilled(model: tokensift.Model, ids: list[int]) -> sparse_decode.Prefilled
     return sparse_decode.Prefilled(
         ids, [(lay.k, lay.v) for lay in cache.layers], logits, time.perf_counter() - t
     )
+
+
+def label(spec: str) -> str:
+    """A prefill spec without the calibration file it was given (a temporary path for random weights)."""
+    return spec.split(",config=")[0].split(",predictor=")[0]
 
 
 def rotated(specs: list[str], r: int) -> list[str]:
@@ -369,7 +378,12 @@ def prefill_part(model, ids, length, args, clock, files, base_row, results) -> N
     for r in range(args.repeats):
         sample = samples[r % len(samples)] if samples else None
         for spec in rotated(usable, r):
-            key = {"dtype": base_row["dtype"], "length": base_row["length"], "spec": spec, "repeat": r}
+            key = {
+                **{k: base_row[k] for k in ("model", "dtype", "length")},
+                "spec": label(spec),
+                "repeat": r,
+                "depth": sample.depth if sample else None,  # None: one token of the depth-0.5 prompt
+            }
             one = results.run(key)
             if one is None:
                 clock.reset_prefill()
@@ -379,9 +393,7 @@ def prefill_part(model, ids, length, args, clock, files, base_row, results) -> N
                 one = sparse_prefill.prefill(model, sample.prompt if sample else ids, spec, sample)
                 one["wall"] = time.perf_counter() - t
                 one["attention"] = clock.prefill_seconds
-                one.update(
-                    key, depth=sample.depth if sample else 0.5, answer=sample.answer if sample else None
-                )
+                one.update(key, answer=sample.answer if sample else None)
                 results.add_run(one)
                 answer = f", score {one['score']:.0f} ({one['prediction']!r})" if sample else ""
                 print(
@@ -395,7 +407,7 @@ def prefill_part(model, ids, length, args, clock, files, base_row, results) -> N
         row = {
             **base_row,
             "part": "prefill",
-            "spec": spec.split(",config=")[0].split(",predictor=")[0],
+            "spec": label(spec),
             "method": spec.split(":")[0],
             "prefill_seconds": Spread.of(r["prefill"] for r in rs).as_dict(),
             "prefill_vs_dense": speedup([r["prefill"] for r in base], [r["prefill"] for r in rs]).as_dict(),
@@ -596,22 +608,22 @@ def main() -> None:
         return
     check_repeats(args.repeats)
     if args.new_tokens < 2:
-        raise SystemExit("--new-tokens must be >= 2 (the first token comes from the prefill)")
+        fail(f"--new-tokens must be >= 2 (the first token comes from the prefill), got {args.new_tokens}")
     if args.prefill_tail < 0:
-        raise SystemExit(f"error: --prefill-tail must be >= 0, got {args.prefill_tail}")
+        fail(f"--prefill-tail must be >= 0, got {args.prefill_tail}")
     if args.prefill_depths and (args.random_weights or not all(0 <= d <= 1 for d in args.prefill_depths)):
-        raise SystemExit(
-            "error: --prefill-depths takes depths in [0, 1] and a real model (random weights have no "
-            "tokenizer for a passkey prompt)"
+        fail(
+            "--prefill-depths takes depths in [0, 1] and a real model (random weights have no tokenizer "
+            "for a passkey prompt)"
         )
     if args.resume and not args.out:
-        raise SystemExit("error: --resume needs --out (the results file to resume)")
+        fail("--resume needs --out (the results file to resume)")
     from tokensift.models import _dtype, resolve_device
 
     try:
         device = resolve_device(args.device)
     except TokensiftError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        fail(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = Clock(device)

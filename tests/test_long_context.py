@@ -131,3 +131,27 @@ def test_prefill_part_scores_each_depth_and_resumes_without_rerunning(
     row = next(r for r in again["rows"] if r["spec"] == "a_shape:dense_tail=16")
     assert row["prefill_runs"][:2] == [r["prefill"] for r in first["runs"] if r["spec"].startswith("a_shape")]
     assert row["depths"] == [0.2, 0.8, 0.2]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--prefill-depths", "1.5"], ["--prefill-tail", "-1"], ["--resume"], ["--new-tokens", "1"]],
+)
+def test_bad_arguments_exit_2_with_one_line(
+    extra: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["long_context.py", "--repeats", "5", *extra])
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("long_context").main()
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert extra[0] in err
+
+
+def test_resume_from_a_corrupt_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "lc.json"
+    out.write_text('{"rows": [')  # a half-written file
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("long_context").Results(out, {"setup": "test"}, resume=True)
+    assert stop.value.code == 2 and "rerun without --resume" in capsys.readouterr().err
+    assert out.read_text() == '{"rows": ['  # left as it was
