@@ -138,20 +138,29 @@ class Clock(sparse_decode.AttentionClock):
         return out
 
 
+def random_config(config_path: str) -> tuple[Path, str, dict[str, Any]]:
+    """(file, model_type, the other fields) of a Hugging Face config.json, or a one-line exit 2."""
+    path = Path(config_path)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        fail(f"--random-weights: no config file at {config_path}: give a Hugging Face config.json")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        fail(f"--random-weights: {path} is not JSON ({exc}): give a Hugging Face config.json")
+    if not isinstance(data, dict) or data.get("model_type") is None:
+        fail(f"--random-weights: {path} has no model_type: give a Hugging Face config.json")
+    model_type = data.pop("model_type")
+    return path, model_type, data
+
+
 def build_random(
     config_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> tokensift.Model:
     """A model from a Hugging Face config.json with seeded random weights (no tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(config_path)
-    path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
-        fail(f"--random-weights: no config file at {config_path}: give a Hugging Face config.json")
-    data = json.loads(path.read_text())
-    model_type = data.pop("model_type", None)
-    if model_type is None:
-        fail(f"--random-weights: {path} has no model_type: give a Hugging Face config.json")
+    path, model_type, data = random_config(config_path)
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "quantization_config"):
         data.pop(key, None)
     config = AutoConfig.for_model(model_type, **data)
@@ -618,6 +627,8 @@ def main() -> None:
         )
     if args.resume and not args.out:
         fail("--resume needs --out (the results file to resume)")
+    if args.random_weights:
+        random_config(args.random_weights)  # checked before --out is written
     from tokensift.models import _dtype, resolve_device
 
     try:

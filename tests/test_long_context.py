@@ -155,3 +155,19 @@ def test_resume_from_a_corrupt_file_exits_2(tmp_path: Path, capsys: pytest.Captu
         load_benchmark("long_context").Results(out, {"setup": "test"}, resume=True)
     assert stop.value.code == 2 and "rerun without --resume" in capsys.readouterr().err
     assert out.read_text() == '{"rows": ['  # left as it was
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"vocab_size": 8}'])
+def test_random_weights_config_that_is_not_one_exits_2(
+    text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(text)
+    out = tmp_path / "lc.json"
+    argv = ["long_context.py", "--random-weights", str(config), "--dtype", "float32", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("long_context").main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("error: --random-weights") and "config.json" in err[-1]
+    assert not out.exists()  # refused before anything is written
