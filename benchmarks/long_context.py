@@ -58,7 +58,7 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -70,7 +70,7 @@ import sparse_prefill
 import tokensift
 import tokensift.runtime.attention as attention
 from tokensift.bench.timing import Spread, add_repeats_argument, check_repeats, speedup
-from tokensift.errors import NoOpWarning, TokensiftError
+from tokensift.errors import NoOpWarning, TokensiftError, fail
 from tokensift.runtime.cache import TokenCache
 from tokensift.runtime.generate import forward
 
@@ -78,12 +78,6 @@ DECODE_METHODS = sparse_decode.METHODS  # quest, tokenselect, tidaldecode, hip
 PREFILL_METHODS = ["a_shape", "minference", "dhsa"]
 EVICTION_METHODS = ["snapkv", "compresskv", "adaptive(snapkv)"]
 RANDOM_NOTE = "random weights, qwen2.5-coder-0.5b architecture; accuracy not measured"
-
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line naming the problem and the fix, exit status 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def sync(device: torch.device) -> None:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 from tokensift.bench.timing import Spread
+from tokensift.errors import fail
 
 GRID = [
     "bild:fallback_threshold=0.4,rollback_threshold=5",
@@ -40,11 +40,6 @@ GRID = [
     "entropy_routing:threshold=1.2",
 ]
 REFERENCE = "hf_greedy"
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def rates(run: dict[str, Any]) -> list[float]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 class TokensiftError(ValueError):
@@ -15,6 +17,12 @@ class NoOpWarning(UserWarning):
 
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
+
+
+def fail(message: str) -> NoReturn:
+    """For the benchmark scripts: bad input as one line on stderr ("error: ..."), exit status 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def check_out_dir(path: Path, flag: str = "--out") -> None:
