@@ -51,19 +51,34 @@ def calibrators() -> dict[str, Calibrator]:
     return dict(sorted(found.items()))
 
 
+# Dtypes a float32 artefact also serves: the same weights loaded in them are its weights rounded.
+ROUNDED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _checksum(weight: torch.Tensor) -> str:
+    return hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def fingerprint(model: Model) -> dict[str, Any]:
-    """Identifies the weights an artefact was computed on: name, GGUF hash, shape and a weight checksum."""
+    """Identifies the weights an artefact was computed on: name, GGUF hash, shape and a checksum of
+    the first layer's first matrix as loaded. A float32 model also records the checksums the same
+    weights give loaded in bfloat16 and float16 (`weights_checksums`), so one calibration serves
+    every dtype of the same weights."""
     first = next(p for n, p in model.model.named_parameters() if "layers.0." in n and p.dim() == 2)
-    digest = hashlib.sha256(first.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-    return {
+    found = {
         "model": model.name,
         "sha256": model.sha256,
         "layers": model.num_layers,
         "kv_heads": model.num_kv_heads,
         "q_heads": int(model.config.num_attention_heads),
         "head_dim": model.head_dim,
-        "weights_checksum": digest,
+        "weights_checksum": _checksum(first),
     }
+    if first.dtype == torch.float32:
+        found["weights_checksums"] = {
+            str(d).removeprefix("torch."): _checksum(first.to(d)) for d in ROUNDED_DTYPES
+        }
+    return found
 
 
 def _slug(name: str) -> str:
@@ -109,10 +124,13 @@ def load_artefact(method: str, model: Model, path: str | Path | None = None) -> 
         if candidate.is_file():
             document = read_artefact(method, candidate, model.name)
             expected, got = fingerprint(model), document["fingerprint"]
-            if any(got.get(k) != expected[k] for k in ("weights_checksum", "layers")):
+            rounded = got.get("weights_checksums")
+            accepted = {got.get("weights_checksum"), *(rounded.values() if isinstance(rounded, dict) else ())}
+            if got.get("layers") != expected["layers"] or expected["weights_checksum"] not in accepted:
                 raise TokensiftError(
                     f"{method} calibration {candidate} was made for {got.get('model')!r}, not for these "
-                    f"weights; run `tokensift calibrate {method} --model {model.name}`"
+                    f"weights ({str(model.dtype).removeprefix('torch.')}); "
+                    f"run `tokensift calibrate {method} --model {model.name}`"
                 )
             return document
     if path:
