@@ -116,6 +116,31 @@ def test_artefact_for_other_weights_is_rejected(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_artefact_serves_the_same_weights_in_other_dtypes(tmp_path: Path, dtype: torch.dtype) -> None:
+    """A calibration made on float32 weights loads on the same weights cast to bf16 or fp16 (its
+    rounded checksums); other weights in that dtype are still refused, and so is an artefact made
+    in bf16 on the same weights in fp16 (bf16's rounding is not fp16's)."""
+    path = _artefact(tiny_model("llama", seed=0), tmp_path)
+    spec = f"compresskv:budget=40,calibration={path}"
+    same = tiny_model("llama", seed=0)
+    same.model.to(dtype)
+    assert tokensift.generate(same, prompt_ids(100), spec, max_new_tokens=2).stats.applied
+    other = tiny_model("llama", seed=1)
+    other.model.to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(tokensift.TokensiftError, match=rf"not for these weights \({name}\)"):
+        tokensift.generate(other, prompt_ids(100), spec, max_new_tokens=2)
+    if dtype == torch.float16:
+        bf16 = tiny_model("llama", seed=0)
+        bf16.model.to(torch.bfloat16)
+        bf16_path = _artefact(bf16, tmp_path / "bf16")
+        with pytest.raises(tokensift.TokensiftError, match="not for these weights"):
+            tokensift.generate(
+                same, prompt_ids(100), f"compresskv:budget=40,calibration={bf16_path}", max_new_tokens=2
+            )
+
+
 @pytest.mark.slow
 def test_shipped_calibration_runs_on_smollm2() -> None:
     smol = tokensift.load("smollm2-135m")

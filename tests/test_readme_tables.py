@@ -93,22 +93,51 @@ def test_kvpress_side_by_side_rows_in_readme_are_the_committed_results() -> None
     assert sorted(in_readme) == sorted(rendered), f"README's kvpress rows differ from the rows:\n{differing}"
 
 
-def test_long_context_32k_prefill_rows_in_readme_are_the_committed_results() -> None:
-    """Each spec's line of the README's 32k sparse-prefill table carries the committed run's speed-up,
-    attention speed-up, pairs computed and passkeys found, as the benchmark formats them."""
+PREFILL_HEADER = (
+    "| spec | prefill s | vs dense | attention s | attention vs dense | pairs computed | passkey found |"
+)
+
+
+@pytest.mark.parametrize(
+    ("results", "lengths"), [("long_context_32k_prefill.json", 1), ("long_context_8k16k_prefill.json", 2)]
+)
+def test_long_context_prefill_rows_in_readme_are_the_committed_results(results: str, lengths: int) -> None:
+    """Each spec's line of the README's long-context sparse-prefill tables carries the committed
+    run's speed-up, attention speed-up, pairs computed and passkeys found, as the benchmark formats
+    them; a table of several lengths starts each line with the context."""
     lc = load_benchmark("long_context")
-    doc = json.loads((RESULTS / "long_context_32k_prefill.json").read_text())
-    header = (
-        "| spec | prefill s | vs dense | attention s | attention vs dense | pairs computed | passkey found |"
-    )
+    doc = json.loads((RESULTS / results).read_text())
+    header = "\n" + (PREFILL_HEADER if lengths == 1 else "| context " + PREFILL_HEADER)
     table = _readme().split(header, 1)[1].split("\n\n", 1)[0].replace("**", "")
     rows = [r for r in doc["rows"] if r["part"] == "prefill" and "skipped" not in r]
-    assert len(rows) == 4 and len(doc["runs"]) == 20
+    assert len(rows) == 4 * lengths and len(doc["runs"]) == 20 * lengths
     for row in rows:
         name = "dense" if row["spec"] == "dense" else f"`{row['spec']}`"
-        line = next(x for x in table.splitlines() if x.startswith(f"| {name} |"))
+        start = f"| {name} |" if lengths == 1 else f"| {row['length']} | {name} |"
+        line = next(x for x in table.splitlines() if x.startswith(start))
         cells = [f"{row['pairs_computed']:.3f}", lc.found(row)]
         if row["spec"] != "dense":
             cells += [lc.fmt(row["prefill_vs_dense"], "x"), lc.fmt(row["attention_vs_dense"], "x")]
         for cell in cells:
             assert f" {cell} " in line, (row["spec"], cell, line)
+
+
+@pytest.mark.parametrize(
+    ("results", "dtype", "count"),
+    [
+        ("long_context_8k16k_eviction.json", "float32", 14),
+        ("long_context_8k_prefill_bf16.json", "bfloat16", 4),
+    ],
+)
+def test_long_context_rendered_rows_in_readme_are_the_committed_results(
+    results: str, dtype: str, count: int
+) -> None:
+    """The README's 8k/16k eviction and 8k bf16 prefill tables are the committed runs', rendered by
+    the benchmark (`long_context.py --render`)."""
+    lc = load_benchmark("long_context")
+    doc = json.loads((RESULTS / results).read_text())
+    rows = [line for line in lc.render(doc).splitlines() if line.startswith(f"| {dtype} |")]
+    assert len(rows) == count, rows
+    readme = _readme()
+    for line in rows:
+        assert line in readme, line
