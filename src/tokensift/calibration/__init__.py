@@ -55,6 +55,11 @@ def calibrators() -> dict[str, Calibrator]:
 ROUNDED_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _first_matrix(model: Model) -> torch.Tensor:
+    """The weight the checksums are of: the first layer's first matrix."""
+    return next(p for n, p in model.model.named_parameters() if "layers.0." in n and p.dim() == 2)
+
+
 def _checksum(weight: torch.Tensor) -> str:
     return hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -64,7 +69,7 @@ def fingerprint(model: Model) -> dict[str, Any]:
     the first layer's first matrix as loaded. A float32 model also records the checksums the same
     weights give loaded in bfloat16 and float16 (`weights_checksums`), so one calibration serves
     every dtype of the same weights."""
-    first = next(p for n, p in model.model.named_parameters() if "layers.0." in n and p.dim() == 2)
+    first = _first_matrix(model)
     found = {
         "model": model.name,
         "sha256": model.sha256,
@@ -123,10 +128,11 @@ def load_artefact(method: str, model: Model, path: str | Path | None = None) -> 
     for candidate in candidates:
         if candidate.is_file():
             document = read_artefact(method, candidate, model.name)
-            expected, got = fingerprint(model), document["fingerprint"]
+            got = document["fingerprint"]
             rounded = got.get("weights_checksums")
             accepted = {got.get("weights_checksum"), *(rounded.values() if isinstance(rounded, dict) else ())}
-            if got.get("layers") != expected["layers"] or expected["weights_checksum"] not in accepted:
+            # Only the loaded weights' own checksum: the rounded ones are for saving.
+            if got.get("layers") != model.num_layers or _checksum(_first_matrix(model)) not in accepted:
                 raise TokensiftError(
                     f"{method} calibration {candidate} was made for {got.get('model')!r}, not for these "
                     f"weights ({str(model.dtype).removeprefix('torch.')}); "
