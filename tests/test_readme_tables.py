@@ -127,12 +127,14 @@ def test_long_context_prefill_rows_in_readme_are_the_committed_results(results: 
     [
         ("long_context_8k16k_eviction.json", "float32", 14),
         ("long_context_8k_prefill_bf16.json", "bfloat16", 4),
+        ("long_context_16k_prefill_bf16.json", "bfloat16", 4),
+        ("long_context_32k_prefill_bf16.json", "bfloat16", 4),
     ],
 )
 def test_long_context_rendered_rows_in_readme_are_the_committed_results(
     results: str, dtype: str, count: int
 ) -> None:
-    """The README's 8k/16k eviction and 8k bf16 prefill tables are the committed runs', rendered by
+    """The README's 8k/16k eviction and bf16 prefill tables are the committed runs', rendered by
     the benchmark (`long_context.py --render`)."""
     lc = load_benchmark("long_context")
     doc = json.loads((RESULTS / results).read_text())
@@ -141,3 +143,12 @@ def test_long_context_rendered_rows_in_readme_are_the_committed_results(
     readme = _readme()
     for line in rows:
         assert line in readme, line
+
+
+def test_sparse_prefill_profile_table_in_readme_is_the_committed_profile() -> None:
+    """The README's 16k profile of the sparse-prefill methods is `sparse_prefill_profile.py --render`
+    of the committed results."""
+    profile = load_benchmark("sparse_prefill_profile")
+    doc = json.loads((RESULTS / "sparse_prefill_profile_16k.json").read_text())
+    assert len(doc["rows"]) == 3
+    assert profile.render(doc) in _readme()
