@@ -129,13 +129,15 @@ def test_long_context_prefill_rows_in_readme_are_the_committed_results(results: 
         ("long_context_8k_prefill_bf16.json", "bfloat16", 4),
         ("long_context_16k_prefill_bf16.json", "bfloat16", 4),
         ("long_context_32k_prefill_bf16.json", "bfloat16", 4),
+        ("long_context_8k_decode_dtypes.json", "float32", 5),
+        ("long_context_8k_decode_dtypes.json", "bfloat16", 5),
     ],
 )
 def test_long_context_rendered_rows_in_readme_are_the_committed_results(
     results: str, dtype: str, count: int
 ) -> None:
-    """The README's 8k/16k eviction and bf16 prefill tables are the committed runs', rendered by
-    the benchmark (`long_context.py --render`)."""
+    """The README's 8k/16k eviction, bf16 prefill and 8k bf16-vs-fp32 decode tables are the committed
+    runs', rendered by the benchmark (`long_context.py --render`)."""
     lc = load_benchmark("long_context")
     doc = json.loads((RESULTS / results).read_text())
     rows = [line for line in lc.render(doc).splitlines() if line.startswith(f"| {dtype} |")]

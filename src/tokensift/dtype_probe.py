@@ -10,9 +10,10 @@ emulated: one slow run ends it). bf16 wins only when it takes at most `MARGIN` o
 shapes. The result is cached per probe version, CPU model, bf16-relevant CPU flags, torch version and
 thread count in the tokensift cache (`dtype_probe.json`), so the probe runs once per machine
 configuration. On a 2-core AMD EPYC VM with avx2 only, bf16 measured about 40x slower than fp32
-(emulated); on a 2-core AMD EPYC VM with avx512_bf16, bf16 took 0.4x fp32's time over 128 tokens but
-3x over one token (and a real 4k prefill of qwen2.5-coder-0.5b was no faster), so auto is float32 on
-both.
+(emulated); on a 2-core AMD EPYC VM with avx512_bf16, one probe on busy cores measured bf16 at 0.45x
+fp32's time over 128 tokens but 6.6x over one token (float32), while a quiet probe on the same probe
+key measured 0.40x and 0.36x (bfloat16) and a real 8k decode of qwen2.5-coder-0.5b ran 1.9x faster
+in bf16 (README, "bf16 on CPU"): a probe under load can choose wrong, and `--dtype` overrides it.
 """
 
 from __future__ import annotations
