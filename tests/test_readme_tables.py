@@ -131,6 +131,7 @@ def test_long_context_prefill_rows_in_readme_are_the_committed_results(results: 
         ("long_context_32k_prefill_bf16.json", "bfloat16", 4),
         ("long_context_8k_decode_dtypes.json", "float32", 5),
         ("long_context_8k_decode_dtypes.json", "bfloat16", 5),
+        ("long_context_16k_decode_bf16.json", "bfloat16", 5),
         ("long_context_32k_decode_bf16.json", "bfloat16", 5),
     ],
 )
