@@ -15,17 +15,34 @@ from tokensift.models import _dtype
 
 
 def test_probe_measures_both_dtypes_and_chooses_by_the_margin() -> None:
-    result = dtype_probe.probe(repeats=1, tokens=16, hidden=64, inner=128)
+    result = dtype_probe.probe(repeats=3, tokens=16, hidden=64, inner=128)
     wins = []
     for shape in ("seconds", "decode_seconds"):  # a prefill chunk and one decode token
-        fp32, bf16 = result[shape]["float32"], result[shape]["bfloat16"]
-        assert fp32 > 0 and bf16 > 0
-        wins.append(bf16 <= dtype_probe.MARGIN * fp32)
+        timed = result[shape]
+        assert timed["float32"] > 0 and timed["bfloat16"] > 0 and timed["ratio"] > 0
+        assert timed["rounds"] in (0, 3)  # 0: an emulated bf16 ended the probe after its warm-up
+        wins.append(timed["ratio"] <= dtype_probe.MARGIN)
     assert result["dtype"] == ("bfloat16" if all(wins) else "float32")
     assert (
         result["version"] == dtype_probe.VERSION
         and f"probe {dtype_probe.VERSION}|" in dtype_probe.machine_key()
     )
+
+
+def fake_timers(monkeypatch: pytest.MonkeyPatch, seconds, busy: range = range(0)) -> list[str]:
+    """Replaces the block timer: `seconds(dtype, tokens)` per run, 4x during the `busy` calls (a
+    busy spell on the machine, counted over all timed runs in order). Returns the calls' dtypes."""
+    calls: list[str] = []
+
+    def block_timer(dtype: torch.dtype, tokens: int, *args: object):
+        def run() -> float:
+            calls.append(str(dtype).removeprefix("torch."))
+            return seconds(dtype, tokens) * (4.0 if len(calls) - 1 in busy else 1.0)
+
+        return run
+
+    monkeypatch.setattr(dtype_probe, "_block_timer", block_timer)
+    return calls
 
 
 @pytest.mark.parametrize(
@@ -36,13 +53,36 @@ def test_bf16_must_win_both_the_prefill_and_the_decode_shape(
     monkeypatch: pytest.MonkeyPatch, prefill_bf16: float, decode_bf16: float, choice: str
 ) -> None:
     # An AMD EPYC with avx512_bf16 measured bf16 at 0.4x fp32 over 128 tokens and 3-6x over one token.
-    def seconds(dtype: torch.dtype, tokens: int, *args: object) -> float:
+    def seconds(dtype: torch.dtype, tokens: int) -> float:
         if dtype == torch.float32:
             return 1.0
         return prefill_bf16 if tokens > 1 else decode_bf16
 
-    monkeypatch.setattr(dtype_probe, "_block_seconds", seconds)
+    fake_timers(monkeypatch, seconds)
     assert dtype_probe.probe()["dtype"] == choice
+
+
+@pytest.mark.parametrize("bf16", [0.5, 1.5])
+def test_a_busy_spell_does_not_tip_the_choice(monkeypatch: pytest.MonkeyPatch, bf16: float) -> None:
+    # Version 2 timed all fp32 runs, then all bf16 runs, so a short busy spell could fall on one
+    # dtype's runs only. Rounds interleave both dtypes and alternate which goes first, so a spell
+    # that slows every run by the same factor over 4 consecutive runs spoils at most 2 of 5 ratios.
+    def seconds(dtype: torch.dtype, tokens: int) -> float:
+        return 1.0 if dtype == torch.float32 else bf16
+
+    runs = 2 * (2 + 2 * 5)  # two shapes: warm-ups of both dtypes, then 5 rounds of both
+    for start in range(runs - 3):
+        calls = fake_timers(monkeypatch, seconds, busy=range(start, start + 4))
+        result = dtype_probe.probe(repeats=5)
+        assert result["dtype"] == ("bfloat16" if bf16 < 1 else "float32"), start
+        assert len(calls) == runs and calls[2:6] == ["float32", "bfloat16", "bfloat16", "float32"]
+
+
+def test_an_emulated_bf16_ends_the_probe_after_its_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_timers(monkeypatch, lambda dtype, tokens: 1.0 if dtype == torch.float32 else 40.0)
+    result = dtype_probe.probe(repeats=5)
+    assert result["dtype"] == "float32" and result["seconds"]["rounds"] == 0
+    assert result["seconds"]["ratio"] == 40.0 and len(calls) == 4  # two warm-ups per shape
 
 
 def fake_probe(choice: str, calls: list[int]):
