@@ -126,13 +126,15 @@ def test_long_context_prefill_rows_in_readme_are_the_committed_results(results: 
     ("results", "dtype", "count"),
     [
         ("long_context_8k16k_eviction.json", "float32", 14),
+        ("long_context_8k16k_eviction_bf16.json", "bfloat16", 14),
+        ("long_context_32k_eviction_bf16.json", "bfloat16", 7),
         ("long_context_8k_prefill_bf16.json", "bfloat16", 4),
         ("long_context_16k_prefill_bf16.json", "bfloat16", 4),
         ("long_context_32k_prefill_bf16.json", "bfloat16", 4),
         ("long_context_8k_decode_dtypes.json", "float32", 5),
         ("long_context_8k_decode_dtypes.json", "bfloat16", 5),
-        ("long_context_16k_decode_bf16.json", "bfloat16", 5),
-        ("long_context_32k_decode_bf16.json", "bfloat16", 5),
+        ("long_context_8k16k_decode_bf16.json", "bfloat16", 26),
+        ("long_context_32k_decode_bf16_budgets.json", "bfloat16", 13),
     ],
 )
 def test_long_context_rendered_rows_in_readme_are_the_committed_results(
