@@ -19,7 +19,7 @@ from tokensift.methods.tokenselect import TokenSelect, max_pool, soft_votes
 from tokensift.runtime import block_sparse as bsa
 from tokensift.runtime.rope import shift_keys
 from tokensift.runtime.scores import dense_attention
-from tokensift.runtime.sparse_decode import PageSummary, gather, page_upper_bound, sparse_attention
+from tokensift.runtime.sparse_decode import PageSummary, attend, gather, page_upper_bound, sparse_attention
 
 from .conftest import prompt_ids, tiny_model
 
@@ -95,6 +95,25 @@ def test_sparse_attention_matches_masked_reference(per_query_head: bool) -> None
     torch.testing.assert_close(
         sparse_attention(q, k, v, slots, 0.3), eager_subset(q, k, v, 0.3, slots), atol=1e-6, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_row_per_head_attention_in_half_precision_is_fp32s(dtype: torch.dtype, masked: bool) -> None:
+    # One query row per index row (TidalDecode's per-query-head gathers) in bf16/fp16 on CPU skips
+    # SDPA, which is slow there, for two matmuls: the same attention, masks and bias included.
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 6, rows, 8, generator=g) for rows in (1, 40, 40))
+    valid = bias = None
+    if masked:
+        valid = torch.rand(1, 6, 40, generator=g) > 0.3
+        valid[..., 0] = True
+        v = torch.where(valid.unsqueeze(-1), v, torch.full_like(v, 1e3))  # a masked slot would show
+        bias = torch.randn(1, 6, 1, 40, generator=g)
+    reference = attend(q, k, v, 0.3, valid, bias)  # float32: SDPA
+    out = attend(q.to(dtype), k.to(dtype), v.to(dtype), 0.3, valid, bias)
+    assert out.dtype == dtype and out.shape == reference.shape == (1, 6, 1, 8)
+    torch.testing.assert_close(out.float(), reference, atol=3e-2, rtol=3e-2)
 
 
 # -- T1: a budget covering the context reproduces dense, exactly -----------------------------------------
