@@ -135,6 +135,7 @@ def test_long_context_prefill_rows_in_readme_are_the_committed_results(results: 
         ("long_context_8k_decode_dtypes.json", "bfloat16", 5),
         ("long_context_8k16k_decode_bf16.json", "bfloat16", 26),
         ("long_context_32k_decode_bf16_budgets.json", "bfloat16", 13),
+        ("long_context_tidaldecode_bf16.json", "bfloat16", 8),
     ],
 )
 def test_long_context_rendered_rows_in_readme_are_the_committed_results(
