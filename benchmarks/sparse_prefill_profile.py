@@ -33,8 +33,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import long_context
@@ -151,24 +149,23 @@ def main() -> None:
         print(render(json.loads(args.render.read_text())))
         return
     import tokensift
-    from tokensift.errors import TokensiftError
+    from tokensift.bench.runner import environment
+    from tokensift.errors import TokensiftError, fail
 
     try:
         model = tokensift.load(args.model, dtype=args.dtype)
         sample = long_context.passkey_samples(model, args.length, 40, [args.depth])[0]
     except TokensiftError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(exc))
     doc: dict[str, Any] = {
         "benchmark": "sparse_prefill_profile",
         "model": args.model,
         "dtype": str(model.dtype).removeprefix("torch."),
         "length": args.length,
         "depth": args.depth,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **environment(),  # versions, threads, commit
         "cpu": platform.processor() or platform.machine(),
-        "command": " ".join(sys.argv),
+        "command": " ".join(["python", *sys.argv]),
         "rows": [],
     }
     sparse_prefill.prefill(model, sample.prompt[: len(sample.prompt) // 8], "dense")  # warm-up
@@ -176,8 +173,7 @@ def main() -> None:
         try:
             row = profile(model, sample.prompt, spec)
         except TokensiftError as exc:
-            print(f"error: {spec}: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(f"{spec}: {exc}")
         doc["rows"].append(row)
         print(f"{spec}: prefill {row['prefill_seconds']:.1f} s, attention {row['attention_seconds']:.1f} s")
         if args.out:
