@@ -34,17 +34,14 @@ def counts(model: Any) -> dict[str, int]:
     head = hf.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
     weights = total if tied else total - embedding.numel() + embedding.shape[1]  # one embedding row
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     return {
         "parameters": total,
         "weights_read_per_step": weights,
         "tied_embeddings": tied,
-        "layers": config.num_hidden_layers,
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "kv_values_per_token": config.num_hidden_layers * 2 * kv_heads * head_dim,
+        "layers": model.num_layers,
+        "kv_heads": model.num_kv_heads,
+        "head_dim": model.head_dim,
+        "kv_values_per_token": model.kv_bytes_per_token // torch.empty((), dtype=model.dtype).element_size(),
     }
 
 
