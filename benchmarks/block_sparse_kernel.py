@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sparse_prefill import _cuda_ms
+from tokensift.bench.timing import call_ms
 from tokensift.runtime import block_sparse as bsa
 
 BLOCK = 64
@@ -136,13 +137,7 @@ def main() -> None:
 
 
 def _wall_ms(fn, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        samples.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(samples)
+    return statistics.median(call_ms(fn, repeats))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from tokensift.bench.runner import environment
-from tokensift.bench.timing import Spread, check_repeats
+from tokensift.bench.timing import Spread, call_ms, check_repeats
 from tokensift.runtime.sparse_decode import attend, gather_kv, single_thread
 
 
 def timed(fn: Any, repeats: int) -> Spread:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return Spread.of(times)
+    return Spread.of(call_ms(fn, repeats, warmups=5))
 
 
 def case(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, repeats: int) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokensift.bench.timing import MIN_REPEATS, Spread, check_repeats, speedup
+from tokensift.bench.timing import MIN_REPEATS, Spread, call_ms, check_repeats, speedup
 
 
 def test_spread_is_median_and_inclusive_quartiles() -> None:
@@ -37,3 +37,9 @@ def test_too_few_repeats_warn_and_none_is_an_error() -> None:
         check_repeats(2)
     with pytest.raises(SystemExit):
         check_repeats(0)
+
+
+def test_call_ms_times_each_call_after_the_warmups() -> None:
+    calls = []
+    samples = call_ms(lambda: calls.append(len(calls)), repeats=4, warmups=2)
+    assert len(calls) == 6 and len(samples) == 4 and all(s >= 0 for s in samples)

@@ -10,8 +10,9 @@ the lower quartile of those paired ratios meets it (`Spread.meets`).
 from __future__ import annotations
 
 import statistics
+import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,19 @@ class Spread:
 
     def as_dict(self) -> dict[str, Any]:
         return {"median": self.median, "q1": self.q1, "q3": self.q3, "n": self.n}
+
+
+def call_ms(fn: Callable[[], object], repeats: int, warmups: int = 1) -> list[float]:
+    """Wall milliseconds of `repeats` calls of `fn` after `warmups` untimed ones (micro-benchmarks of
+    one operation; `fn` synchronises an accelerator itself if it needs to)."""
+    for _ in range(warmups):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(1e3 * (time.perf_counter() - t0))
+    return samples
 
 
 def speedup(dense: Sequence[float], method: Sequence[float]) -> Spread:
